@@ -1,0 +1,129 @@
+"""The one place that knows about versions of torch, transformers, PEFT, TRL and bitsandbytes.
+
+Everything else asks this module ("which keyword does from_pretrained take for the dtype?")
+instead of comparing version strings itself, so a new transformers release means one edit here.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+from packaging.version import Version
+
+# Ranges we test. CI runs the newest releases on CPU; the GPU machine runs torch 2.11 / transformers 5.17.
+TESTED_RANGES: dict[str, tuple[str, str]] = {
+    "torch": ("2.4", "2.15"),
+    "transformers": ("4.57", "6.0"),
+    "peft": ("0.17", "0.30"),
+    "trl": ("0.20", "2.0"),
+    "accelerate": ("1.0", "2.0"),
+    "bitsandbytes": ("0.45", "0.60"),
+    "triton": ("3.0", "4.0"),
+}
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, or None when it is not installed."""
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+@dataclass
+class RangeProblem:
+    package: str
+    version: str
+    low: str
+    high: str
+
+    def __str__(self) -> str:
+        return (f"{self.package} {self.version} is outside the range turbotune is tested with "
+                f"(>={self.low},<{self.high}); fix: pip install '{self.package}>={self.low},<{self.high}'")
+
+
+def out_of_range(packages=None) -> list[RangeProblem]:
+    """Installed packages whose version is outside TESTED_RANGES (missing packages are not problems)."""
+    problems = []
+    for name in packages or TESTED_RANGES:
+        low, high = TESTED_RANGES[name]
+        v = package_version(name)
+        if v is None:
+            continue
+        base = Version(Version(v).base_version)
+        if not (Version(low) <= base < Version(high)):
+            problems.append(RangeProblem(name, v, low, high))
+    return problems
+
+
+def is_available(module: str) -> bool:
+    """True when `module` can be imported (without importing it when a spec check suffices)."""
+    return importlib.util.find_spec(module) is not None
+
+
+@lru_cache(None)
+def transformers_version() -> Version:
+    return Version(package_version("transformers") or "0")
+
+
+@lru_cache(None)
+def from_pretrained_dtype_kwarg() -> str:
+    """transformers 5 renamed `torch_dtype=` to `dtype=`."""
+    return "dtype" if transformers_version() >= Version("4.56") else "torch_dtype"
+
+
+def dtype_kwargs(dtype) -> dict:
+    return {from_pretrained_dtype_kwarg(): dtype}
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The KV cache passed to an attention forward: `cache=` since transformers 5.2x, `past_key_values=` before."""
+    if "cache" in kwargs:
+        return kwargs.pop("cache")
+    return kwargs.pop("past_key_values", None)
+
+
+def is_checkpointing(model) -> bool:
+    """transformers 5.x renamed is_gradient_checkpointing to is_activation_checkpointing."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(base), name):
+            return bool(getattr(base, name))
+    return False
+
+
+def checkpointing_enable(model, use_reentrant: bool = False) -> None:
+    """transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
+    kwargs = {"use_reentrant": use_reentrant}
+    fn = getattr(model, "activation_checkpointing_enable", None)
+    if fn is not None:
+        fn(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpointing_disable(model) -> None:
+    fn = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    fn()
+
+
+def accepts_kwarg(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+@lru_cache(None)
+def triton_usable() -> bool:
+    """Triton is importable (the kernels then run on CUDA, or on CPU under TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+        return True
+    except Exception:
+        return False

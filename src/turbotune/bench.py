@@ -1,0 +1,479 @@
+"""`turbotune bench`: LoRA / QLoRA training throughput, memory, MFU and cost, method against method.
+
+Every method (hf, turbotune, unsloth, liger) trains the same saved weights on the same random token
+batches in a process of its own (turbotune.bench_worker); this process prepares the model, measures the
+GPU's matmul rate once, collects the workers' JSON results and prints one Markdown table.
+
+    python -m turbotune.bench --preset smollm2-135m --methods hf,turbotune --json out.json
+
+See bench/README.md for the columns and the FLOPs-per-token definition.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as _dt
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .bench_presets import (DEFAULT_METHODS, METHODS, OPTIONAL_METHODS, PRESETS, TARGET_MODULES, BenchError,
+                            ModelDims, build_preset_model, default_cache_dir, flops_per_token, max_rel_diff,
+                            measure_matmul_rate, median, missing_requirement, preset_config, ratio,
+                            read_model_config)
+
+GiB = 1024 ** 3
+SCHEMA = "turbotune.bench/1"
+COLUMNS = ["method", "tokens/s", "s/step", "peak alloc GiB", "peak reserved GiB", "MFU", "first loss",
+           "last loss", "cost", "× hf speed", "× hf memory", "max loss diff"]
+VERSION_PACKAGES = ["torch", "transformers", "peft", "accelerate", "triton", "bitsandbytes", "turbotune",
+                    "unsloth", "liger-kernel"]
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("model")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None,
+                     help=f"random-initialised model built from a public config: {', '.join(PRESETS)} "
+                          "(default: tiny on CPU, smollm2-135m on CUDA)")
+    src.add_argument("--model", default=None, metavar="PATH", help="a local Hugging Face model folder instead")
+    g.add_argument("--cache-dir", default=None, help=f"where preset models are saved (default {default_cache_dir()})")
+    g = parser.add_argument_group("methods")
+    g.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}, "
+                        "plus unsloth / liger on CUDA when installed)")
+    g = parser.add_argument_group("workload")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--micro-batch", type=int, default=2)
+    g.add_argument("--grad-accum", type=int, default=4)
+    g.add_argument("--steps", type=int, default=8, help="optimizer steps in all, warm-up included (default 8)")
+    g.add_argument("--warmup", type=int, default=2, help="leading steps left out of the timing (default 2)")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=int, default=None, help="default: equal to --lora-r")
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes), double quantisation")
+    g.add_argument("--seed", type=int, default=0, help="seed of the preset weights and the token batches")
+    g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g = parser.add_argument_group("report")
+    g.add_argument("--price", type=float, default=2.5, help="USD per GPU-hour (default 2.5)")
+    g.add_argument("--cost-steps", type=int, default=1000, help="steps the cost column is quoted for")
+    g.add_argument("--json", default=None, metavar="PATH", help="write every number to this JSON file")
+    g.add_argument("--matmul-size", type=int, default=None, help="n of the n³ matmuls timed for MFU "
+                                                                 "(default 8192 on CUDA, 1024 on CPU)")
+    g.add_argument("--timeout", type=float, default=3600.0, help="seconds one method may run (default 3600)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m turbotune.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return add_bench_arguments(parser)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_methods(spec: str | None, device: str) -> list[tuple[str, str | None]]:
+    """[(method, reason_to_skip or None)] in the order asked for."""
+    if spec:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        unknown = [n for n in names if n not in METHODS]
+        if unknown:
+            raise BenchError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
+        names = list(dict.fromkeys(names))
+    else:
+        names = list(DEFAULT_METHODS)
+        for n in OPTIONAL_METHODS:
+            if device == "cuda" and missing_requirement(METHODS[n]) is None:
+                names.append(n)
+    return [(n, missing_requirement(METHODS[n])) for n in names]
+
+
+def validate(args) -> dict:
+    """Checks that need no model: returns resolved settings or raises BenchError."""
+    import importlib.util
+
+    device = args.device or ("cuda" if _has_cuda() else "cpu")
+    if device == "cuda" and not _has_cuda():
+        raise BenchError("--device cuda asked for, but torch sees no CUDA GPU "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+    if args.qlora and importlib.util.find_spec("bitsandbytes") is None:
+        raise BenchError("--qlora needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+    preset = None
+    if args.model is None:
+        preset = args.preset or ("smollm2-135m" if device == "cuda" else "tiny")
+        preset_config(preset)  # raises with the list of presets
+    elif not (Path(args.model) / "config.json").is_file():
+        raise BenchError(f"--model {args.model}: no config.json there (a local Hugging Face model folder is needed)")
+    for name in ("seq_len", "micro_batch", "grad_accum", "steps", "lora_r", "cost_steps"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.warmup < args.steps:
+        raise BenchError(f"--warmup ({args.warmup}) must be at least 0 and below --steps ({args.steps}), "
+                         "so that at least one step is timed")
+    dtype = {"auto": "bfloat16" if device == "cuda" else "float32", "bf16": "bfloat16", "fp16": "float16",
+             "fp32": "float32"}[args.dtype]
+    return {"device": device, "preset": preset, "dtype": dtype,
+            "methods": resolve_methods(args.methods, device),
+            "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_r}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Header
+# ----------------------------------------------------------------------------------------------------------
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        pass
+    if name == "turbotune":  # run from a source tree (PYTHONPATH=src) rather than an install
+        try:
+            import turbotune
+
+            return getattr(turbotune, "__version__", None)
+        except Exception:
+            return None
+    return None
+
+
+def command_line(argv=None) -> str:
+    argv = list(sys.argv if argv is None else argv)
+    prog = argv[0] if argv else "turbotune"
+    norm = prog.replace(os.sep, "/")
+    if norm.endswith("turbotune/bench.py"):
+        prog = "python -m turbotune.bench"
+    elif norm.endswith("turbotune/__main__.py"):
+        prog = "python -m turbotune"
+    else:
+        prog = os.path.basename(prog)
+    return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
+
+
+def collect_header(args, settings: dict, model_dir: Path | None, model_cfg: dict | None) -> dict:
+    import platform
+
+    import torch
+
+    device = settings["device"]
+    versions = {"python": platform.python_version()}
+    versions.update({n: _version(n) for n in VERSION_PACKAGES})
+    versions["torch"] = torch.__version__
+    versions["cuda"] = torch.version.cuda
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        dev = {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+               "memory_bytes": int(props.total_memory), "capability": list(torch.cuda.get_device_capability(0))}
+    else:
+        dev = {"type": "cpu", "name": f"CPU ({platform.processor() or platform.machine()}, "
+                                      f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"}
+    tokens = args.micro_batch * args.seq_len * args.grad_accum
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": command_line(),
+        "device": dev,
+        "versions": versions,
+        "preset": settings["preset"],
+        "model_dir": str(model_dir) if model_dir else None,
+        "model_type": (model_cfg or {}).get("model_type"),
+        "workload": {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+                     "steps": args.steps, "warmup": args.warmup, "timed_steps": args.steps - args.warmup,
+                     "tokens_per_step": tokens, "lora_r": args.lora_r, "lora_alpha": settings["lora_alpha"],
+                     "target_modules": TARGET_MODULES, "qlora": bool(args.qlora), "dtype": settings["dtype"],
+                     "lr": args.lr, "seed": args.seed},
+        "price_usd_per_gpu_hour": args.price,
+        "cost_steps": args.cost_steps,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workers
+# ----------------------------------------------------------------------------------------------------------
+def worker_command(method: str, spec_path: str, pre_import=None) -> list[str]:
+    pre_import = METHODS[method].pre_import if pre_import is None else tuple(pre_import)
+    if pre_import:
+        # `python -m turbotune.bench_worker` imports the turbotune package first; unsloth wants to be imported
+        # before anything touches transformers, so import it first and run the worker module after it.
+        boot = ("import os; os.environ.setdefault('HF_HUB_OFFLINE', '1'); "
+                + "".join(f"import {m}; " for m in pre_import)
+                + "import runpy; runpy.run_module('turbotune.bench_worker', run_name='__main__', alter_sys=True)")
+        return [sys.executable, "-c", boot, "--spec", spec_path]
+    return [sys.executable, "-m", "turbotune.bench_worker", "--spec", spec_path]
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    src = str(Path(__file__).resolve().parents[1])  # the folder holding the turbotune package
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_worker(method: str, spec: dict, workdir: Path, timeout: float) -> dict:
+    """Start the worker, relay its output to stderr, return its result (or a failure built from its output)."""
+    spec = dict(spec, method=method, extra_warmup=METHODS[method].extra_warmup,
+                result_path=str(workdir / f"{method}.result.json"))
+    spec_path = workdir / f"{method}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    tail = collections.deque(maxlen=40)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(worker_command(method, str(spec_path)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", env=_worker_env(), bufsize=1,
+                            start_new_session=True)  # its own process group: a kill also ends its helpers
+
+    def kill():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
+
+    def relay():  # the worker's progress (and anything it prints) goes to our stderr
+        for line in proc.stdout:
+            sys.stderr.write(line if line.startswith(f"[{method}]") else f"[{method}] {line}")
+            sys.stderr.flush()
+            if line.strip():
+                tail.append(line.rstrip())
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        kill()
+    except BaseException:  # Ctrl-C: do not leave the worker holding the GPU
+        kill()
+        raise
+    try:  # helpers the worker left behind (compile workers) hold the GPU and our pipe: end them too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    reader.join(timeout=10)
+    result_path = Path(spec["result_path"])
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+    else:
+        if timed_out:
+            error = f"timed out after {timeout:.0f} s"
+        else:
+            error = tail[-1] if tail else f"worker exited with code {proc.returncode} and no output"
+            if proc.returncode and proc.returncode < 0:
+                error = f"worker killed by signal {-proc.returncode} (out of host memory?); last output: {error}"
+        result = {"method": method, "status": "failed", "error": error, "losses": [], "step_times_s": []}
+    result["returncode"] = proc.returncode
+    result["worker_wall_s"] = time.perf_counter() - t0
+    result.setdefault("output_tail", list(tail)[-12:])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numbers and the table
+# ----------------------------------------------------------------------------------------------------------
+def summarise(results: list[dict], header: dict, flops: dict | None, matmul_rate: float | None) -> None:
+    """Adds tokens/s, s/step, MFU, cost and the ratios vs hf to each ok result, in place."""
+    wl = header["workload"]
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        timed = r["step_times_s"][wl["warmup"]:]
+        r["s_per_step"] = median(timed)
+        r["tokens_per_s"] = wl["tokens_per_step"] / r["s_per_step"]
+        r["first_loss"] = r["losses"][0] if r["losses"] else None
+        r["last_loss"] = r["losses"][-1] if r["losses"] else None
+        r["losses_finite"] = all(math.isfinite(x) for x in r["losses"])
+        r["peak_alloc_bytes_or_rss"] = r.get("peak_alloc_bytes") if r.get("memory_kind") == "cuda" \
+            else r.get("peak_rss_bytes")
+        r["model_flops_per_s"] = flops["total"] * r["tokens_per_s"] if flops else None
+        r["mfu"] = ratio(r["model_flops_per_s"], matmul_rate)
+        r["cost_usd"] = r["s_per_step"] * header["cost_steps"] / 3600.0 * header["price_usd_per_gpu_hour"]
+    hf = next((r for r in results if r["method"] == "hf" and r.get("status") == "ok"), None)
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        r["speedup_vs_hf"] = ratio(r["tokens_per_s"], hf["tokens_per_s"]) if hf else None
+        r["memory_ratio_vs_hf"] = ratio(r["peak_alloc_bytes_or_rss"], hf["peak_alloc_bytes_or_rss"]) if hf else None
+        r["max_loss_rel_diff_vs_hf"] = max_rel_diff(r["losses"], hf["losses"]) if hf else None
+
+
+def _fmt(v, spec: str, suffix: str = "", none: str = "n/a") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return none
+    return format(v, spec) + suffix
+
+
+def si(value: float, unit: str) -> str:
+    """1.23e12, 'FLOP/s' -> '1.23 TFLOP/s'."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    for r in results:
+        if r.get("status") != "ok":
+            why = r.get("reason") or r.get("error") or "unknown error"
+            label = "skipped" if r.get("status") == "skipped" else "failed"
+            why = why if len(why) <= 160 else why[:157] + "..."
+            cells = [r["method"], f"{label}: {_cell(why)}"] + ["—"] * (len(COLUMNS) - 2)
+        else:
+            cuda = r.get("memory_kind") == "cuda"
+            cells = [
+                r["method"], _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["s_per_step"], ".3f"),
+                _fmt(r["peak_alloc_bytes_or_rss"] / GiB if r.get("peak_alloc_bytes_or_rss") else None, ".2f"),
+                _fmt(r.get("peak_reserved_bytes", 0) / GiB if cuda else None, ".2f"),
+                _fmt(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f", "%"),
+                _fmt(r["first_loss"], ".4f"), _fmt(r["last_loss"], ".4f"), _fmt(r["cost_usd"], ",.2f", "", "n/a"),
+                _fmt(r.get("speedup_vs_hf"), ".2f", "×"), _fmt(r.get("memory_ratio_vs_hf"), ".2f", "×"),
+                _fmt(r["max_loss_rel_diff_vs_hf"] * 100 if r.get("max_loss_rel_diff_vs_hf") is not None else None,
+                     ".3f", "%"),
+            ]
+            if cells[8] != "n/a":
+                cells[8] = "$" + cells[8]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_header(header: dict) -> str:
+    v, wl, dev = header["versions"], header["workload"], header["device"]
+    mm = header.get("matmul") or {}
+    vers = " · ".join(f"{k} {v.get(k) or '—'}" for k in ["torch", "cuda", "transformers", "peft", "triton",
+                                                          "bitsandbytes", "turbotune"])
+    extra = " · ".join(f"{k} {v[k]}" for k in ["unsloth", "liger-kernel"] if v.get(k))
+    model = f"preset `{header['preset']}`" if header["preset"] else f"`{header['model_dir']}`"
+    fpt = header.get("flops_per_token") or {}
+    rate = (f"{si(mm['flops_per_s'], 'FLOP/s')} ({mm['dtype']} {mm['size']}³ matmul, median of {mm['reps']})"
+            if mm.get("flops_per_s") else "n/a")
+    mem = ("peak alloc / reserved = torch.cuda.max_memory_allocated / max_memory_reserved during training"
+           if dev["type"] == "cuda" else "CPU run: 'peak alloc' is the worker's peak RSS; reserved is n/a")
+    lines = [
+        f"## turbotune bench — {model}{' (QLoRA 4-bit)' if wl['qlora'] else ' (LoRA)'}",
+        "",
+        f"- device: {dev['name']}",
+        f"- versions: {vers}" + (f" · {extra}" if extra else ""),
+        f"- date: {header['date_utc']}",
+        f"- command: `{header['command']}`",
+        f"- model: {model}, model_type {header.get('model_type')}, dtype {wl['dtype']}",
+        f"- workload: seq {wl['seq_len']} × micro-batch {wl['micro_batch']} × grad-accum {wl['grad_accum']} = "
+        f"{wl['tokens_per_step']:,} tokens/step; {wl['steps']} steps ({wl['warmup']} warm-up, "
+        f"{wl['timed_steps']} timed, median); LoRA r {wl['lora_r']} α {wl['lora_alpha']} on 7 projections; "
+        f"AdamW lr {wl['lr']}; seed {wl['seed']}",
+        f"- MFU denominator: {rate}; model FLOPs/token "
+        + (f"{si(fpt['total'], 'FLOP')} (4·N_matmul + 6·P_lora + causal attention; recompute not counted)"
+           if fpt else "n/a (config not understood)"),
+        f"- cost: s/step × {header['cost_steps']} steps at ${header['price_usd_per_gpu_hour']}/GPU-hour; {mem}",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------------------
+def run_bench(args) -> int:
+    """Run the benchmark described by parsed `args`; 0 = every method ok or skipped, 1 = a method failed,
+    2 = usage error."""
+    try:
+        settings = validate(args)
+    except BenchError as exc:
+        print(f"turbotune bench: error: {exc}", file=sys.stderr)
+        return 2
+    device = settings["device"]
+    runnable = [m for m, why in settings["methods"] if why is None]
+    model_dir = model_cfg = None
+    try:
+        if runnable:
+            if settings["preset"]:
+                cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+                model_dir = build_preset_model(settings["preset"], args.seed, cache, device, log=_log)
+            else:
+                model_dir = Path(args.model).resolve()
+            model_cfg = read_model_config(model_dir)
+        elif settings["preset"]:
+            model_cfg = preset_config(settings["preset"])
+    except BenchError as exc:
+        print(f"turbotune bench: error: {exc}", file=sys.stderr)
+        return 2
+    header = collect_header(args, settings, model_dir, model_cfg)
+    try:
+        dims = ModelDims.from_config(model_cfg) if model_cfg else None
+        header["model_dims"] = dims.__dict__ if dims else None
+        flops = flops_per_token(dims, args.seq_len, args.lora_r) if dims else None
+    except (KeyError, TypeError, ValueError) as exc:
+        _log(f"cannot derive FLOPs per token from the config ({exc!r}); MFU will be n/a")
+        flops = None
+    header["flops_per_token"] = flops
+    matmul = None
+    if runnable:
+        _log(f"measuring the {'bf16' if device == 'cuda' else 'fp32'} matmul rate on {device}")
+        matmul = measure_matmul_rate(device, args.matmul_size)
+        _log(f"matmul rate {si(matmul['flops_per_s'], 'FLOP/s')}")
+    header["matmul"] = matmul
+
+    spec = {"model_dir": str(model_dir) if model_dir else None, "model_type": (model_cfg or {}).get("model_type"),
+            "vocab_size": int((model_cfg or {}).get("vocab_size") or (model_cfg or {}).get("text_config", {})
+                              .get("vocab_size", 0)),
+            "device": device, "dtype": settings["dtype"], "qlora": bool(args.qlora), "lora_r": args.lora_r,
+            "lora_alpha": settings["lora_alpha"], "target_modules": TARGET_MODULES, "lr": args.lr,
+            "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+            "steps": args.steps, "warmup": args.warmup, "seed": args.seed}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="turbotune-bench-") as tmp:
+        for method, why in settings["methods"]:
+            if why is not None:
+                _log(f"{method}: skipped ({why})")
+                results.append({"method": method, "status": "skipped", "reason": why, "losses": [],
+                                "step_times_s": []})
+                continue
+            _log(f"{method}: starting worker")
+            results.append(run_worker(method, spec, Path(tmp), args.timeout))
+            r = results[-1]
+            _log(f"{method}: {r['status']}" + ("" if r["status"] == "ok" else f" — {r.get('error') or r.get('reason')}"))
+    summarise(results, header, flops, matmul["flops_per_s"] if matmul else None)
+    table = format_table(results)
+    report = format_header(header) + "\n\n" + table + "\n"
+    print(report, flush=True)
+    if args.json:
+        doc = {"schema": SCHEMA, "header": header, "methods": results, "table_markdown": table}
+        Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).expanduser().write_text(json.dumps(doc, indent=1, default=str))
+        _log(f"wrote {args.json}")
+    return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""One method's benchmark run, in a process of its own: `python -m turbotune.bench_worker --spec spec.json`.
+
+The parent (turbotune.bench) writes the spec, starts this process, and reads the result JSON it writes to
+spec["result_path"]. Running each method in a fresh process keeps peak-memory counters, monkey patches
+(unsloth, liger) and compiled kernels from leaking between methods.
+
+Phases and what a failure in each means:
+  import  the method's packages        ImportError -> status "skipped"; anything else -> "failed"
+  load    model + LoRA + optimizer     any exception -> "failed" (error = last line of the traceback)
+  train   warm-up + timed steps        any exception, CUDA OOM included -> "failed"
+This module imports nothing heavy at module level: unsloth must be imported before transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+import warnings
+
+
+def _log(method: str, msg: str) -> None:
+    print(f"[{method}] {msg}", file=sys.stderr, flush=True)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The traceback's closing 'module.Type: message' line (first line of a multi-line message)."""
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:2000]
+
+
+def _peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb if sys.platform == "darwin" else kb * 1024)
+
+
+def _versions(names) -> dict:
+    from importlib import metadata
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = getattr(sys.modules.get(n.replace("-", "_")), "__version__", None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, one function per method. Each returns the trainable model (on spec["device"]).
+# ----------------------------------------------------------------------------------------------------------
+def _dtype(spec):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[spec["dtype"]]
+
+
+def _from_pretrained_kwargs(spec) -> dict:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from turbotune._compat import dtype_kwargs
+
+    kw = {"attn_implementation": "sdpa", **dtype_kwargs(_dtype(spec))}
+    if spec["qlora"]:
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if spec["device"] == "cuda" else _dtype(spec))
+    if spec["device"] == "cuda":
+        kw["device_map"] = {"": 0}
+    return kw
+
+
+def _hf_peft(model, spec):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if spec["qlora"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    torch.manual_seed(spec["seed"])  # same LoRA A initialisation for every PEFT-based method
+    cfg = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0, bias="none",
+                     target_modules=list(spec["target_modules"]), task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def load_hf(spec):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **_from_pretrained_kwargs(spec))
+    return _hf_peft(model, spec)
+
+
+def load_liger(spec):
+    import liger_kernel.transformers as lk
+    from transformers import AutoModelForCausalLM
+
+    model_type = spec["model_type"]
+    patch = getattr(lk, f"apply_liger_kernel_to_{model_type}", None)
+    if patch is None:
+        raise ImportError(f"liger-kernel has no apply_liger_kernel_to_{model_type}")
+    patch()  # library defaults: rope, rms_norm, swiglu, fused linear cross-entropy
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **_from_pretrained_kwargs(spec))
+    return _hf_peft(model, spec)
+
+
+def load_turbotune(spec):
+    import torch
+    from turbotune import FastModel
+
+    model, _tok = FastModel.from_pretrained(spec["model_dir"], dtype=_dtype(spec), load_in_4bit=spec["qlora"],
+                                            max_seq_length=spec["seq_len"])
+    torch.manual_seed(spec["seed"])
+    model = FastModel.get_peft_model(model, r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
+                                     target_modules=list(spec["target_modules"]), use_gradient_checkpointing=True)
+    return model
+
+
+def load_unsloth(spec):
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _tok = FastLanguageModel.from_pretrained(model_name=spec["model_dir"], max_seq_length=spec["seq_len"],
+                                                    dtype=_dtype(spec), load_in_4bit=spec["qlora"],
+                                                    local_files_only=True)
+    torch.manual_seed(spec["seed"])
+    model = FastLanguageModel.get_peft_model(model, r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
+                                             lora_dropout=0, bias="none",
+                                             target_modules=list(spec["target_modules"]),
+                                             use_gradient_checkpointing=True, random_state=spec["seed"])
+    return model
+
+
+LOADERS = {"hf": load_hf, "liger": load_liger, "turbotune": load_turbotune, "unsloth": load_unsloth}
+IMPORTS = {  # what "importable" means for each method
+    "hf": ("transformers", "peft"),
+    "liger": ("liger_kernel.transformers", "transformers", "peft"),
+    "turbotune": ("turbotune",),
+    "unsloth": ("unsloth",),
+}
+
+
+def _check_imports(method: str) -> None:
+    import importlib
+
+    for mod in IMPORTS[method]:
+        importlib.import_module(mod)
+    if method == "turbotune":
+        import turbotune
+
+        if not hasattr(turbotune, "FastModel"):
+            raise ImportError("turbotune.FastModel is not available in this build of turbotune")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------
+def _on_device(model, device: str):
+    import torch
+
+    try:
+        p = next(model.parameters())
+    except StopIteration:
+        return model
+    if p.device.type != device:
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
+            raise RuntimeError(f"the quantized model is on {p.device}, expected {device}")
+        model = model.to(torch.device(device))
+    return model
+
+
+def train(model, spec, result) -> None:
+    import torch
+
+    from turbotune.bench_presets import make_batches
+
+    method, device, ga = spec["method"], spec["device"], spec["grad_accum"]
+    cuda = device == "cuda"
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    result["trainable_params"] = int(sum(p.numel() for p in params))
+    result["total_params"] = int(sum(p.numel() for p in model.parameters()))
+    opt_kw = {"fused": True} if cuda else {}
+    opt = torch.optim.AdamW(params, lr=spec["lr"], **opt_kw)
+    batches = make_batches(spec["seed"], spec["steps"] * ga, spec["micro_batch"], spec["seq_len"],
+                           spec["vocab_size"]).to(device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def forward_backward(ids):
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss / ga
+        loss.backward()
+        return loss.detach()
+
+    # Compilation warm-up (unsloth): forward + backward on the first micro-batch, gradients dropped, no update.
+    for i in range(spec["extra_warmup"]):
+        t0 = time.perf_counter()
+        forward_backward(batches[0])
+        opt.zero_grad(set_to_none=True)
+        sync()
+        _log(method, f"compile warm-up pass {i + 1}/{spec['extra_warmup']}: {time.perf_counter() - t0:.1f} s")
+
+    if cuda:
+        result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["load_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = result["losses"], result["step_times_s"]
+    for step in range(spec["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        total = None
+        for j in range(ga):
+            loss = forward_backward(batches[step * ga + j])
+            total = loss if total is None else total + loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        dt = time.perf_counter() - t0
+        losses.append(float(total.float().item()))
+        times.append(dt)
+        tag = "warm-up" if step < spec["warmup"] else "timed"
+        _log(method, f"step {step + 1}/{spec['steps']} ({tag}) loss {losses[-1]:.4f}  {dt:.3f} s")
+    if cuda:
+        result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+        result["memory_kind"] = "cuda"
+    else:
+        result["memory_kind"] = "rss"
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+
+
+def run_spec(spec: dict) -> dict:
+    method = spec["method"]
+    result = {"method": method, "status": "failed", "phase": "import", "error": None, "losses": [],
+              "step_times_s": [], "extra_warmup": spec.get("extra_warmup", 0), "pid": os.getpid()}
+    t_start = time.perf_counter()
+    try:
+        _check_imports(method)
+    except ImportError as exc:
+        result.update(status="skipped", reason=_last_line(exc))
+        return result
+    except Exception as exc:  # e.g. a package that refuses to import without a GPU
+        result.update(error=_last_line(exc), traceback=traceback.format_exc()[-4000:])
+        return result
+    try:
+        import torch
+
+        result["versions"] = _versions(["torch", "transformers", "peft", "triton", "bitsandbytes", "unsloth",
+                                        "unsloth_zoo", "liger-kernel", "turbotune"])
+        if spec["device"] == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("CUDA is not available in the worker process")
+            torch.cuda.reset_peak_memory_stats()
+            result["device_name"] = torch.cuda.get_device_name(0)
+        else:
+            result["device_name"] = "cpu"
+        result["phase"] = "load"
+        t0 = time.perf_counter()
+        model = LOADERS[method](spec)
+        model = _on_device(model, spec["device"])
+        result["load_s"] = time.perf_counter() - t0
+        _log(method, f"loaded in {result['load_s']:.1f} s")
+        result["phase"] = "train"
+        train(model, spec, result)
+        result["status"] = "ok"
+        result["phase"] = "done"
+    except BaseException as exc:  # noqa: BLE001 - report every failure, OOM included
+        result.update(status="failed", error=_last_line(exc), traceback=traceback.format_exc()[-4000:])
+        result["peak_rss_bytes"] = _peak_rss_bytes()
+        torch_mod = sys.modules.get("torch")
+        if spec["device"] == "cuda" and torch_mod is not None and torch_mod.cuda.is_initialized():
+            result["peak_alloc_bytes_at_failure"] = int(torch_mod.cuda.max_memory_allocated())
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m turbotune.bench_worker",
+                                     description="Run one turbotune bench method (started by turbotune.bench).")
+    parser.add_argument("--spec", required=True, help="JSON spec written by the parent")
+    args = parser.parse_args(argv)
+    with open(args.spec) as f:
+        spec = json.load(f)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message=r".*(gradient|activation)_checkpointing.*deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated.*")
+    result = run_spec(spec)
+    tmp = spec["result_path"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, spec["result_path"])
+    _log(spec["method"], f"status {result['status']}" + (f": {result.get('error') or result.get('reason')}"
+                                                           if result["status"] != "ok" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The result is on disk: skip interpreter teardown (seconds with torch, CUDA and compiled kernels loaded).
+    os._exit(code)

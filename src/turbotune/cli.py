@@ -1,0 +1,197 @@
+"""`turbotune` / `python -m turbotune`: check, demo, train, generate, chat, export, bench.
+
+Errors the user can fix (TurbotuneError and the data module's DataError) print as one line and exit 1;
+everything else keeps its traceback, because that is a bug of ours to report.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+
+# Flags of `turbotune train`; their names (dashes → underscores) are TrainConfig's fields.
+_TRAIN_FLAGS = [
+    ("--model", dict(help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")),
+    ("--data", dict(help="JSONL/JSON training file (default: the packaged copywriting sample)")),
+    ("--format", dict(choices=["auto", "alpaca", "sharegpt", "messages", "text"], help="data format (default auto)")),
+    ("--output-dir", dict(help="where checkpoints, the log and the loss plot go (default outputs)")),
+    ("--load-in-4bit", dict(action="store_const", const=True, help="QLoRA: 4-bit NF4 base weights")),
+    ("--no-double-quant", dict(action="store_const", const=False, dest="double_quant",
+                               help="4-bit without double quantisation of the scales")),
+    ("--dtype", dict(choices=["bf16", "fp16", "fp32"], help="compute dtype (default: bf16 where supported)")),
+    ("--max-seq-length", dict(type=int, help="truncate samples to this many tokens (default 2048)")),
+    ("--max-steps", dict(type=int, help="optimizer steps (overrides --epochs)")),
+    ("--epochs", dict(type=float, help="passes over the data (default 1)")),
+    ("--batch-size", dict(type=int, help="micro-batch size (default 2)")),
+    ("--grad-accum", dict(type=int, help="micro-batches per optimizer step (default 4)")),
+    ("--lr", dict(type=float, help="peak learning rate (default 2e-4)")),
+    ("--warmup-steps", dict(type=int, help="linear warm-up steps (default 5)")),
+    ("--lr-scheduler", dict(choices=["linear", "cosine", "constant"])),
+    ("--weight-decay", dict(type=float)),
+    ("--lora-r", dict(type=int, help="LoRA rank (default 16)")),
+    ("--lora-alpha", dict(type=int, help="LoRA alpha (default = rank)")),
+    ("--lora-dropout", dict(type=float, help="LoRA dropout (default 0; > 0 disables the fused LoRA path)")),
+    ("--seed", dict(type=int, help="seed for LoRA init and data order (default 3407)")),
+    ("--logging-steps", dict(type=int)),
+    ("--save-steps", dict(type=int, help="write a checkpoint every N steps (default: only at the end)")),
+    ("--save-total-limit", dict(type=int, help="keep only the newest K checkpoints")),
+    ("--train-on-all-tokens", dict(action="store_const", const=False, dest="train_on_responses_only",
+                                   help="train on prompts too (default: only the answers)")),
+    ("--skip-bad-rows", dict(action="store_const", const=True, help="skip malformed rows with a summary")),
+    ("--resume", dict(action="store_const", const=True, help="continue from the latest checkpoint in --output-dir")),
+    ("--overwrite", dict(action="store_const", const=True, help="replace a different run in --output-dir")),
+    ("--skip-nonfinite", dict(action="store_const", const=True, help="skip steps whose loss is NaN/inf")),
+    ("--no-gradient-checkpointing", dict(action="store_const", const=False, dest="gradient_checkpointing")),
+    ("--allow-pickle", dict(action="store_const", const=True, help="allow pickle (*.bin) weights: they can run code")),
+    ("--trust-remote-code", dict(action="store_const", const=True, help="run the model repo's own Python code")),
+    ("--no-patch", dict(action="store_const", const=False, dest="patch",
+                        help="stock transformers + PEFT forwards (for comparison)")),
+]
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA on a JSONL file (defaults: the embedded demo)")
+    p.add_argument("--config", help="YAML file with the same keys as these flags; flags override it")
+    for flag, kw in _TRAIN_FLAGS:
+        p.add_argument(flag, default=None, **kw)
+    return p
+
+
+def _cmd_train(args) -> int:
+    from .run_config import TrainConfig, build_config
+    from .runner import run_demo, run_training
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in TrainConfig.__dataclass_fields__ and v is not None}
+    if args.config is None and not overrides:
+        return run_demo()
+    cfg = build_config(args.config, overrides)
+    run_training(cfg)
+    return 0
+
+
+def _add_model_flags(p):
+    p.add_argument("--model", default=None, help="base model folder or hub id (default: the adapter's base)")
+    p.add_argument("--adapter", default=None, help="adapter folder written by `turbotune train`")
+    p.add_argument("--load-in-4bit", action="store_true")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--allow-pickle", action="store_true")
+
+
+def _cmd_generate(args) -> int:
+    from .inference import generate_reply, load_for_inference
+    model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.load_in_4bit,
+                                    allow_pickle=args.allow_pickle)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    temp = 0.0 if args.temperature is None else args.temperature
+    generate_reply(model, tok, messages, args.max_new_tokens, temp, stream=True)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from .inference import chat_loop, load_for_inference
+    model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.load_in_4bit,
+                                    allow_pickle=args.allow_pickle)
+    chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=0.7 if args.temperature is None else args.temperature)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export
+    path = export(args.adapter, args.out, how=args.how, base=args.model, dtype=args.dtype)
+    print(f"[turbotune] wrote {args.how} model to {path}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .health import run_health_check
+    return run_health_check(as_json=args.json, self_test=not args.no_self_test)
+
+
+def _cmd_demo(args) -> int:
+    from .runner import run_demo
+    return run_demo(output_dir=args.output_dir, max_steps=args.max_steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbotune", description="Fast LoRA / QLoRA fine-tuning of open LLMs.")
+    parser.add_argument("--version", action="version", version=f"turbotune {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("check", help="environment report + one-step self test; ends with PASS or FAIL")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-self-test", action="store_true", help="only the environment report")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M + sample data, before/after answers")
+    p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.set_defaults(func=_cmd_demo)
+
+    _add_train(sub).set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="answer one prompt (chat template applied, streamed)")
+    _add_model_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with a model (+ adapter)")
+    _add_model_flags(p)
+    p.add_argument("--system", default=None)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("export", help="save an adapter, or merge it into 16-bit base weights")
+    p.add_argument("--adapter", required=True, help="adapter folder written by `turbotune train`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--how", choices=["adapter", "merged"], default="merged")
+    p.add_argument("--model", default=None, help="base model (default: the adapter's base)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("bench", help="side-by-side benchmark: hf vs turbotune (vs unsloth, liger)")
+    try:
+        from .bench import add_bench_arguments, run_bench
+        add_bench_arguments(p)
+        p.set_defaults(func=run_bench)
+    except ImportError as e:  # pragma: no cover - bench is part of the package
+        p.set_defaults(func=lambda a, e=e: _fail(f"bench is unavailable: {e}"))
+    return parser
+
+
+def _fail(msg: str) -> int:
+    print(f"turbotune: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["check"] + (argv or sys.argv[1:]))
+    from .errors import TrainingStopped, TurbotuneError
+    try:
+        from .data import DataError
+    except ImportError:  # pragma: no cover
+        DataError = TurbotuneError  # noqa: N806
+    try:
+        return int(args.func(args) or 0)
+    except TrainingStopped as e:
+        print(f"turbotune: {e}", file=sys.stderr)
+        return e.exit_code
+    except (TurbotuneError, DataError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("\nturbotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fused training kernels. One op per module: Triton kernel(s), an autograd.Function and a plain-PyTorch reference."""

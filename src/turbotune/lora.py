@@ -1,0 +1,84 @@
+"""Adding LoRA: PEFT modules with turbotune's defaults.
+
+    base:   y = x Wᵀ                      W frozen ([out, in]; 16-bit, or 4-bit NF4)
+    LoRA:   y = x Wᵀ + s · (x Aᵀ) Bᵀ      A [r, in] (random), B [out, r] (zeros), s = alpha / r
+
+Only A and B train. The adapter is a normal PEFT adapter: `save_pretrained` writes adapter_config.json +
+adapter_model.safetensors, loadable by PEFT and by `AutoModelForCausalLM.from_pretrained(adapter_dir)`.
+The fused forward/backward of these modules lives in kernels/fused_lora.py and is wired in by the family
+patch (models/); this module only decides what is trainable.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._compat import checkpointing_disable, checkpointing_enable, is_checkpointing
+from .errors import ConfigError
+from .loader import count_parameters
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
+                or getattr(model, "quantization_method", None))
+
+
+def enable_gradient_checkpointing(model, mode=True) -> None:
+    """True: recompute each decoder layer in the backward (non-reentrant). False: keep all activations."""
+    if mode in (False, None, "none"):
+        if is_checkpointing(model):
+            checkpointing_disable(model)
+        return
+    if mode not in (True, "true", "unsloth", "auto", "offload"):
+        raise ConfigError(f"use_gradient_checkpointing={mode!r}: use True, False, 'auto' or 'offload'")
+    checkpointing_enable(model, use_reentrant=False)
+    model.config.use_cache = False
+
+
+def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=None, bias="none",
+                   use_gradient_checkpointing=True, random_state=3407, use_rslora=False, modules_to_save=None,
+                   init_lora_weights=True, verbose=True, **lora_kwargs):
+    """Wrap `model` with PEFT LoRA adapters and make it ready to train. Returns the PeftModel."""
+    from peft import LoraConfig, PeftModel
+    from peft import get_peft_model as peft_get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ConfigError("this model already has LoRA adapters; call get_peft_model on the base model")
+    if r <= 0:
+        raise ConfigError(f"LoRA rank r must be positive, got {r}")
+    if target_modules is None:
+        target_modules = list(DEFAULT_TARGET_MODULES)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if isinstance(target_modules, (list, tuple)):
+        missing = [m for m in target_modules if m not in present]
+        if len(missing) == len(target_modules):
+            raise ConfigError(f"none of the target modules {list(target_modules)} exist in this model; "
+                              f"linear layers here include {sorted(n for n in present if n.endswith('proj'))[:12]}")
+
+    # Frozen base; for a 4-bit base, inputs need grads to flow through frozen layers into LoRA. We do not
+    # upcast norms/embeddings to fp32 as prepare_model_for_kbit_training does: it costs memory and changes
+    # nothing in the math of the trainable part (the reference recipe is benchmarked separately).
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if _is_quantized(model):
+        model.is_parallelizable = True
+
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                        bias=bias, task_type="CAUSAL_LM", use_rslora=use_rslora, modules_to_save=modules_to_save,
+                        init_lora_weights=init_lora_weights, **lora_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_state)  # the same adapters' initial values on every run
+        peft_model = peft_get_peft_model(model, config)
+    enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+    if use_gradient_checkpointing and hasattr(peft_model, "enable_input_require_grads"):
+        peft_model.enable_input_require_grads()
+    if lora_dropout and lora_dropout > 0 and verbose:
+        print(f"[turbotune] lora_dropout={lora_dropout} > 0: the fused LoRA path needs dropout 0, so the stock "
+              "PEFT forward runs (slower)", flush=True)
+    if verbose:
+        trainable, total = count_parameters(peft_model)
+        print(f"[turbotune] LoRA r={r} alpha={lora_alpha} on {', '.join(target_modules) if not isinstance(target_modules, str) else target_modules}: "
+              f"trainable {trainable:,} / total {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)",
+              flush=True)
+    return peft_model

