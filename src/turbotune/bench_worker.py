@@ -84,7 +84,8 @@ def _hf_peft(model, spec):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        from turbotune._compat import checkpointing_enable
+        checkpointing_enable(model, use_reentrant=False)
     model.enable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(spec["seed"])  # same LoRA A initialisation for every PEFT-based method
@@ -119,9 +120,10 @@ def load_turbotune(spec):
 
     model, _tok = FastModel.from_pretrained(spec["model_dir"], dtype=_dtype(spec), load_in_4bit=spec["qlora"],
                                             max_seq_length=spec["seq_len"])
-    torch.manual_seed(spec["seed"])
+    # random_state seeds the LoRA init exactly as the hf recipe's torch.manual_seed does: same adapters.
     model = FastModel.get_peft_model(model, r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
-                                     target_modules=list(spec["target_modules"]), use_gradient_checkpointing=True)
+                                     target_modules=list(spec["target_modules"]), use_gradient_checkpointing=True,
+                                     random_state=spec["seed"])
     return model
 
 
