@@ -1,0 +1,273 @@
+"""What the fused LoRA functions need from one PEFT-wrapped linear, and the shared matmul pieces.
+
+A `LoRAPart` is a view of one `peft.tuners.lora.Linear` (or `lora.Linear4bit` over a bitsandbytes
+`Linear4bit`) with its active adapter: frozen base weight W [out, in] (+ optional frozen bias b), trainable
+A [r, in] (lora_A.weight), B [out, r] (lora_B.weight) and the scaling s (lora_alpha / r, or / sqrt(r) for
+rsLoRA -- read from the module, so whatever PEFT computed). A plain `nn.Linear` / `Linear4bit` without LoRA
+gives a part with A = B = None (a frozen projection), so a fused q/k/v still works when LoRA targets only
+some of the projections.
+
+    y = x W^T + b + s * (x A^T) B^T
+
+Dtypes (matching PEFT): the base product runs in x's dtype ("cd"; a 4-bit W is dequantised to it). PEFT
+casts x to lora_A's dtype before the adapter ("ld"; adapters are usually fp32 under a bf16 model, PEFT's
+autocast_adapter_dtype), so the rank-r product xa = x A^T and the adapter gradients dA, dB are computed in ld.
+The rank-r expansion back to the wide output, s * xa B^T, and the input-gradient term s * (dY B) A are
+accumulated straight into the cd output buffers with addmm_ (operands rounded to cd, fp32 accumulation in the
+GEMM, one rounding) instead of PEFT's separate ld-sized temporary + add + cast. In fp32 the two agree to
+round-off; in bf16 to within a bf16 ulp of the LoRA term.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoRAPart", "lora_part", "fused_lora_unsupported_reason", "dense_weight", "is_4bit"]
+
+
+@dataclass
+class LoRAPart:
+    """Everything the fused functions need from one PEFT-wrapped linear (A, B None: no adapter)."""
+    weight: Any                      # frozen base weight [out, in]: a Parameter or a bnb Params4bit
+    bias: torch.Tensor | None        # frozen base bias [out]
+    A: torch.Tensor | None           # lora_A weight [r, in] (trainable)
+    B: torch.Tensor | None           # lora_B weight [out, r] (trainable)
+    scaling: float
+    module: nn.Module | None = None  # the PEFT layer (or plain linear) this came from
+
+    @property
+    def out_features(self) -> int:
+        qs = getattr(self.weight, "quant_state", None)
+        return int(qs.shape[0]) if qs is not None else int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        qs = getattr(self.weight, "quant_state", None)
+        return int(qs.shape[1]) if qs is not None else int(self.weight.shape[1])
+
+    @property
+    def has_lora(self) -> bool:
+        return self.A is not None
+
+
+# --------------------------------------------------------------------------------------------- base weights
+def is_4bit(weight) -> bool:
+    return getattr(weight, "quant_state", None) is not None
+
+
+def dense_weight(part: LoRAPart, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The base weight as a dense [out, in] tensor in `dtype` (default: its own dtype).
+
+    For a bitsandbytes 4-bit weight this dequantises a fresh copy on every call; callers use it and drop it,
+    never save it for backward. This is the one place to swap in a faster dequantisation kernel.
+    """
+    w = part.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is not None:
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise RuntimeError("fused LoRA: this 4-bit weight was repacked by bitsandbytes for CPU inference "
+                               "(eval-mode forward without grad); it can't be dequantised here")
+        import bitsandbytes.functional as bnbF
+        w = bnbF.dequantize_4bit(w.data, qs)
+    if dtype is not None and w.dtype != dtype:
+        w = w.to(dtype)
+    return w
+
+
+# --------------------------------------------------------------------------------------------- PEFT introspection
+def _peft_lora_types():
+    types = []
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+        types.append(LoraLinear)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+        types.append(LoraLinear4bit)
+    except Exception:  # no bitsandbytes
+        pass
+    return tuple(types)
+
+
+def _bnb_linear4bit_type():
+    try:
+        import bitsandbytes as bnb
+        return bnb.nn.Linear4bit
+    except Exception:
+        return None
+
+
+def _base_reason(base: nn.Module) -> str | None:
+    lin4 = _bnb_linear4bit_type()
+    if lin4 is not None and isinstance(base, lin4):
+        if not is_4bit(base.weight):
+            return "4-bit base weight has no quant_state (not quantised yet)"
+    elif type(base) is not nn.Linear:
+        return f"base layer {type(base).__name__} is not nn.Linear or bitsandbytes Linear4bit"
+    if base.weight.requires_grad:
+        return "base weight is trainable"
+    if base.bias is not None and base.bias.requires_grad:
+        return "base bias is trainable"
+    return None
+
+
+def fused_lora_unsupported_reason(peft_linear: nn.Module) -> str | None:
+    """Why `peft_linear` can't run through the fused LoRA functions, or None when it can."""
+    lora_types = _peft_lora_types()
+    if not isinstance(peft_linear, lora_types):
+        if isinstance(peft_linear, nn.Module) and hasattr(peft_linear, "lora_A"):
+            return f"unsupported LoRA layer type {type(peft_linear).__name__}"
+        # a plain frozen linear (no adapter) is fine
+        return _base_reason(peft_linear) if isinstance(peft_linear, nn.Module) else "not a module"
+    m = peft_linear
+    if getattr(m, "disable_adapters", False):
+        return "disable_adapters"
+    if getattr(m, "merged", False):
+        return "merged"
+    active = [a for a in m.active_adapters if a in m.lora_A.keys()]
+    if len(active) > 1:
+        return f"several active adapters {active}"
+    if getattr(m, "fan_in_fan_out", False):
+        return "fan_in_fan_out"
+    reason = _base_reason(m.get_base_layer())
+    if reason or not active:
+        return reason  # no active adapter: the base layer alone
+    name = active[0]
+    if m.use_dora.get(name, False) if hasattr(m, "use_dora") else False:
+        return "DoRA"
+    if name in getattr(m, "lora_variant", {}):
+        return f"LoRA variant {type(m.lora_variant[name]).__name__}"
+    if getattr(m, "lora_bias", {}).get(name, False) or m.lora_B[name].bias is not None:
+        return "bias on lora"
+    drop = m.lora_dropout[name]
+    p = getattr(drop, "p", 0.0) if not isinstance(drop, nn.Identity) else 0.0
+    if p > 0:
+        return f"lora_dropout={p} > 0"
+    if type(m.lora_A[name]) is not nn.Linear or type(m.lora_B[name]) is not nn.Linear:
+        return "lora_A / lora_B are not nn.Linear"
+    return None
+
+
+def lora_part(peft_linear: nn.Module) -> LoRAPart | None:
+    """The LoRAPart of `peft_linear`'s active adapter, or None when it is unsupported (the reason is
+    `fused_lora_unsupported_reason(peft_linear)`). A plain frozen nn.Linear / Linear4bit gives A = B = None."""
+    reason = fused_lora_unsupported_reason(peft_linear)
+    if reason is not None:
+        logger.debug("fused LoRA unsupported for %s: %s", type(peft_linear).__name__, reason)
+        return None
+    if not hasattr(peft_linear, "lora_A"):
+        return LoRAPart(peft_linear.weight, peft_linear.bias, None, None, 0.0, peft_linear)
+    base = peft_linear.get_base_layer()
+    active = [a for a in peft_linear.active_adapters if a in peft_linear.lora_A.keys()]
+    if not active:
+        return LoRAPart(base.weight, base.bias, None, None, 0.0, peft_linear)
+    name = active[0]
+    return LoRAPart(base.weight, base.bias, peft_linear.lora_A[name].weight, peft_linear.lora_B[name].weight,
+                    float(peft_linear.scaling[name]), peft_linear)
+
+
+# --------------------------------------------------------------------------------------------- shared math
+def autocast_dtype(device_type: str):
+    """The autocast dtype when autocast is on for `device_type`, else None."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4
+        on = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not on:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # pragma: no cover - torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def no_autocast(device_type: str):
+    """Context that switches autocast off (our matmuls use explicit dtypes), or a no-op when it is off."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def lora_dtype(part: LoRAPart, amp: torch.dtype | None) -> torch.dtype | None:
+    """Dtype of the rank-r computation: lora_A's (PEFT casts x to it), or the autocast dtype when autocast is
+    on (under autocast PEFT's lora_A(x) runs in it too). None for a part without adapter."""
+    if part.A is None:
+        return None
+    return amp if amp is not None else part.A.dtype
+
+
+class CastCache:
+    """x (or dY) cast to each adapter dtype at most once, shared by the projections that read it."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        self._c = {t.dtype: t}
+
+    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._c:
+            self._c[dtype] = self.t.to(dtype)
+        return self._c[dtype]
+
+
+def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype):
+    """out = x W^T + b + s (x A^T) B^T in x's dtype; returns (out, xa) with xa = x A^T [N, r] in ld (or None).
+
+    W is dequantised/cast for this call only and released before returning.
+    """
+    cd = x2.dtype
+    w = dense_weight(part, cd)
+    if part.bias is not None:
+        out = torch.addmm(part.bias.to(cd), x2, w.t())
+    else:
+        out = torch.mm(x2, w.t())
+    del w
+    xa = None
+    if part.A is not None:
+        xa = torch.mm(xc(ld), part.A.to(ld).t())
+        out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
+    return out, xa
+
+
+def adapter_grads(dy: CastCache, xc: CastCache | None, xa: torch.Tensor | None, part: LoRAPart,
+                  ld: torch.dtype, need_a: bool, need_b: bool):
+    """For out = ... + s (x A^T) B^T and dY = dL/dout:
+
+        u  = dY B                 [N, r]   (ld)
+        dB = s dY^T xa            [out, r]
+        dA = s u^T x              [r, in]
+    Returns (u, dA, dB), each in ld (u is needed for dx += s u A).
+    """
+    dyl = dy(ld)
+    u = torch.mm(dyl, part.B.to(ld))
+    d_b = torch.mm(dyl.t(), xa).mul_(part.scaling) if need_b else None
+    d_a = torch.mm(u.t(), xc(ld)).mul_(part.scaling) if need_a else None
+    return u, d_a, d_b
+
+
+def input_grad_into(dx: torch.Tensor | None, dy: torch.Tensor, part: LoRAPart, u: torch.Tensor | None):
+    """dx += dY W + s u A (u = dY B), with W dequantised for this call only; returns dx (new when None)."""
+    cd = dy.dtype
+    w = dense_weight(part, cd)
+    if dx is None:
+        dx = torch.mm(dy, w)
+    else:
+        dx.addmm_(dy, w)
+    del w
+    if u is not None:
+        dx.addmm_(u.to(cd), part.A.to(cd), alpha=part.scaling)
+    return dx
+
+
+def grad_to(g: torch.Tensor | None, like: torch.Tensor | None):
+    """Gradient in its parameter's dtype (adapters may be e.g. bf16 while ld came from autocast)."""
+    if g is None or like is None:
+        return None
+    return g if g.dtype == like.dtype else g.to(like.dtype)

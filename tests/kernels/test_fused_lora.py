@@ -1,0 +1,221 @@
+"""Fused LoRA functions vs the real PEFT modules of a tiny Llama (fp32, bf16, bitsandbytes 4-bit; CPU)."""
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from turbotune.kernels.fused_lora import (fused_lora_unsupported_reason, lora_linear, lora_mlp,  # noqa: E402
+                                          lora_part, lora_qkv)
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _config():
+    return LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=1, vocab_size=128)
+
+
+def _wrap(model, **lora_kw):
+    kw = dict(r=8, lora_alpha=16, target_modules=ALL7, lora_dropout=0.0)
+    kw.update(lora_kw)
+    pm = get_peft_model(model, LoraConfig(**kw))
+    pm.train()
+    g = torch.Generator().manual_seed(1)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:  # PEFT initialises B to zero; make the adapter matter
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    layer = pm.base_model.model.model.layers[0]
+    return pm, layer.self_attn, layer.mlp
+
+
+@pytest.fixture(scope="module")
+def llama_fp32():
+    torch.manual_seed(0)
+    return _wrap(LlamaForCausalLM(_config()))
+
+
+@pytest.fixture(scope="module")
+def llama_4bit():
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(_config()).save_pretrained(d)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(d, quantization_config=q, device_map="cpu", dtype=torch.float32)
+    return _wrap(model)
+
+
+def _x(dtype=torch.float32, requires_grad=True):
+    return torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_(requires_grad)
+
+
+def _adapters(mods):
+    mods = [m for m in mods if hasattr(m, "lora_A")]  # plain frozen linears have none
+    return [m.lora_A["default"].weight for m in mods] + [m.lora_B["default"].weight for m in mods]
+
+
+def _grads(outs, x, mods):
+    loss = sum((o.float() * torch.randn(o.shape, generator=torch.Generator().manual_seed(10 + i))).sum()
+               for i, o in enumerate(outs))
+    want = ([x] if x.requires_grad else []) + _adapters(mods)
+    return torch.autograd.grad(loss, want)
+
+
+def _compare(ref_outs, outs, ref_grads, grads, tol):
+    for r, o in zip(ref_outs, outs):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        torch.testing.assert_close(o.float(), r.float(), rtol=tol, atol=tol * r.float().abs().max().item())
+    assert len(ref_grads) == len(grads)
+    for r, g in zip(ref_grads, grads):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        err = ((g.float() - r.float()).abs().max() / r.float().abs().max()).item()
+        assert err < tol, err
+
+
+def _check_qkv(attn, x, tol, **kw):
+    mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+    ref = [m(x) for m in mods]
+    rg = _grads(ref, x, mods)
+    out = lora_qkv(x, *[lora_part(m) for m in mods], **kw)
+    _compare(ref, out, rg, _grads(out, x, mods), tol)
+
+
+def _check_o(attn, x, tol, **kw):
+    ref = attn.o_proj(x)
+    rg = _grads([ref], x, [attn.o_proj])
+    out = lora_linear(x, lora_part(attn.o_proj), **kw)
+    _compare([ref], [out], rg, _grads([out], x, [attn.o_proj]), tol)
+
+
+def _check_mlp(mlp, x, tol, backend="auto", **kw):
+    mods = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    ref = mlp(x)
+    rg = _grads([ref], x, mods)
+    out = lora_mlp(x, *[lora_part(m) for m in mods], act="silu", backend=backend, **kw)
+    _compare([ref], [out], rg, _grads([out], x, mods), tol)
+
+
+# --------------------------------------------------------------------------------------------- fp32
+def test_qkv_fp32(llama_fp32):
+    _check_qkv(llama_fp32[1], _x(), 1e-5)
+
+
+def test_o_fp32(llama_fp32):
+    _check_o(llama_fp32[1], _x(), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mlp_fp32(llama_fp32, backend):
+    _check_mlp(llama_fp32[2], _x(), 1e-5, backend)
+
+
+def test_input_without_grad(llama_fp32):
+    """First layer: x (from frozen embeddings) needs no grad; adapters still get theirs."""
+    x = _x(requires_grad=False)
+    _check_qkv(llama_fp32[1], x, 1e-5)
+    _check_mlp(llama_fp32[2], x, 1e-5)
+
+
+# --------------------------------------------------------------------------------------------- 4-bit
+def test_4bit_qkv_o_mlp(llama_4bit):
+    _, attn, mlp = llama_4bit
+    assert attn.q_proj.get_base_layer().weight.quant_state is not None
+    x = _x()
+    _check_qkv(attn, x, 1e-4)
+    _check_o(attn, x, 1e-4)
+    _check_mlp(mlp, x, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------- bf16 base, fp32 adapters
+@pytest.mark.parametrize("adapter_precision", ["peft", "input"])
+def test_bf16_base_fp32_adapters(adapter_precision):
+    torch.manual_seed(0)
+    _, attn, mlp = _wrap(LlamaForCausalLM(_config()).to(torch.bfloat16))
+    assert attn.q_proj.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+    x = _x(torch.bfloat16)
+    tol = 2e-2 if adapter_precision == "peft" else 3e-2  # "input": bf16 rank-r products and adapter grads
+    _check_qkv(attn, x, tol, adapter_precision=adapter_precision)
+    _check_o(attn, x, tol, adapter_precision=adapter_precision)
+    _check_mlp(mlp, x, tol, adapter_precision=adapter_precision)
+
+
+# --------------------------------------------------------------------------------------------- partial targets
+def test_partial_targets_rslora_and_gelu():
+    """LoRA on q, v, up only (k, gate, down plain frozen nn.Linear), rsLoRA scaling, GeGLU activation."""
+    torch.manual_seed(0)
+    _, attn, mlp = _wrap(LlamaForCausalLM(_config()), target_modules=["q_proj", "v_proj", "up_proj"],
+                         use_rslora=True)
+    assert isinstance(attn.k_proj, torch.nn.Linear) and lora_part(attn.k_proj).A is None
+    assert lora_part(attn.q_proj).scaling == pytest.approx(16 / 8 ** 0.5)
+    x = _x()
+    _check_qkv(attn, x, 1e-5)
+    mods = [mlp.up_proj]
+    ref = mlp.down_proj(F.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x))
+    rg = _grads([ref], x, mods)
+    out = lora_mlp(x, lora_part(mlp.gate_proj), lora_part(mlp.up_proj), lora_part(mlp.down_proj), act="gelu_tanh")
+    _compare([ref], [out], rg, _grads([out], x, mods), 1e-5)
+
+
+# --------------------------------------------------------------------------------------------- what is saved
+def test_mlp_saves_no_h_and_no_dense_weight(llama_4bit):
+    _, _, mlp = llama_4bit
+    mods = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    x = _x()
+    with torch.no_grad():
+        e, g = mods[0](x), mods[1](x)
+        h = F.silu(e) * g
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_mlp(x, *[lora_part(m) for m in mods])
+    wide = [t for t in saved if t.shape[-1] == 160 and t.numel() >= 10 * 160]
+    assert len(wide) == 2
+    for t in wide:
+        assert not torch.allclose(t.reshape(h.shape), h, atol=1e-4)  # e and g, never h
+    assert any(torch.allclose(t.reshape(e.shape), e, atol=1e-5) for t in wide)
+    assert any(torch.allclose(t.reshape(g.shape), g, atol=1e-5) for t in wide)
+    dense_shapes = {(160, 64), (64, 160)}
+    assert not any(tuple(t.shape) in dense_shapes for t in saved)  # neither a dense W nor a dequantised one
+    assert not any(t.dtype == torch.uint8 for t in saved)
+    y.sum().backward()
+
+
+def test_qkv_saves_x_and_rank_r_only(llama_fp32):
+    attn = llama_fp32[1]
+    saved = []
+    x = _x()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_qkv(x, *[lora_part(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(2, 5, 64), (10, 8), (10, 8), (10, 8)])
+
+
+# --------------------------------------------------------------------------------------------- unsupported
+def test_unsupported_reasons():
+    torch.manual_seed(0)
+    pm, attn, _ = _wrap(LlamaForCausalLM(_config()), lora_dropout=0.1)
+    assert "lora_dropout=0.1" in fused_lora_unsupported_reason(attn.q_proj)
+    assert lora_part(attn.q_proj) is None
+    _, attn, _ = _wrap(LlamaForCausalLM(_config()), use_dora=True)
+    assert "DoRA" in fused_lora_unsupported_reason(attn.q_proj)
+    cfg = _config()
+    cfg.attention_bias = True  # lora_bias needs a base bias
+    _, attn, _ = _wrap(LlamaForCausalLM(cfg), lora_bias=True, target_modules=["q_proj"])
+    assert fused_lora_unsupported_reason(attn.q_proj) == "bias on lora"
+    pm, attn, _ = _wrap(LlamaForCausalLM(_config()))
+    assert fused_lora_unsupported_reason(attn.q_proj) is None
+    attn.q_proj.merge()
+    assert fused_lora_unsupported_reason(attn.q_proj) == "merged"
+    attn.q_proj.unmerge()
+    with pm.disable_adapter():
+        assert fused_lora_unsupported_reason(attn.q_proj) == "disable_adapters"
+    attn.o_proj.get_base_layer().weight.requires_grad_(True)
+    assert fused_lora_unsupported_reason(attn.o_proj) == "base weight is trainable"
