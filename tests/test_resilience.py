@@ -117,8 +117,9 @@ def _trainer(tiny_dir, tmp_path, **cfg_kw):
     model, tok = FastModel.from_pretrained(str(tiny_dir), verbose=False)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=4, verbose=False)
     data, _ = prepare_dataset(ROWS, tok, max_seq_length=64)
-    cfg = TrainConfig(output_dir=str(tmp_path / "o"), batch_size=2, grad_accum=1, max_steps=4, lr=1e-3,
-                      warmup_steps=0, **cfg_kw)
+    kw = dict(output_dir=str(tmp_path / "o"), batch_size=2, grad_accum=1, max_steps=4, lr=1e-3, warmup_steps=0)
+    kw.update(cfg_kw)
+    cfg = TrainConfig(**kw)
     return Trainer(cfg, model, tok, data, progress=False)
 
 

@@ -65,8 +65,10 @@ def _convert(gguf: Path, out: Path) -> None:
     # A GGUF-loaded model carries a quantizer that marks it untrainable and unsaveable: rebuild it plain.
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    plain = AutoModelForCausalLM.from_config(cfg, **dtype_kwargs(torch.float32))
-    plain.load_state_dict(dequantised.state_dict())
+    with torch.device("meta"):  # no time spent on a random init that is overwritten at once
+        plain = AutoModelForCausalLM.from_config(cfg, **dtype_kwargs(torch.float32))
+    plain.load_state_dict(dequantised.state_dict(), assign=True)
+    plain.tie_weights()
     # SmolLM2's turns end with <|im_end|>; transformers 4.x reads the GGUF's eos as <|im_start|>.
     tok.eos_token = "<|im_end|>"
     if hasattr(tok, "add_bos_token"):

@@ -83,7 +83,9 @@ def generate_reply(model, tokenizer, messages, max_new_tokens=128, temperature=0
 
         kwargs["streamer"] = _Out(tokenizer, skip_prompt=True, skip_special_tokens=True)
     ids = model.generate(**enc, **kwargs)
-    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    text = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    # A token budget can end inside a multi-byte character (CJK, emoji): drop the dangling replacement mark.
+    return text.rstrip("\ufffd").strip()
 
 
 def chat_loop(model, tokenizer, system=None, max_new_tokens=256, temperature=0.7, stdin=None, stdout=None):
