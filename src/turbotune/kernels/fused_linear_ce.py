@@ -242,7 +242,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             if need_b:
                 grad_b += logits.sum(0, dtype=torch.float32)
         ctx.grads = (grad_h, grad_w, grad_b)
-        return (loss_rows.sum() * inv_denom).reshape(())
+        # A fresh 0-d tensor, not a view: trainers scale the loss in place (loss /= grad_accum).
+        return loss_rows.sum() * inv_denom[0]
 
     @staticmethod
     def backward(ctx, grad_output):
