@@ -115,7 +115,6 @@ def load_liger(spec):
 
 
 def load_turbotune(spec):
-    import torch
     from turbotune import FastModel
 
     model, _tok = FastModel.from_pretrained(spec["model_dir"], dtype=_dtype(spec), load_in_4bit=spec["qlora"],

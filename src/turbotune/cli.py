@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("plan", help="predict a training step's peak GPU memory from the model config")
+    from .plan_cli import add_plan_arguments, run_plan
+    add_plan_arguments(p)
+    p.set_defaults(func=run_plan)
+
     p = sub.add_parser("bench", help="side-by-side benchmark: hf vs turbotune (vs unsloth, liger)")
     try:
         from .bench import add_bench_arguments, run_bench

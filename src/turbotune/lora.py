@@ -25,14 +25,22 @@ def _is_quantized(model) -> bool:
 
 
 def enable_gradient_checkpointing(model, mode=True) -> None:
-    """True: recompute each decoder layer in the backward (non-reentrant). False: keep all activations."""
+    """True: recompute each decoder layer in the backward (non-reentrant). False: keep all activations.
+    'offload': recompute, and keep each layer's input in host memory meanwhile (turbotune.checkpointing)."""
+    from .checkpointing import OffloadedCheckpointing, remove_offloaded_checkpointing
+
     if mode in (False, None, "none"):
+        remove_offloaded_checkpointing(model)
         if is_checkpointing(model):
             checkpointing_disable(model)
         return
     if mode not in (True, "true", "unsloth", "auto", "offload"):
         raise ConfigError(f"use_gradient_checkpointing={mode!r}: use True, False, 'auto' or 'offload'")
-    checkpointing_enable(model, use_reentrant=False)
+    remove_offloaded_checkpointing(model)
+    if mode == "offload":
+        OffloadedCheckpointing().apply(model)  # also switches transformers' checkpointing off
+    else:
+        checkpointing_enable(model, use_reentrant=False)
     model.config.use_cache = False
 
 

@@ -211,9 +211,26 @@ class Trainer:
             tokens += int(b["attention_mask"].sum())
         return total, tokens
 
+    def _print_prediction(self) -> None:
+        """The planner's predicted peak before the first step; the measured peak is printed at the end."""
+        if self.device.type != "cuda":
+            return
+        from .plan_cli import prediction_line
+        from .planner import predict_peak
+        try:
+            lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            plan = predict_peak(lm.config, self.cfg.max_seq_length, self.cfg.batch_size, qlora=self.cfg.load_in_4bit,
+                                lora_r=self.cfg.lora_r, checkpointing=self.cfg.gradient_checkpointing,
+                                dtype=lm.dtype,
+                                double_quant=self.cfg.double_quant)
+            self._say(prediction_line(plan).removeprefix("[turbotune] "))
+        except Exception as e:  # noqa: BLE001 - a prediction must never stop a run
+            self._say(f"(no memory prediction: {e})")
+
     def train(self) -> TrainResult:
         self.model.train()
         resume_path = self._prepare_output_dir()
+        self._print_prediction()
         if self.cfg.resume:
             if resume_path is None:
                 self._say(f"--resume: no checkpoint in {self.out} yet, starting from step 0")

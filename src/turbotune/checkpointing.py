@@ -1,0 +1,493 @@
+"""Offloaded gradient checkpointing: each decoder layer keeps only its input, and that input waits in host memory.
+
+Plain checkpointing (transformers' `gradient_checkpointing`) keeps one tensor per decoder layer on the GPU, the
+layer's input hidden state [batch, seq, hidden], and recomputes the layer in the backward. At long sequences
+those inputs are what is left of the activation memory: `layers x batch x seq x hidden x bytes`. Here they go to
+pinned host memory instead:
+
+    forward, layer i:   run the layer without autograd; copy its input to the host on a side stream
+                        (the GPU copy is freed as soon as the copy has read it)
+    backward, layer i:  wait for layer i's input to be back on the GPU (prefetched, or copied now);
+                        start copying layer i-1's input back on the side stream  <- overlaps the next line
+                        recompute layer i with autograd on, backprop through it
+
+The backward visits the layers in reverse, so the input needed next is always that of the layer before in
+forward order: one prefetch in flight, two inputs on the GPU at most during the backward. The last layer's
+input is needed first, straight after the forward, so by default it never leaves the GPU.
+
+    from turbotune.checkpointing import OffloadConfig, OffloadedCheckpointing
+    oc = OffloadedCheckpointing(OffloadConfig(min_offload_bytes=0)).apply(model)   # or: with ... as oc:
+    loss = model(**batch).loss; loss.backward()
+    oc.stats  # {'saved_inputs': ..., 'offloaded_bytes': ..., 'prefetches': ..., ...}
+    oc.remove()
+
+`FastModel.get_peft_model(model, use_gradient_checkpointing="offload")` applies it with the default config.
+
+On the CPU the input already lives on the host, so the "offload" is no copy at all, but everything else (the
+no-grad forward, the saved input, the prefetch order, the recompute) runs the same way, which is what the CPU
+tests check. The CUDA-only parts are the copies and the stream/event calls in `_to_host`, `_prefetch` and
+`_restore`.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import ConfigError
+
+_ATTR = "_turbotune_offloaded_checkpointing"   # on the base model: the OffloadedCheckpointing applied to it
+_ORIGINAL = "_turbotune_offload_original"      # on each wrapped layer: (attribute name, what was there before)
+_MISSING = object()
+_INPLACE_MESSAGE = ("a decoder layer's input was modified in place (by the layer or after its forward); offloaded "
+                    "checkpointing cannot recompute that layer from its saved input")
+# Keyword names decoder layers use for a KV cache. A cache must not be written by both the forward and the
+# recompute, so it is dropped while training under this checkpointing (as transformers' checkpointing does).
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class OffloadConfig:
+    enabled: bool = True            # False = plain recompute (keep the input on the GPU)
+    pin_memory: bool = True         # pinned host buffers (async copies); ignored on CPU
+    keep_last_on_gpu: bool = True   # the last layer's input is needed first in backward: don't offload it
+    min_offload_bytes: int = 1 << 20  # smaller inputs stay on the device (copy overhead > saving)
+    preserve_rng_state: bool = True  # replay dropout masks exactly in the recompute (as torch.utils.checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------- bookkeeping
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if isinstance(dtype, str):
+        found = names.get(dtype.lower()) or getattr(torch, dtype, None)
+        if isinstance(found, torch.dtype):
+            return found
+    raise ValueError(f"unknown dtype {dtype!r}")
+
+
+def offloaded_bytes_per_layer(batch: int, seq: int, hidden: int, dtype=torch.bfloat16) -> int:
+    """Bytes of one decoder layer's saved input: batch x seq x hidden x element size."""
+    d = _dtype(dtype)
+    return int(batch) * int(seq) * int(hidden) * (torch.finfo(d).bits // 8 if d.is_floating_point else
+                                                  torch.iinfo(d).bits // 8)
+
+
+@dataclass
+class OffloadMemory:
+    """What offloaded checkpointing holds where, for one forward+backward (see `estimate_offload_memory`)."""
+    per_layer_bytes: int       # one layer's input
+    offloaded_layers: int      # inputs that go to the host
+    host_bytes: int            # host memory the saved inputs take (pinned, when pin_memory)
+    device_saved_bytes: int    # saved inputs that stay on the GPU between forward and backward
+    device_backward_bytes: int  # extra GPU memory during the backward: a restored input + one prefetched
+    device_saved_by_offload: int  # GPU memory saved compared with plain recompute (which keeps every input)
+
+
+def estimate_offload_memory(num_layers: int, batch: int, seq: int, hidden: int, dtype=torch.bfloat16,
+                            config: OffloadConfig | None = None) -> OffloadMemory:
+    """Simple arithmetic for the planner: the same decisions `OffloadedCheckpointing` makes, per layer input."""
+    cfg = config or OffloadConfig()
+    per = offloaded_bytes_per_layer(batch, seq, hidden, dtype)
+    if not cfg.enabled or per < cfg.min_offload_bytes or num_layers <= 0:
+        n_off = 0
+    else:
+        n_off = num_layers - (1 if cfg.keep_last_on_gpu else 0)
+    kept = num_layers - n_off
+    backward_extra = per * min(2, n_off)  # the input being recomputed (if it came from the host) + the prefetch
+    return OffloadMemory(per_layer_bytes=per, offloaded_layers=n_off, host_bytes=per * n_off,
+                         device_saved_bytes=per * kept, device_backward_bytes=backward_extra,
+                         device_saved_by_offload=per * n_off)
+
+
+# --------------------------------------------------------------------------------------------- saved inputs
+
+class _Saved:
+    """One layer input saved for the recompute: on the host, or kept on the device."""
+    __slots__ = ("tensor", "device", "on_host", "copied", "d2h_event", "prefetched", "h2d_event", "version",
+                 "index", "nbytes", "__weakref__")
+
+    def __init__(self, index, device, nbytes):
+        self.index, self.device, self.nbytes = index, device, nbytes
+        self.tensor = None       # the host copy (offloaded), or the input itself (kept / CPU)
+        self.on_host = False     # counted as offloaded (on the CPU: already on the host, not copied)
+        self.copied = False      # a real device->host copy was made (CUDA)
+        self.d2h_event = None    # CUDA event: the device->host copy finished
+        self.prefetched = None   # device tensor being filled by a prefetch
+        self.h2d_event = None    # CUDA event: the prefetch finished
+        self.version = None      # version counter of a tensor kept without copying (in-place edits are errors)
+
+
+class _LayerCall:
+    """Everything the recompute needs to call one layer again as it was called in the forward."""
+    __slots__ = ("owner", "index", "original", "rest", "kwargs", "leaves", "spec", "grad_pos", "n_params",
+                 "hidden_requires_grad", "entry", "rng", "autocast")
+
+    def run(self, x, grad_leaf_values=None):
+        rest, kwargs = self.rest, self.kwargs
+        if grad_leaf_values:
+            leaves = list(self.leaves)
+            for pos, value in zip(self.grad_pos, grad_leaf_values):
+                leaves[pos] = value
+            rest, kwargs = tree_unflatten(leaves, self.spec)
+        return self.original(x, *rest, **kwargs)
+
+
+def _autocast_state(device_type: str):
+    types = [device_type] if device_type == "cpu" else [device_type, "cpu"]
+    return [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types], \
+        torch.is_autocast_cache_enabled()
+
+
+@contextlib.contextmanager
+def _autocast_as(state):
+    settings, cache_enabled = state
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in settings:
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=enabled, dtype=dtype,
+                                               cache_enabled=cache_enabled))
+        yield
+
+
+class _OffloadedLayerFunction(torch.autograd.Function):
+    """forward: the layer without autograd, input saved (offloaded). backward: restore, recompute, backprop.
+
+    Inputs: (call, hidden, *tensor arguments that require grad, *the layer's trainable parameters). The
+    parameters are inputs only so that the output requires grad when the hidden state does not (the first
+    layer of LoRA training) and so that their gradients come back through the normal autograd path.
+    """
+
+    @staticmethod
+    def forward(ctx, call, hidden, *grad_inputs):
+        ctx.set_materialize_grads(False)
+        owner = call.owner
+        if owner.config.preserve_rng_state:
+            cuda_state = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
+            call.rng = (torch.get_rng_state(), cuda_state)
+        call.autocast = _autocast_state(hidden.device.type)
+        # Saved (the device->host copy queued) before the layer runs, so the copy overlaps the layer's compute.
+        call.entry = owner._save(hidden, call.index)
+        version = hidden._version
+        out = call.run(hidden)  # grad mode is off inside Function.forward: nothing but the input is kept
+        if hidden._version != version:
+            raise RuntimeError(_INPLACE_MESSAGE)
+        ctx.call = call
+        ctx.params = grad_inputs[len(call.grad_pos):]  # the layer's trainable parameters (inputs: no cycle)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        call = ctx.call
+        n_out = 2 + len(call.grad_pos) + call.n_params
+        if all(g is None for g in grad_outputs):
+            return (None,) * n_out
+        owner = call.owner
+        x = owner._take(call.entry)  # back on the device; starts the prefetch of the layer before
+        x = x.detach().requires_grad_(call.hidden_requires_grad)
+        grad_leaves = [call.leaves[p].detach().requires_grad_(True) for p in call.grad_pos]
+        devices = [x.device] if (call.rng is not None and x.device.type == "cuda") else []
+        with torch.random.fork_rng(devices=devices, enabled=call.rng is not None):
+            if call.rng is not None:
+                torch.set_rng_state(call.rng[0])
+                if devices:
+                    torch.cuda.set_rng_state(call.rng[1], x.device)
+            with torch.enable_grad(), _autocast_as(call.autocast):
+                out = call.run(x, grad_leaves)
+        owner.stats["recomputes"] += 1
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs)
+                 if torch.is_tensor(o) and o.requires_grad and g is not None]
+        wrt = ([x] if call.hidden_requires_grad else []) + grad_leaves + list(ctx.params)
+        if not pairs or not wrt:
+            return (None,) * n_out
+        grads = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+        gx = grads.pop(0) if call.hidden_requires_grad else None
+        return (None, gx, *grads)
+
+
+# ------------------------------------------------------------------------------------------- the public object
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The `nn.ModuleList` of decoder layers (e.g. `model.model.layers`), PEFT wrappers unwrapped.
+
+    Prefers lists of transformers' `GradientCheckpointingLayer`s; otherwise a list named layers/h/blocks of one
+    module class. With several (a multimodal model), the one holding the most parameters: the language model.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except Exception:  # pragma: no cover - transformers older than 4.52
+        GradientCheckpointingLayer = ()
+    base = _unwrap(model)
+    best, best_key = None, None
+    for name, module in base.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        is_gc = bool(GradientCheckpointingLayer) and all(isinstance(m, GradientCheckpointingLayer) for m in module)
+        named = name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks") and len({type(m) for m in module}) == 1
+        if not (is_gc or named):
+            continue
+        key = (is_gc, sum(p.numel() for p in module.parameters()))
+        if best_key is None or key > best_key:
+            best, best_key = module, key
+    if best is None:
+        raise ConfigError(f"found no decoder layers (an nn.ModuleList of layers) in {type(base).__name__}; "
+                          "pass layers= to OffloadedCheckpointing.apply")
+    return best
+
+
+def get_offloaded_checkpointing(model: nn.Module) -> "OffloadedCheckpointing | None":
+    """The OffloadedCheckpointing applied to `model` (or its PEFT wrapper), or None."""
+    return _unwrap(model).__dict__.get(_ATTR)
+
+
+def remove_offloaded_checkpointing(model: nn.Module) -> bool:
+    """Undo offloaded checkpointing on `model` if it is applied. Returns whether there was something to undo."""
+    oc = get_offloaded_checkpointing(model)
+    if oc is None:
+        return False
+    oc.remove()
+    return True
+
+
+class OffloadedCheckpointing:
+    """Offloaded gradient checkpointing of a model's decoder layers. See the module docstring.
+
+    `apply(model)` wraps each decoder layer's forward (per instance; transformers' own checkpointing is turned
+    off) and returns self; `remove()` puts the original forwards back. Usable as a context manager:
+    `with OffloadedCheckpointing(cfg).apply(model) as oc: ...` removes on exit.
+    """
+
+    def __init__(self, config: OffloadConfig | None = None, **knobs):
+        if config is not None and knobs:
+            raise TypeError("pass an OffloadConfig or keyword knobs, not both")
+        self.config = config or OffloadConfig(**knobs)
+        self.stats: dict[str, int] = {}
+        self.reset_stats()
+        self._model = None
+        self._layers: list[nn.Module] = []
+        self._last_index = -1
+        self._pending: list[weakref.ref] = []  # saved inputs waiting for their backward, in forward order
+        self._streams: dict[torch.device, object] = {}
+        self._warned = False
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.stats.clear()
+        self.stats.update(saved_inputs=0, offloaded_inputs=0, offloaded_bytes=0, kept_on_device=0,
+                          prefetches=0, prefetch_hits=0, sync_restores=0, recomputes=0)
+
+    @property
+    def applied(self) -> bool:
+        return self._model is not None
+
+    def apply(self, model: nn.Module, layers: nn.ModuleList | None = None) -> "OffloadedCheckpointing":
+        from ._compat import checkpointing_disable, is_checkpointing
+
+        base = _unwrap(model)
+        if self._model is not None:
+            if self._model is base:
+                return self
+            raise ConfigError("this OffloadedCheckpointing is already applied to another model; make a new one")
+        existing = base.__dict__.get(_ATTR)
+        if existing is not None:
+            raise ConfigError("offloaded checkpointing is already applied to this model; remove() it first")
+        if is_checkpointing(model):
+            checkpointing_disable(model)  # the two must not nest: ours replaces transformers'
+        layers = find_decoder_layers(base) if layers is None else layers
+        self._layers = list(layers)
+        self._last_index = len(self._layers) - 1
+        for index, layer in enumerate(self._layers):
+            self._wrap(layer, index)
+        base.__dict__[_ATTR] = self
+        self._model = base
+        return self
+
+    def remove(self, model: nn.Module | None = None) -> None:
+        if self._model is None:
+            return
+        if model is not None and _unwrap(model) is not self._model:
+            raise ConfigError("this OffloadedCheckpointing is applied to a different model")
+        for layer in self._layers:
+            attr, original = layer.__dict__.pop(_ORIGINAL, ("forward", None))
+            if original is None:
+                continue  # not ours any more
+            if original is _MISSING:
+                layer.__dict__.pop(attr, None)
+            else:
+                setattr(layer, attr, original)
+        self._model.__dict__.pop(_ATTR, None)
+        self._model, self._layers, self._pending = None, [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def _wrap(self, layer: nn.Module, index: int) -> None:
+        if _ORIGINAL in layer.__dict__:
+            raise ConfigError(f"decoder layer {index} is already wrapped by offloaded checkpointing")
+        # accelerate's device hooks replace `forward` and call `_old_forward`: wrap that so the hook stays outside.
+        attr = "_old_forward" if hasattr(layer, "_hf_hook") and hasattr(layer, "_old_forward") else "forward"
+        layer.__dict__[_ORIGINAL] = (attr, layer.__dict__.get(attr, _MISSING))
+        original = getattr(layer, attr)
+
+        def forward(*args, **kwargs):
+            return self._call_layer(layer, index, original, args, kwargs)
+
+        setattr(layer, attr, forward)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def _call_layer(self, layer, index, original, args, kwargs):
+        if not (layer.training and torch.is_grad_enabled()):
+            return original(*args, **kwargs)  # eval / generation / no_grad: nothing to save, caches work
+        if getattr(layer, "gradient_checkpointing", False):
+            if not self._warned:
+                self._warned = True
+                warnings.warn("transformers' gradient checkpointing was switched on after turbotune's offloaded "
+                              "checkpointing; the layers use transformers' (no offload). Turn one of them off.",
+                              stacklevel=3)
+            return original(*args, **kwargs)
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        elif "hidden_states" in kwargs:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        else:
+            return original(*args, **kwargs)
+        if not torch.is_tensor(hidden) or not hidden.is_floating_point():
+            return original(*args, **kwargs)
+        kwargs = dict(kwargs)
+        for key in _CACHE_KWARGS:
+            if kwargs.get(key) is not None:
+                kwargs[key] = None
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+
+        params = [p for p in layer.parameters() if p.requires_grad]
+        leaves, spec = tree_flatten((rest, kwargs))
+        grad_pos = [i for i, leaf in enumerate(leaves) if torch.is_tensor(leaf) and leaf.requires_grad]
+        if not (hidden.requires_grad or grad_pos or params):
+            return original(hidden, *rest, **kwargs)  # frozen layer on a no-grad input: no backward through it
+
+        call = _LayerCall()
+        call.owner, call.index, call.original = self, index, original
+        call.rest, call.kwargs, call.leaves, call.spec, call.grad_pos = rest, kwargs, leaves, spec, grad_pos
+        call.n_params, call.hidden_requires_grad = len(params), hidden.requires_grad
+        call.entry = call.rng = call.autocast = None
+        return _OffloadedLayerFunction.apply(call, hidden, *[leaves[i] for i in grad_pos], *params)
+
+    def _stream(self, device: torch.device):
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _save(self, x: torch.Tensor, index: int) -> _Saved:
+        cfg = self.config
+        nbytes = x.numel() * x.element_size()
+        entry = _Saved(index, x.device, nbytes)
+        offload = (cfg.enabled and nbytes >= cfg.min_offload_bytes
+                   and not (cfg.keep_last_on_gpu and index == self._last_index))
+        if offload and x.device.type == "cuda":
+            entry.tensor, entry.d2h_event = self._to_host(x)
+            entry.on_host = entry.copied = True
+        else:
+            # Kept on the device, or (CPU) already on the host: no copy, so in-place edits must be caught.
+            entry.tensor, entry.version = x, x._version
+            entry.on_host = offload and x.device.type == "cpu"
+        self.stats["saved_inputs"] += 1
+        if entry.on_host:
+            self.stats["offloaded_inputs"] += 1
+            self.stats["offloaded_bytes"] += nbytes
+        else:
+            self.stats["kept_on_device"] += 1
+        self._pending = [r for r in self._pending if r() is not None]
+        self._pending.append(weakref.ref(entry))
+        return entry
+
+    def _to_host(self, x: torch.Tensor):
+        """CUDA: copy `x` into a (pinned) host buffer on the side stream. Returns (host tensor, done event)."""
+        pin = self.config.pin_memory
+        x = x.contiguous()
+        compute, side = torch.cuda.current_stream(x.device), self._stream(x.device)
+        host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pin)
+        side.wait_stream(compute)               # x is written by kernels queued on the compute stream
+        with torch.cuda.stream(side):
+            host.copy_(x, non_blocking=pin)
+            done = torch.cuda.Event()
+            done.record(side)
+        x.record_stream(side)                   # x's memory is not reused before the copy has read it
+        return host, done
+
+    # -- backward ----------------------------------------------------------------------------------------------
+    def _take(self, entry: _Saved) -> torch.Tensor:
+        """Layer input for the recompute, on its device; then prefetch the input of the layer before it."""
+        live = [r for r in self._pending if r() is not None]
+        position = next((i for i, r in enumerate(live) if r() is entry), None)
+        previous = live[position - 1]() if position else None
+        if position is not None:
+            del live[position]
+        self._pending = live
+        x = self._restore(entry)
+        if previous is not None:
+            self._prefetch(previous)  # issued before the recompute below is queued, so the two overlap
+        return x
+
+    def _restore(self, entry: _Saved) -> torch.Tensor:
+        if entry.prefetched is not None:
+            x, entry.prefetched = entry.prefetched, None
+            if entry.h2d_event is not None:
+                torch.cuda.current_stream(entry.device).wait_event(entry.h2d_event)
+                entry.h2d_event = None
+            self.stats["prefetch_hits"] += 1
+            return x
+        if entry.copied:
+            compute = torch.cuda.current_stream(entry.device)
+            compute.wait_event(entry.d2h_event)
+            self.stats["sync_restores"] += 1
+            return entry.tensor.to(entry.device, non_blocking=self.config.pin_memory)
+        if entry.tensor._version != entry.version:
+            raise RuntimeError(_INPLACE_MESSAGE)
+        if entry.on_host:
+            self.stats["sync_restores"] += 1
+        return entry.tensor
+
+    def _prefetch(self, entry: _Saved) -> None:
+        if entry.prefetched is not None or not entry.on_host:
+            return  # already on its way, or never left the device
+        self.stats["prefetches"] += 1
+        if not entry.copied:
+            entry.prefetched = self._restore_kept(entry)  # CPU: the tensor is on the host already
+            return
+        device = entry.device
+        compute, side = torch.cuda.current_stream(device), self._stream(device)
+        # Allocated on the compute stream (where it will be read and freed); the side stream first waits for
+        # the compute work queued so far, since that work may still use the memory the allocator hands us.
+        buffer = torch.empty(entry.tensor.shape, dtype=entry.tensor.dtype, device=device)
+        side.wait_stream(compute)
+        side.wait_event(entry.d2h_event)
+        with torch.cuda.stream(side):
+            buffer.copy_(entry.tensor, non_blocking=self.config.pin_memory)
+            done = torch.cuda.Event()
+            done.record(side)
+        buffer.record_stream(side)  # if the graph is dropped before this layer's backward, no early reuse
+        entry.prefetched, entry.h2d_event = buffer, done
+
+    @staticmethod
+    def _restore_kept(entry: _Saved) -> torch.Tensor:
+        if entry.tensor._version != entry.version:
+            raise RuntimeError(_INPLACE_MESSAGE)
+        return entry.tensor
