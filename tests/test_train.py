@@ -73,3 +73,21 @@ def test_loss_falls_on_repeated_data(tiny_llama_dir, tmp_path):
     data, _ = prepare_dataset(rows, tok, max_seq_length=64)
     result = Trainer(cfg, model, tok, data, progress=False).train()
     assert result.history[-1]["loss"] < result.history[0]["loss"] - 0.4  # random tiny model: slow but steady
+
+
+def test_packed_training_run(tiny_llama_dir, tmp_path):
+    """--packing: rows of several samples, no padding; one step's loss equals the same samples padded."""
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, verbose=False)
+    data, _ = prepare_dataset(_rows(8), tok, max_seq_length=64)
+    total = sum(len(d["input_ids"]) for d in data)
+    cfg = TrainConfig(output_dir=str(tmp_path / "packed"), batch_size=1, grad_accum=1, max_steps=1, packing=True,
+                      max_seq_length=total, seed=3)
+    t = Trainer(cfg, model, tok, data, progress=False)
+    assert len(t.units) == 1  # all 8 samples fit one row
+    packed_loss, tokens = t._train_step()
+    assert tokens == total
+    t.model.zero_grad()
+    cfg2 = TrainConfig(output_dir=str(tmp_path / "padded"), batch_size=8, grad_accum=1, max_steps=1, seed=3)
+    padded_loss, _ = Trainer(cfg2, model, tok, data, progress=False)._train_step()
+    assert abs(packed_loss - padded_loss) < 1e-5 * padded_loss

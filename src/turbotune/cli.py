@@ -43,6 +43,8 @@ _TRAIN_FLAGS = [
     ("--resume", dict(action="store_const", const=True, help="continue from the latest checkpoint in --output-dir")),
     ("--overwrite", dict(action="store_const", const=True, help="replace a different run in --output-dir")),
     ("--skip-nonfinite", dict(action="store_const", const=True, help="skip steps whose loss is NaN/inf")),
+    ("--packing", dict(action="store_const", const=True,
+                       help="pack samples into rows of --max-seq-length: no compute spent on padding")),
     ("--no-gradient-checkpointing", dict(action="store_const", const=False, dest="gradient_checkpointing")),
     ("--allow-pickle", dict(action="store_const", const=True, help="allow pickle (*.bin) weights: they can run code")),
     ("--trust-remote-code", dict(action="store_const", const=True, help="run the model repo's own Python code")),

@@ -39,6 +39,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None
     gradient_checkpointing: bool = True
+    packing: bool = False               # pack samples into rows of max_seq_length (no padding; see packing.py)
     train_on_responses_only: bool = True
     skip_bad_rows: bool = False
     seed: int = 3407
@@ -54,7 +55,7 @@ class TrainConfig:
 
     # Keys that describe *what* is trained: an output dir holding a run with other values is a different run.
     IDENTITY = ("model", "data", "format", "load_in_4bit", "max_seq_length", "lora_r", "lora_alpha",
-                "target_modules", "seed", "batch_size", "grad_accum", "lr")
+                "target_modules", "seed", "batch_size", "grad_accum", "lr", "packing")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -103,9 +103,18 @@ class Trainer:
         self.stream = stream or sys.stdout
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.device = next(p for p in model.parameters()).device
-        from .data import DataCollator
-        self.collate = DataCollator(tokenizer)
-        self.n_micro = math.ceil(len(train_dataset) / cfg.batch_size)
+        # The units a micro-batch is drawn from: samples (padded per batch) or packed rows of samples.
+        if cfg.packing:
+            from .packing import PackingCollator, pack_samples, packing_stats
+            order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            self.units = pack_samples([train_dataset[i] for i in order], cfg.max_seq_length)
+            self.collate = PackingCollator.for_model(model, tokenizer)
+            self._say(packing_stats([train_dataset[i] for i in order], self.units, cfg.batch_size).line())
+        else:
+            from .data import DataCollator
+            self.units = train_dataset
+            self.collate = DataCollator(tokenizer)
+        self.n_micro = math.ceil(len(self.units) / cfg.batch_size)
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
@@ -125,8 +134,8 @@ class Trainer:
     def _micro_batch(self, index: int) -> dict:
         epoch, pos = divmod(index, self.n_micro)
         g = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        perm = torch.randperm(len(self.data), generator=g).tolist()
-        rows = [self.data[i] for i in perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]]
+        perm = torch.randperm(len(self.units), generator=g).tolist()
+        rows = [self.units[i] for i in perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]]
         return self.collate(rows)
 
     def _state(self) -> dict:
@@ -203,12 +212,13 @@ class Trainer:
         num_items = torch.tensor(max(n_targets, 1), device=self.device)
         total, tokens = 0.0, 0
         for b in batches:
-            b = {k: v.to(self.device) for k, v in b.items()}
-            out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                             num_items_in_batch=num_items)
+            n_tok = b.pop("num_tokens", None)  # packed batches count their real tokens; padded ones have a mask
+            b = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
+            # use_cache=False matters for packing: with a cache transformers skips its document-mask detection.
+            out = self.model(**b, num_items_in_batch=num_items, use_cache=False)
             out.loss.backward()
             total += float(out.loss.detach())
-            tokens += int(b["attention_mask"].sum())
+            tokens += int(n_tok) if n_tok is not None else int(b["attention_mask"].sum())
         return total, tokens
 
     def _print_prediction(self) -> None:

@@ -65,8 +65,22 @@ def is_4bit(weight) -> bool:
 def dense_weight(part: LoRAPart, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The base weight as a dense [out, in] tensor in `dtype` (default: its own dtype).
 
-    For a bitsandbytes 4-bit weight this dequantises a fresh copy on every call; callers use it and drop it,
-    never save it for backward. This is the one place to swap in a faster dequantisation kernel.
+    A bitsandbytes NF4 weight is dequantised straight into `dtype` by `turbotune.quant.dequantize_nf4` (the
+    Triton kernel on CUDA, its bitsandbytes-identical reference elsewhere; the same bits as bitsandbytes'
+    dequantisation into that dtype), and the result is the SHARED buffer for its (shape, dtype, device): the
+    next 4-bit dense_weight of the same shape overwrites it. Callers use it at once and drop it, never save it
+    for backward, and never hold two of the same shape.
+
+    Why one buffer per shape is safe for the fused LoRA functions (rather than a buffer per role or call site):
+    each caller consumes the weight in the very next GEMM -- `project` (forward: one mm / addmm with W^T) and
+    `input_grad_into` (backward: one mm / addmm_ with W) -- and drops it before any other dense_weight call.
+    Projections that share a shape are evaluated strictly one after another: MLP gate and up (both [I, H]) in
+    forward (project(gate), then project(up)) and backward (_multi_backward: input_grad_into(gate), then up);
+    k and v (both [n_kv * d, H], and q too without GQA) in LoRAQKVFunction's loops the same way. So the next
+    dequantisation starts only after the previous GEMM was issued, and on CUDA the stream orders the overwrite
+    after that GEMM's reads. A buffer per role would add another dense [I, H] copy (~117 MB at Llama-3-8B in
+    bf16) for no gain.
+    Other (fp4) 4-bit weights still go through bitsandbytes and return a fresh tensor.
     """
     w = part.weight
     qs = getattr(w, "quant_state", None)
@@ -74,8 +88,14 @@ def dense_weight(part: LoRAPart, dtype: torch.dtype | None = None) -> torch.Tens
         if getattr(qs, "packing_format_for_cpu", False):
             raise RuntimeError("fused LoRA: this 4-bit weight was repacked by bitsandbytes for CPU inference "
                                "(eval-mode forward without grad); it can't be dequantised here")
-        import bitsandbytes.functional as bnbF
-        w = bnbF.dequantize_4bit(w.data, qs)
+        if qs.quant_type == "nf4":
+            from ..quant import dequantize_nf4
+            from .nf4_dequant import OUT_DTYPES
+            target = dtype if dtype in OUT_DTYPES else None  # None: quant_state.dtype, cast below
+            w = dequantize_nf4(w, qs, dtype=target)
+        else:
+            import bitsandbytes.functional as bnbF
+            w = bnbF.dequantize_4bit(w.data, qs)
     if dtype is not None and w.dtype != dtype:
         w = w.to(dtype)
     return w
