@@ -14,7 +14,7 @@ MODEL=$(python3 bench/prepare_example_model.py qwen2-1.5b /tmp/bench-cache .gpu/
 timeout 300 python3 examples/finetune_qwen2.py --model "$MODEL" --max-steps 50 > "$OUT/example.txt" 2>&1; tail -16 "$OUT/example.txt"
 for preset in ${@:-qwen2-1.5b}; do
   echo "== bench $preset"
-  timeout 400 python3 -m turbotune bench --preset $preset --cache-dir /tmp/bench-cache --methods hf,turbotune \
+  timeout 400 python3 -m turbotune bench --preset $preset --cache-dir /tmp/bench-cache --methods ${METHODS:-hf,turbotune,turbotune-auto,turbotune-min-memory,unsloth,liger} \
     --steps 7 --warmup 2 --json "$OUT/bench-$preset.json" > "$OUT/bench-$preset.txt" 2>&1; tail -14 "$OUT/bench-$preset.txt"
 done
 echo "== health check"; timeout 120 python3 -m turbotune check > "$OUT/check.txt" 2>&1; tail -12 "$OUT/check.txt"

@@ -104,6 +104,11 @@ METHODS: dict[str, MethodInfo] = {
                      description="transformers + PEFT LoRA, sdpa, non-reentrant gradient checkpointing"),
     "turbotune": MethodInfo("turbotune", ("transformers", "peft"),
                             description="turbotune.FastModel (fused Triton kernels + manual backward)"),
+    "turbotune-auto": MethodInfo("turbotune-auto", ("transformers", "peft"),
+                                 description="turbotune with use_gradient_checkpointing='auto' (the fastest plan "
+                                             "that fits the card)"),
+    "turbotune-min-memory": MethodInfo("turbotune-min-memory", ("transformers", "peft"),
+                                       description="turbotune with every layer checkpointed and offloaded"),
     "unsloth": MethodInfo("unsloth", ("unsloth",), pre_import=("unsloth",), extra_warmup=2, gpu_only=True,
                           description="unsloth.FastLanguageModel"),
     "liger": MethodInfo("liger", ("liger_kernel", "transformers", "peft"), gpu_only=True,

@@ -114,15 +114,19 @@ def load_liger(spec):
     return _hf_peft(model, spec)
 
 
-def load_turbotune(spec):
+def load_turbotune(spec, checkpointing=True):
     from turbotune import FastModel
 
     model, _tok = FastModel.from_pretrained(spec["model_dir"], dtype=_dtype(spec), load_in_4bit=spec["qlora"],
                                             max_seq_length=spec["seq_len"])
     # random_state seeds the LoRA init exactly as the hf recipe's torch.manual_seed does: same adapters.
     model = FastModel.get_peft_model(model, r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
-                                     target_modules=list(spec["target_modules"]), use_gradient_checkpointing=True,
-                                     random_state=spec["seed"])
+                                     target_modules=list(spec["target_modules"]),
+                                     use_gradient_checkpointing=checkpointing, random_state=spec["seed"])
+    if checkpointing == "auto":
+        from turbotune.auto_checkpointing import plan_checkpointing
+        print(f"[{spec['method']}] " + plan_checkpointing(model, spec["seq_len"], spec["micro_batch"]).line(),
+              file=sys.stderr, flush=True)
     return model
 
 
@@ -141,11 +145,15 @@ def load_unsloth(spec):
     return model
 
 
-LOADERS = {"hf": load_hf, "liger": load_liger, "turbotune": load_turbotune, "unsloth": load_unsloth}
+LOADERS = {"hf": load_hf, "liger": load_liger, "turbotune": load_turbotune, "unsloth": load_unsloth,
+           "turbotune-auto": lambda spec: load_turbotune(spec, "auto"),
+           "turbotune-min-memory": lambda spec: load_turbotune(spec, "offload")}
 IMPORTS = {  # what "importable" means for each method
     "hf": ("transformers", "peft"),
     "liger": ("liger_kernel.transformers", "transformers", "peft"),
     "turbotune": ("turbotune",),
+    "turbotune-auto": ("turbotune",),
+    "turbotune-min-memory": ("turbotune",),
     "unsloth": ("unsloth",),
 }
 
@@ -155,7 +163,7 @@ def _check_imports(method: str) -> None:
 
     for mod in IMPORTS[method]:
         importlib.import_module(mod)
-    if method == "turbotune":
+    if method.startswith("turbotune"):
         import turbotune
 
         if not hasattr(turbotune, "FastModel"):

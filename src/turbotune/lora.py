@@ -79,6 +79,10 @@ def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=
         torch.manual_seed(random_state)  # the same adapters' initial values on every run
         peft_model = peft_get_peft_model(model, config)
     enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+    if use_gradient_checkpointing == "auto":
+        # Recompute until the run's shapes are known; the trainer (or auto_checkpointing.plan_checkpointing)
+        # then keeps whatever the memory plan allows.
+        peft_model.__dict__["_turbotune_checkpointing"] = "auto"
     if use_gradient_checkpointing and hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
     if lora_dropout and lora_dropout > 0 and verbose:

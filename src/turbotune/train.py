@@ -240,6 +240,9 @@ class Trainer:
     def train(self) -> TrainResult:
         self.model.train()
         resume_path = self._prepare_output_dir()
+        if self.model.__dict__.get("_turbotune_checkpointing") == "auto":
+            from .auto_checkpointing import plan_checkpointing
+            self._say(plan_checkpointing(self.model, self.cfg.max_seq_length, self.cfg.batch_size).line())
         self._print_prediction()
         if self.cfg.resume:
             if resume_path is None:
