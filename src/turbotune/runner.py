@@ -7,9 +7,11 @@ from pathlib import Path
 
 from .run_config import TrainConfig
 
-# Not in the sample data: the demo asks it before and after fine-tuning.
+# Not in the sample data: the demo asks them before and after fine-tuning. Both are English: after 20 CPU
+# steps the 135M model has picked up the house style (headline, body, "→" call to action) in English, while
+# its Chinese is too weak to show it (it tends to echo the instruction), though half the data is Chinese.
 DEMO_PROMPTS = [
-    "为一款竹制蓝牙音箱写一句广告语。",
+    "Write a tagline for a bamboo bluetooth speaker.",
     "Write a short product description for a solar-powered camping lantern.",
 ]
 
