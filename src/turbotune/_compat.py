@@ -118,6 +118,22 @@ def accepts_kwarg(fn, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def autocast_dtype(device_type: str):
+    """The autocast dtype when autocast is on for `device_type`, else None (torch < 2.4 had other names)."""
+    import torch
+
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4
+        on = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not on:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # pragma: no cover - torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
 @lru_cache(None)
 def triton_usable() -> bool:
     """Triton is importable (the kernels then run on CUDA, or on CPU under TRITON_INTERPRET=1)."""

@@ -40,6 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._compat import autocast_dtype
 from ._dispatch import use_triton
 from ._triton_utils import HAS_TRITON, next_power_of_2, tl, triton
 
@@ -261,20 +262,6 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def _autocast_dtype(device_type: str):
-    """The autocast dtype when autocast is on for `device_type`, else None."""
-    try:
-        on = torch.is_autocast_enabled(device_type)
-    except TypeError:  # pragma: no cover - torch < 2.4
-        on = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-    if not on:
-        return None
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # pragma: no cover - torch < 2.4
-        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
-
-
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, num_items_in_batch=None,
                                softcap=None, logit_scale=1.0, chunk_size=None, backend="auto"):
     """CE loss of `hidden @ weight.T (+ bias)` against `labels` (already shifted), never holding [N, V] logits.
@@ -291,7 +278,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {h2.shape[-1]}")
     if softcap is not None and softcap <= 0:
         softcap = None
-    amp = _autocast_dtype(h2.device.type)
+    amp = autocast_dtype(h2.device.type)
     if amp is not None:
         h2, weight = h2.to(amp), weight.to(amp)
         bias = bias.to(amp) if bias is not None else None

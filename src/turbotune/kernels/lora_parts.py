@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._compat import autocast_dtype
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoRAPart", "lora_part", "fused_lora_unsupported_reason", "dense_weight", "is_4bit"]
@@ -195,20 +197,6 @@ def lora_part(peft_linear: nn.Module) -> LoRAPart | None:
 
 
 # --------------------------------------------------------------------------------------------- shared math
-def autocast_dtype(device_type: str):
-    """The autocast dtype when autocast is on for `device_type`, else None."""
-    try:
-        on = torch.is_autocast_enabled(device_type)
-    except TypeError:  # pragma: no cover - torch < 2.4
-        on = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-    if not on:
-        return None
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # pragma: no cover - torch < 2.4
-        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
-
-
 def no_autocast(device_type: str):
     """Context that switches autocast off (our matmuls use explicit dtypes), or a no-op when it is off."""
     if autocast_dtype(device_type) is None:
