@@ -120,3 +120,22 @@ def test_unknown_family_uses_generic_path(tmp_path, smol_tokenizer):
     fast.train(), stock.train()
     ls, lf = stock(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
     assert abs(ls.item() - lf.item()) < 1e-5 * ls.item()
+
+
+def test_cached_parts_follow_disable_adapter_and_merge(family_dir):
+    """The per-module cache of LoRA parts must notice PEFT's disable_adapter() and merge/unmerge."""
+    fam, folder = family_dir
+    stock, fast = _model(folder, False), _model(folder, True)
+    ids, mask, _ = _batch(stock.config.vocab_size)
+    stock.eval(), fast.eval()
+    with torch.no_grad():
+        with_lora = fast(input_ids=ids, attention_mask=mask).logits
+        with fast.disable_adapter(), stock.disable_adapter():
+            off_f = fast(input_ids=ids, attention_mask=mask).logits
+            off_s = stock(input_ids=ids, attention_mask=mask).logits
+        assert _rel(off_f, off_s) < 1e-5 and _rel(off_f, with_lora) > 1e-4
+        assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-6
+        fast.merge_adapter()
+        assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-4
+        fast.unmerge_adapter()
+        assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-5

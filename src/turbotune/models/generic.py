@@ -2,17 +2,16 @@
 depend on the architecture — fused LoRA on each PEFT linear and the chunked linear + cross-entropy head."""
 from __future__ import annotations
 
-from ..kernels.fused_lora import fused_lora_unsupported_reason, lora_linear, lora_part
+from ..kernels.fused_lora import lora_linear
+from ..kernels.lora_parts import cached_lora_part
 from .registry import original_forward
 
 
 def make_lora_linear_forward(toggles):
     def forward(self, x, *args, **kwargs):
-        if args or kwargs or not toggles.fused_lora or fused_lora_unsupported_reason(self) is not None:
-            return original_forward(self)(x, *args, **kwargs)
-        part = lora_part(self)
+        part = None if args or kwargs or not toggles.fused_lora else cached_lora_part(self)
         if part is None:
-            return original_forward(self)(x)
+            return original_forward(self)(x, *args, **kwargs)
         return lora_linear(x, part)
 
     return forward

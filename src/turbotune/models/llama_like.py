@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.fused_lora import fused_lora_unsupported_reason, lora_linear, lora_mlp, lora_part, lora_qkv
+from ..kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
+from ..kernels.lora_parts import cached_lora_part
 from ..kernels.rmsnorm import rms_norm
 from ..kernels.rope import apply_rope_, rope_reference
 from ..kernels.swiglu import geglu, swiglu
@@ -21,9 +22,7 @@ def _parts(*linears):
     """LoRA parts for every projection, or None when any of them can't take the fused path."""
     parts = []
     for lin in linears:
-        if fused_lora_unsupported_reason(lin) is not None:
-            return None
-        part = lora_part(lin)
+        part = cached_lora_part(lin)
         if part is None:
             return None
         parts.append(part)
