@@ -252,11 +252,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("fused_linear_cross_entropy: backward ran twice (its gradients are handed out once)")
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
-        # .item() syncs once at the start of backward; the common grad_output == 1 then costs nothing.
-        if grad_output.item() != 1.0:
-            grad_h = grad_h.mul_(grad_output) if grad_h is not None else None
-            grad_w = grad_w.mul_(grad_output) if grad_w is not None else None
-            grad_b = grad_b.mul_(grad_output) if grad_b is not None else None
+        # Always scale (an exact no-op for the usual grad_output == 1): testing it with .item() would make the
+        # host wait for the device once per micro-batch, and a host-bound step cannot afford that stall.
+        grad_h = grad_h.mul_(grad_output) if grad_h is not None else None
+        grad_w = grad_w.mul_(grad_output) if grad_w is not None else None
+        grad_b = grad_b.mul_(grad_output) if grad_b is not None else None
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
