@@ -12,9 +12,18 @@ import pytest
 
 from turbotune import plan_cli, planner
 from turbotune.bench_presets import preset_config
-from turbotune.planner import (GiB, PlanError, layer_saved_bytes_per_token, lora_param_count, max_batch_size,
-                               max_seq_len, model_shape, nf4_bytes, predict_peak, weight_bytes)
 from turbotune.plan_cli import parse_memory
+from turbotune.plan_search import max_batch_size, max_seq_len
+from turbotune.planner import (
+    GiB,
+    PlanError,
+    layer_saved_bytes_per_token,
+    lora_param_count,
+    model_shape,
+    nf4_bytes,
+    predict_peak,
+    weight_bytes,
+)
 
 QWEN = preset_config("qwen2-1.5b")
 # hidden 1536, intermediate 8960, 28 layers, 12 heads, 2 kv heads (head_dim 128), vocab 151936, tied

@@ -6,9 +6,23 @@ import json
 import re
 import sys
 
-from .planner import (ADAPTER_BYTES, CHECKPOINTING_MODES, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, DTYPE_BYTES,
-                      FRAGMENTATION, METHODS, GiB, MiB, Plan, PlanError, max_batch_size, max_seq_len, model_shape,
-                      predict_peak, resolve_config)
+from .plan_search import max_batch_size, max_seq_len
+from .planner import (
+    ADAPTER_BYTES,
+    CHECKPOINTING_MODES,
+    CUBLAS_WORKSPACE_BYTES,
+    CUDA_CONTEXT_BYTES,
+    DTYPE_BYTES,
+    FRAGMENTATION,
+    METHODS,
+    GiB,
+    MiB,
+    Plan,
+    PlanError,
+    model_shape,
+    predict_peak,
+    resolve_config,
+)
 
 # --------------------------------------------------------------------------------------------- output
 _MEM_UNITS = {"": GiB, "g": GiB, "gb": GiB, "gib": GiB, "m": MiB, "mb": MiB, "mib": MiB, "t": 1024 * GiB,

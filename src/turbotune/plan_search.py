@@ -1,0 +1,43 @@
+"""Searches over the memory planner: the longest sequence and the largest batch that fit a budget."""
+from __future__ import annotations
+
+from .planner import BATCH_SEARCH_CAP, SEQ_SEARCH_CAP, model_shape, predict_peak
+
+
+def _largest(fits, lo_ok: int, cap: int) -> tuple[int, bool]:
+    """Largest n in [1, cap] with fits(n) (fits monotone: true then false); (0, False) if fits(1) is false.
+
+    Returns (n, capped): capped is True when n == cap (the true limit may be higher).
+    """
+    if not fits(1):
+        return 0, False
+    lo, hi = 1, max(2, lo_ok)
+    while hi <= cap and fits(hi):  # exponential search for the first failing size
+        lo, hi = hi, hi * 2
+    if hi > cap:
+        if fits(cap):
+            return cap, True
+        hi = cap
+    while hi - lo > 1:  # invariant: fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, False
+
+
+def max_seq_len(config, budget_bytes: int, batch: int, cap: int | None = None, **kw) -> tuple[int, bool]:
+    """(largest sequence length whose predicted total fits budget_bytes at this batch, capped?).
+
+    cap defaults to the model's max_position_embeddings (or 2^20). kw: predict_peak's keyword arguments.
+    """
+    shape = model_shape(config)
+    cap = int(cap or shape.max_positions or SEQ_SEARCH_CAP)
+    return _largest(lambda s: predict_peak(shape, s, batch, **kw).total_bytes <= budget_bytes, 1, cap)
+
+
+def max_batch_size(config, budget_bytes: int, seq_len: int, cap: int = BATCH_SEARCH_CAP, **kw) -> tuple[int, bool]:
+    """(largest micro-batch whose predicted total fits budget_bytes at this sequence length, capped?)."""
+    shape = model_shape(config)
+    return _largest(lambda n: predict_peak(shape, seq_len, n, **kw).total_bytes <= budget_bytes, 1, int(cap))
