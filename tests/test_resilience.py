@@ -204,3 +204,13 @@ def test_cli_errors_are_one_line(tmp_path):
                         "--model", str(tmp_path / "nomodel")], env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_library_resume_from_checkpoint(tiny_llama_dir, tmp_path):
+    full = _trainer(tiny_llama_dir, tmp_path / "a", max_steps=4).train()
+    first = _trainer(tiny_llama_dir, tmp_path / "b", max_steps=4, save_steps=2)
+    first.total_steps = 2  # stop early, as a crash would, after checkpoint-2
+    first.train()
+    again = _trainer(tiny_llama_dir, tmp_path / "b", max_steps=4)
+    result = again.train(resume_from_checkpoint=str(tmp_path / "b" / "o" / "last_checkpoint"))
+    assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-6)

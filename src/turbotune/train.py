@@ -237,9 +237,17 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - a prediction must never stop a run
             self._say(f"(no memory prediction: {e})")
 
-    def train(self) -> TrainResult:
+    def train(self, resume_from_checkpoint=None) -> TrainResult:
+        """Run to `total_steps`. resume_from_checkpoint: True (the newest checkpoint in the output dir, like
+        `--resume`) or the path of a checkpoint folder; None follows cfg.resume."""
+        if resume_from_checkpoint:
+            self.cfg.resume = True
         self.model.train()
         resume_path = self._prepare_output_dir()
+        if isinstance(resume_from_checkpoint, (str, Path)):
+            resume_path = Path(resume_from_checkpoint)
+            if not (resume_path / "trainer_state.json").is_file():
+                raise ConfigError(f"{resume_path} is not a turbotune checkpoint (no trainer_state.json)")
         if self.model.__dict__.get("_turbotune_checkpointing") == "auto":
             from .auto_checkpointing import plan_checkpointing
             self._say(plan_checkpointing(self.model, self.cfg.max_seq_length, self.cfg.batch_size).line())
