@@ -60,3 +60,15 @@ def test_bad_targets(tiny_llama_dir):
     model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
     with pytest.raises(ConfigError, match="none of the target modules"):
         FastModel.get_peft_model(model, target_modules=["wq", "wk"], verbose=False)
+
+
+def test_note_when_fused_lora_cannot_apply(tiny_llama_dir, capsys):
+    model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    FastModel.get_peft_model(model, r=4, lora_dropout=0.1)
+    assert "fused LoRA off (lora_dropout=0.1 > 0)" in capsys.readouterr().out
+    model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    FastModel.get_peft_model(model, r=4, use_dora=True)
+    assert "fused LoRA off (DoRA)" in capsys.readouterr().out
+    model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    FastModel.get_peft_model(model, r=4)
+    assert "fused LoRA off" not in capsys.readouterr().out

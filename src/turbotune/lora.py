@@ -44,6 +44,16 @@ def enable_gradient_checkpointing(model, mode=True) -> None:
     model.config.use_cache = False
 
 
+def fused_lora_reason(model) -> str | None:
+    """Why the first LoRA layer can't take the fused path (None when it can, or when there is no LoRA layer)."""
+    from .kernels.lora_parts import fused_lora_unsupported_reason
+
+    for _, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            return fused_lora_unsupported_reason(module)
+    return None
+
+
 def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=None, bias="none",
                    use_gradient_checkpointing=True, random_state=3407, use_rslora=False, modules_to_save=None,
                    init_lora_weights=True, verbose=True, **lora_kwargs):
@@ -85,9 +95,10 @@ def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=
         peft_model.__dict__["_turbotune_checkpointing"] = "auto"
     if use_gradient_checkpointing and hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
-    if lora_dropout and lora_dropout > 0 and verbose:
-        print(f"[turbotune] lora_dropout={lora_dropout} > 0: the fused LoRA path needs dropout 0, so the stock "
-              "PEFT forward runs (slower)", flush=True)
+    reason = fused_lora_reason(peft_model)
+    if reason and verbose:
+        print(f"[turbotune] fused LoRA off ({reason}): the stock PEFT forward runs for these layers (slower); "
+              "the fused path needs dropout 0, no DoRA and no LoRA bias", flush=True)
     if verbose:
         trainable, total = count_parameters(peft_model)
         print(f"[turbotune] LoRA r={r} alpha={lora_alpha} on {', '.join(target_modules) if not isinstance(target_modules, str) else target_modules}: "
