@@ -13,8 +13,17 @@ from unittest import mock
 import pytest
 
 from turbotune import bench
-from turbotune.bench_presets import (METHODS, PRESETS, MethodInfo, ModelDims, flops_per_token, make_batches,
-                                     max_rel_diff, median, ratio)
+from turbotune.bench_presets import (
+    METHODS,
+    PRESETS,
+    MethodInfo,
+    flops_per_token,
+    make_batches,
+    max_rel_diff,
+    median,
+    ratio,
+)
+from turbotune.planner import model_shape
 
 TINY_ARGS = ["--preset", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--seq-len", "64",
              "--micro-batch", "2", "--grad-accum", "2"]
@@ -42,7 +51,7 @@ def _run(argv, json_path=None):
 # Arithmetic
 # ---------------------------------------------------------------------------------------------------------
 def test_flops_per_token_smollm2_by_hand():
-    dims = ModelDims.from_config(PRESETS["smollm2-135m"])
+    dims = model_shape(PRESETS["smollm2-135m"])
     assert (dims.layers, dims.hidden, dims.heads, dims.kv_heads, dims.head_dim) == (30, 576, 9, 3, 64)
     f = flops_per_token(dims, seq_len=2048, lora_r=16)
     # per layer: q 576·576 + k,v 2·576·192 + o 576·576 + gate,up,down 3·576·1536 = 3,538,944
@@ -62,7 +71,7 @@ def test_flops_per_token_smollm2_by_hand():
 def test_flops_per_token_uses_heads_times_head_dim_and_gqa():
     cfg = {"num_hidden_layers": 1, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
            "num_key_value_heads": 1, "head_dim": 8, "vocab_size": 10}
-    f = flops_per_token(ModelDims.from_config(cfg), seq_len=4, lora_r=2)
+    f = flops_per_token(model_shape(cfg), seq_len=4, lora_r=2)
     # q 8->16, k,v 8->8, o 16->8, gate/up 8->16, down 16->8, head 8->10
     assert f["n_matmul"] == 128 + 64 + 64 + 128 + 3 * 128 + 80
     assert f["lora_params"] == 2 * (24 + 16 + 16 + 24 + 3 * 24)
@@ -126,8 +135,8 @@ def test_preset_configs_build():
     config = AutoConfig.for_model(llama.pop("model_type"), **llama)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
-    assert ModelDims.from_config(PRESETS["llama3-8b"]).head_dim == 128
-    assert ModelDims.from_config(PRESETS["qwen2-1.5b"]).head_dim == 128
+    assert model_shape(PRESETS["llama3-8b"]).head_dim == 128
+    assert model_shape(PRESETS["qwen2-1.5b"]).head_dim == 128
 
 
 # ---------------------------------------------------------------------------------------------------------

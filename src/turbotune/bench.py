@@ -26,10 +26,25 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .bench_presets import (DEFAULT_METHODS, METHODS, OPTIONAL_METHODS, PRESETS, TARGET_MODULES, BenchError,
-                            ModelDims, build_preset_model, default_cache_dir, flops_per_token, max_rel_diff,
-                            measure_matmul_rate, median, missing_requirement, preset_config, ratio,
-                            read_model_config)
+from .bench_presets import (
+    DEFAULT_METHODS,
+    METHODS,
+    OPTIONAL_METHODS,
+    PRESETS,
+    TARGET_MODULES,
+    BenchError,
+    build_preset_model,
+    default_cache_dir,
+    flops_per_token,
+    max_rel_diff,
+    measure_matmul_rate,
+    median,
+    missing_requirement,
+    preset_config,
+    ratio,
+    read_model_config,
+)
+from .planner import model_shape
 
 GiB = 1024 ** 3
 SCHEMA = "turbotune.bench/1"
@@ -425,7 +440,7 @@ def run_bench(args) -> int:
         return 2
     header = collect_header(args, settings, model_dir, model_cfg)
     try:
-        dims = ModelDims.from_config(model_cfg) if model_cfg else None
+        dims = model_shape(model_cfg) if model_cfg else None
         header["model_dims"] = dims.__dict__ if dims else None
         flops = flops_per_token(dims, args.seq_len, args.lora_r) if dims else None
     except (KeyError, TypeError, ValueError) as exc:

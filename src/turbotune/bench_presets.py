@@ -21,6 +21,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# The planner's ModelShape is the one config view, for FLOPs (here) as for memory (planner.py).
+from .planner import ModelShape
+
 # The seven projections every method adapts with LoRA.
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -157,35 +160,7 @@ def max_rel_diff(values, reference) -> float | None:
     return max(diffs) if diffs else None
 
 
-@dataclass(frozen=True)
-class ModelDims:
-    """What the FLOPs arithmetic needs from a dense decoder-only config."""
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "ModelDims":
-        cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
-        heads = int(cfg["num_attention_heads"])
-        head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // heads
-        return cls(layers=int(cfg["num_hidden_layers"]), hidden=int(cfg["hidden_size"]),
-                   intermediate=int(cfg["intermediate_size"]), heads=heads,
-                   kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(head_dim),
-                   vocab=int(cfg["vocab_size"]))
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of the seven per-layer projections."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
-def flops_per_token(dims: ModelDims, seq_len: int, lora_r: int, target_modules=TARGET_MODULES) -> dict:
+def flops_per_token(dims: ModelShape, seq_len: int, lora_r: int, target_modules=TARGET_MODULES) -> dict:
     """Model FLOPs per trained token of one LoRA optimizer step (see bench/README.md).
 
     N_matmul = weights of the per-layer projections plus the LM head (embedding lookups and norms are not
