@@ -86,9 +86,15 @@ def cache_from_kwargs(kwargs: dict):
     return kwargs.pop("past_key_values", None)
 
 
+def unwrap_peft(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def is_checkpointing(model) -> bool:
     """transformers 5.x renamed is_gradient_checkpointing to is_activation_checkpointing."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if hasattr(type(base), name):
             return bool(getattr(base, name))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._compat import unwrap_peft
+
 MODES = ("none", "recompute", "offload")
 SAFETY_MARGIN = 0.85  # the planner is an estimate (±10% measured on qwen2-1.5b); leave room for it
 
@@ -45,7 +47,7 @@ def choose_checkpointing(model, seq_len: int, batch: int, budget_bytes: int | No
                          device: torch.device | None = None) -> CheckpointingChoice:
     from .planner import predict_peak
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     device = device or next(base.parameters()).device
     if budget_bytes is None:
         if device.type != "cuda":

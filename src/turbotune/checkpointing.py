@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._compat import unwrap_peft
 from .errors import ConfigError
 
 _ATTR = "_turbotune_offloaded_checkpointing"   # on the base model: the OffloadedCheckpointing applied to it
@@ -214,10 +215,6 @@ class _OffloadedLayerFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------- the public object
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The `nn.ModuleList` of decoder layers (e.g. `model.model.layers`), PEFT wrappers unwrapped.
 
@@ -228,7 +225,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except Exception:  # pragma: no cover - transformers older than 4.52
         GradientCheckpointingLayer = ()
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     best, best_key = None, None
     for name, module in base.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -248,7 +245,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def get_offloaded_checkpointing(model: nn.Module) -> "OffloadedCheckpointing | None":
     """The OffloadedCheckpointing applied to `model` (or its PEFT wrapper), or None."""
-    return _unwrap(model).__dict__.get(_ATTR)
+    return unwrap_peft(model).__dict__.get(_ATTR)
 
 
 def remove_offloaded_checkpointing(model: nn.Module) -> bool:
@@ -294,7 +291,7 @@ class OffloadedCheckpointing:
     def apply(self, model: nn.Module, layers: nn.ModuleList | None = None) -> "OffloadedCheckpointing":
         from ._compat import checkpointing_disable, is_checkpointing
 
-        base = _unwrap(model)
+        base = unwrap_peft(model)
         if self._model is not None:
             if self._model is base:
                 return self
@@ -316,7 +313,7 @@ class OffloadedCheckpointing:
     def remove(self, model: nn.Module | None = None) -> None:
         if self._model is None:
             return
-        if model is not None and _unwrap(model) is not self._model:
+        if model is not None and unwrap_peft(model) is not self._model:
             raise ConfigError("this OffloadedCheckpointing is applied to a different model")
         for layer in self._layers:
             attr, original = layer.__dict__.pop(_ORIGINAL, ("forward", None))

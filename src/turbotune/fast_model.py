@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import loader, lora
-from ._compat import checkpointing_disable, is_checkpointing
+from ._compat import checkpointing_disable, is_checkpointing, unwrap_peft
 
 
 class FastModel:
@@ -35,7 +35,7 @@ class FastModel:
         model.eval()
         if is_checkpointing(model):
             checkpointing_disable(model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_peft(model)
         base.config.use_cache = True
         return model
 
@@ -43,7 +43,7 @@ class FastModel:
     def for_training(model, use_gradient_checkpointing=True):
         model.train()
         lora.enable_gradient_checkpointing(model, use_gradient_checkpointing)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_peft(model)
         base.config.use_cache = False
         return model
 

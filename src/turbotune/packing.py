@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
+from ._compat import unwrap_peft
+
 IGNORE_INDEX = -100
 
 # What `packing_attention_mode` returns.
@@ -149,10 +151,6 @@ def pack_samples(samples: Sequence[dict], max_seq_length: int, lookahead: int = 
 
 # ---------------------------------------------------------------- attention mode
 
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _call_create_causal_mask(fn, config, embeds, position_ids):
     """transformers' create_causal_mask with the keywords this version names (they were renamed over time)."""
     params = inspect.signature(fn).parameters
@@ -219,7 +217,7 @@ def packing_attention_mode(model) -> str:
     score_mod crashed torch 2.13 on the CPU; load with sdpa) and for attention that takes no mask (paged,
     custom kernels).
     """
-    base = _base_model(model)
+    base = unwrap_peft(model)
     impl = getattr(base.config, "_attn_implementation", None) or "eager"
     if not isinstance(impl, str):
         raise PackingError(f"per-module attention implementations ({impl!r}) are not supported by packing")
@@ -301,7 +299,7 @@ class PackingCollator:
         import torch
 
         mode = packing_attention_mode(model)
-        base = _base_model(model)
+        base = unwrap_peft(model)
         impl = getattr(base.config, "_attn_implementation", None) or "eager"
         dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoints as ckpt
+from ._compat import unwrap_peft
 from .errors import ConfigError, TrainingStopped
 from .run_config import TrainConfig, dump
 from .train_log import LogTable, memory_now, plot_losses, write_log
@@ -228,7 +229,7 @@ class Trainer:
         from .plan_cli import prediction_line
         from .planner import predict_peak
         try:
-            lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            lm = unwrap_peft(self.model)
             plan = predict_peak(lm.config, self.cfg.max_seq_length, self.cfg.batch_size, qlora=self.cfg.load_in_4bit,
                                 lora_r=self.cfg.lora_r, checkpointing=self.cfg.gradient_checkpointing,
                                 dtype=lm.dtype,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._compat import unwrap_peft
 from . import llama, mistral, qwen2  # noqa: F401  (each registers its family)
 from .generic import make_lora_linear_forward
 from .llama_like import make_lm_forward
@@ -14,8 +15,7 @@ __all__ = ["FAMILIES", "FamilySpec", "PatchReport", "Toggles", "patch_model", "u
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers *ForCausalLM under a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    return unwrap_peft(model)
 
 
 def _is_peft_lora_linear(module) -> bool:
