@@ -94,6 +94,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--matmul-size", type=int, default=None, help="n of the n³ matmuls timed for MFU "
                                                                  "(default 8192 on CUDA, 1024 on CPU)")
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds one method may run (default 3600)")
+    g.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed steps, profile one more step per method with torch.profiler and write "
+                        "DIR/profile-<method>.txt (GPU busy vs wall time, top ops and kernels)")
     return parser
 
 
@@ -460,7 +463,8 @@ def run_bench(args) -> int:
             "device": device, "dtype": settings["dtype"], "qlora": bool(args.qlora), "lora_r": args.lora_r,
             "lora_alpha": settings["lora_alpha"], "target_modules": TARGET_MODULES, "lr": args.lr,
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
-            "steps": args.steps, "warmup": args.warmup, "seed": args.seed}
+            "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+            "profile_dir": str(Path(args.profile).expanduser().resolve()) if args.profile else None}
     results = []
     with tempfile.TemporaryDirectory(prefix="turbotune-bench-") as tmp:
         for method, why in settings["methods"]:

@@ -248,6 +248,18 @@ def train(model, spec, result) -> None:
     else:
         result["memory_kind"] = "rss"
     result["peak_rss_bytes"] = _peak_rss_bytes()
+    if spec.get("profile_dir"):  # one more step under torch.profiler, after the figures above are taken
+        from turbotune.bench_profile import profile_step
+
+        def one_step():
+            for j in range(ga):
+                forward_backward(batches[j])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        result["profile"] = profile_step(one_step, method, spec["profile_dir"], cuda)
+        p = result["profile"]
+        _log(method, f"profiled step: wall {p['wall_ms']:.0f} ms, GPU busy {p['gpu_busy_ms']:.0f} ms -> {p['report']}")
 
 
 def run_spec(spec: dict) -> dict:
