@@ -21,9 +21,10 @@ if [ -n "${QLORA_METHODS-}" ]; then
   echo "== bench $PRESET QLoRA"
   timeout $(( $(left) - 30 )) python3 -m turbotune bench --preset $PRESET --cache-dir /tmp/bench-cache --qlora \
     --methods $QLORA_METHODS --steps ${STEPS:-7} --warmup 2 \
-    --profile "$OUT/prof" --json "$OUT/bench-qlora.json" > "$OUT/bench-qlora.txt" 2>&1; tail -${TAILN:-9} "$OUT/bench-qlora.txt"
+    --profile "$OUT/prof-qlora" --json "$OUT/bench-qlora.json" > "$OUT/bench-qlora.txt" 2>&1; tail -${TAILN:-9} "$OUT/bench-qlora.txt"
 fi
-for f in "$OUT"/prof/profile-*.txt; do [ -f "$f" ] && sed -n 2p "$f" | sed "s|^|$(basename $f): |"; done
+for f in "$OUT"/prof*/profile-*.txt; do [ -f "$f" ] && sed -n 2p "$f" | sed "s|^|$f: |"; done
+( cd "$OUT" && tar czf profiles.tgz prof* 2>/dev/null && rm -rf prof prof-qlora )  # 8 files at most come back
 if [ -n "${TESTS-}" ] && [ $(left) -gt 40 ]; then
   echo "== gpu tests ($(left) s left)"
   timeout $(( $(left) - 10 )) python3 -m pytest $TESTS -q -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -4 "$OUT/gpu_tests.txt"
