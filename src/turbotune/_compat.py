@@ -101,9 +101,11 @@ def is_checkpointing(model) -> bool:
     return False
 
 
-def checkpointing_enable(model, use_reentrant: bool = False) -> None:
+def checkpointing_enable(model, use_reentrant: bool = False, preserve_rng_state: bool = True) -> None:
     """transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
     kwargs = {"use_reentrant": use_reentrant}
+    if not preserve_rng_state:
+        kwargs["preserve_rng_state"] = False
     fn = getattr(model, "activation_checkpointing_enable", None)
     if fn is not None:
         fn(activation_checkpointing_kwargs=kwargs)

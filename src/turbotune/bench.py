@@ -94,6 +94,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--matmul-size", type=int, default=None, help="n of the n³ matmuls timed for MFU "
                                                                  "(default 8192 on CUDA, 1024 on CPU)")
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds one method may run (default 3600)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="turbotune methods run their micro-steps eagerly instead of replaying CUDA graphs")
+    g.add_argument("--adapter-precision", choices=["peft", "input"], default=None,
+                   help="turbotune methods' LoRA math: 'peft' (the adapters' dtype, exactly as PEFT) or 'input' "
+                        "(the compute dtype, as Unsloth); default: turbotune's default")
     g.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed steps, profile one more step per method with torch.profiler and write "
                         "DIR/profile-<method>.txt (GPU busy vs wall time, top ops and kernels)")
@@ -379,7 +384,8 @@ def format_table(results: list[dict]) -> str:
             if cells[8] != "n/a":
                 cells[8] = "$" + cells[8]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = [f"- {r['method']}: " + "; ".join(r["notes"]) for r in results if r.get("notes")]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def format_header(header: dict) -> str:
@@ -464,6 +470,7 @@ def run_bench(args) -> int:
             "lora_alpha": settings["lora_alpha"], "target_modules": TARGET_MODULES, "lr": args.lr,
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
             "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+            "cuda_graphs": args.cuda_graphs, "adapter_precision": args.adapter_precision,
             "profile_dir": str(Path(args.profile).expanduser().resolve()) if args.profile else None}
     results = []
     with tempfile.TemporaryDirectory(prefix="turbotune-bench-") as tmp:

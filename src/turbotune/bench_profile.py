@@ -55,8 +55,8 @@ def profile_step(run_step, method: str, out_dir: str, cuda: bool) -> dict:
     sort_dev = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     ka = prof.key_averages()
     lines = [f"# {method}: one optimizer step under torch.profiler",
-             f"wall {figures['wall_ms']:.1f} ms, GPU busy {figures['gpu_busy_ms']:.1f} ms "
-             f"({100 * (figures['gpu_busy_fraction'] or 0):.0f}%), {len(kernels)} kernels launched", "",
+             (f"wall {figures['wall_ms']:.1f} ms, GPU busy {figures['gpu_busy_ms']:.1f} ms "
+              f"({100 * (figures['gpu_busy_fraction'] or 0):.0f}%), {len(kernels)} kernels launched"), "",
              "## ops by self device time", ka.table(sort_by=sort_dev, row_limit=30, max_name_column_width=70), "",
              "## ops by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=30,
                                                  max_name_column_width=70)]

@@ -122,11 +122,16 @@ def load_turbotune(spec, checkpointing=True):
     # random_state seeds the LoRA init exactly as the hf recipe's torch.manual_seed does: same adapters.
     model = FastModel.get_peft_model(model, r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
                                      target_modules=list(spec["target_modules"]),
-                                     use_gradient_checkpointing=checkpointing, random_state=spec["seed"])
+                                     use_gradient_checkpointing=checkpointing, random_state=spec["seed"],
+                                     **({"adapter_precision": spec["adapter_precision"]}
+                                        if spec.get("adapter_precision") else {}))
+    notes = [f"adapter precision {spec.get('adapter_precision') or 'peft'}"]
     if checkpointing == "auto":
         from turbotune.auto_checkpointing import plan_checkpointing
-        print(f"[{spec['method']}] " + plan_checkpointing(model, spec["seq_len"], spec["micro_batch"]).line(),
-              file=sys.stderr, flush=True)
+        line = plan_checkpointing(model, spec["seq_len"], spec["micro_batch"]).line()
+        print(f"[{spec['method']}] " + line, file=sys.stderr, flush=True)
+        notes.append(line.removeprefix("[turbotune] "))
+    model.__dict__["_bench_notes"] = notes
     return model
 
 
@@ -207,17 +212,34 @@ def train(model, spec, result) -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    stepper = None
+    if method.startswith("turbotune") and cuda:  # turbotune's own training step: CUDA graphs where they apply
+        from turbotune.cuda_graphs import GraphedMicroStep
+
+        stepper = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True))
+        result["cuda_graphs"] = stepper.disabled_reason or "on"
+        _log(method, f"CUDA graphs: {result['cuda_graphs']}")
+    result["notes"] = list(model.__dict__.get("_bench_notes", []))
+
     def forward_backward(ids):
+        if stepper is not None:
+            return stepper({"input_ids": ids, "labels": ids}, 1.0 / ga) / ga
         out = model(input_ids=ids, labels=ids)
         loss = out.loss / ga
         loss.backward()
         return loss.detach()
 
+    def zero_grad():
+        if stepper is not None and stepper.active:
+            stepper.zero_grad()  # in place: the graphs accumulate into these buffers
+        else:
+            opt.zero_grad(set_to_none=True)
+
     # Compilation warm-up (unsloth): forward + backward on the first micro-batch, gradients dropped, no update.
     for i in range(spec["extra_warmup"]):
         t0 = time.perf_counter()
         forward_backward(batches[0])
-        opt.zero_grad(set_to_none=True)
+        zero_grad()
         sync()
         _log(method, f"compile warm-up pass {i + 1}/{spec['extra_warmup']}: {time.perf_counter() - t0:.1f} s")
 
@@ -234,13 +256,17 @@ def train(model, spec, result) -> None:
             loss = forward_backward(batches[step * ga + j])
             total = loss if total is None else total + loss
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        zero_grad()
         sync()
         dt = time.perf_counter() - t0
         losses.append(float(total.float().item()))
         times.append(dt)
         tag = "warm-up" if step < spec["warmup"] else "timed"
         _log(method, f"step {step + 1}/{spec['steps']} ({tag}) loss {losses[-1]:.4f}  {dt:.3f} s")
+    if stepper is not None:
+        result["cuda_graph_replays"] = stepper.replays
+        result["notes"].append(f"CUDA graphs {result['cuda_graphs']}" + (
+            f" ({stepper.replays} of {spec['steps'] * ga} micro-steps replayed)" if stepper.active else ""))
     if cuda:
         result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
         result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
@@ -255,7 +281,7 @@ def train(model, spec, result) -> None:
             for j in range(ga):
                 forward_backward(batches[j])
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            zero_grad()
 
         result["profile"] = profile_step(one_step, method, spec["profile_dir"], cuda)
         p = result["profile"]

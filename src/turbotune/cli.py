@@ -50,6 +50,11 @@ _TRAIN_FLAGS = [
     ("--trust-remote-code", dict(action="store_const", const=True, help="run the model repo's own Python code")),
     ("--no-patch", dict(action="store_const", const=False, dest="patch",
                         help="stock transformers + PEFT forwards (for comparison)")),
+    ("--no-cuda-graphs", dict(action="store_const", const=False, dest="cuda_graphs",
+                              help="run every micro-step eagerly (default: replay CUDA graphs on a GPU)")),
+    ("--adapter-precision", dict(choices=["peft", "input"],
+                                 help="LoRA math in the adapters' dtype as PEFT (peft, default) or in the "
+                                      "compute dtype (input: faster under bf16, as Unsloth)")),
 ]
 
 

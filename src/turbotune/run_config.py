@@ -52,6 +52,8 @@ class TrainConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     patch: bool = True                  # turbotune's fused forwards (False = stock transformers + PEFT)
+    cuda_graphs: bool = True            # replay each micro-step's kernels from a CUDA graph (GPU, fixed shapes)
+    adapter_precision: str = "peft"     # LoRA math: "peft" (exact PEFT dtypes) | "input" (compute dtype, faster)
 
     # Keys that describe *what* is trained: an output dir holding a run with other values is a different run.
     IDENTITY = ("model", "data", "format", "load_in_4bit", "max_seq_length", "lora_r", "lora_alpha",

@@ -33,7 +33,8 @@ def load_everything(cfg: TrainConfig, stream=None):
     print(f"[turbotune] data {data_source}: {report.summary()}", file=stream, flush=True)
     model = FastModel.get_peft_model(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha or cfg.lora_r,
                                      lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
-                                     use_gradient_checkpointing=cfg.gradient_checkpointing, random_state=cfg.seed)
+                                     use_gradient_checkpointing=cfg.gradient_checkpointing, random_state=cfg.seed,
+                                     adapter_precision=cfg.adapter_precision)
     return model, tokenizer, dataset, report
 
 

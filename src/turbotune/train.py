@@ -124,6 +124,8 @@ class Trainer:
         if not params:
             raise ConfigError("the model has no trainable parameters; add LoRA with FastModel.get_peft_model first")
         self.params = params
+        from .cuda_graphs import GraphedMicroStep
+        self.micro = GraphedMicroStep(model, params, enabled=cfg.cuda_graphs)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=self.device.type == "cuda")
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
@@ -211,16 +213,21 @@ class Trainer:
         batches = [self._micro_batch(first + i) for i in range(ga)]
         n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         num_items = torch.tensor(max(n_targets, 1), device=self.device)
-        total, tokens = 0.0, 0
+        total, tokens = None, 0
         for b in batches:
             n_tok = b.pop("num_tokens", None)  # packed batches count their real tokens; padded ones have a mask
-            b = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
-            # use_cache=False matters for packing: with a cache transformers skips its document-mask detection.
-            out = self.model(**b, num_items_in_batch=num_items, use_cache=False)
-            out.loss.backward()
-            total += float(out.loss.detach())
             tokens += int(n_tok) if n_tok is not None else int(b["attention_mask"].sum())
-        return total, tokens
+            b = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+            # use_cache=False matters for packing: with a cache transformers skips its document-mask detection.
+            loss = self.micro({**b, "num_items_in_batch": num_items, "use_cache": False})
+            total = loss if total is None else total + loss
+        return float(total), tokens  # one wait for the device per step, not per micro-batch
+
+    def _zero_grad(self) -> None:
+        if self.micro.active:
+            self.micro.zero_grad()  # in place: captured graphs accumulate into these tensors
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _print_prediction(self) -> None:
         """The planner's predicted peak before the first step; the measured peak is printed at the end."""
@@ -270,11 +277,11 @@ class Trainer:
                 try:
                     loss, tokens = self._train_step()
                 except torch.OutOfMemoryError:
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self._zero_grad()
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
                     raise TrainingStopped(oom_message(self.cfg, self.step + 1, self.cfg.max_seq_length)) from None
                 if not math.isfinite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self._zero_grad()
                     if not self.cfg.skip_nonfinite:
                         self._write_outputs()
                         last = ckpt.latest_checkpoint(self.out)
@@ -294,7 +301,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 self.step += 1
                 window_loss += loss
                 window_steps += 1

@@ -12,6 +12,6 @@ def make_lora_linear_forward(toggles):
         part = None if args or kwargs or not toggles.fused_lora else cached_lora_part(self)
         if part is None:
             return original_forward(self)(x, *args, **kwargs)
-        return lora_linear(x, part)
+        return lora_linear(x, part, toggles.adapter_precision)
 
     return forward

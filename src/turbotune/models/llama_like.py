@@ -55,7 +55,7 @@ def make_attention_forward(spec, toggles):
 
         parts = _parts(self.q_proj, self.k_proj, self.v_proj) if toggles.fused_lora else None
         if parts is not None:
-            q, k, v = lora_qkv(hidden_states, *parts)
+            q, k, v = lora_qkv(hidden_states, *parts, adapter_precision=toggles.adapter_precision)
         else:
             q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         q, k, v = q.view(bsz, seq, -1, d), k.view(bsz, seq, -1, d), v.view(bsz, seq, -1, d)
@@ -75,7 +75,7 @@ def make_attention_forward(spec, toggles):
         attn = attn.reshape(bsz, seq, -1)
 
         o_parts = _parts(self.o_proj) if toggles.fused_lora else None
-        out = lora_linear(attn, o_parts[0]) if o_parts is not None else self.o_proj(attn)
+        out = lora_linear(attn, o_parts[0], toggles.adapter_precision) if o_parts is not None else self.o_proj(attn)
         return out, weights
 
     return forward
@@ -87,7 +87,7 @@ def make_mlp_forward(spec, toggles):
     def forward(self, x):
         parts = _parts(self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
         if parts is not None:
-            return lora_mlp(x, *parts, act=act)
+            return lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision)
         if not toggles.act_mul:
             return original_forward(self)(x)
         gate, up = self.gate_proj(x), self.up_proj(x)

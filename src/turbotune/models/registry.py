@@ -22,6 +22,9 @@ class Toggles:
     act_mul: bool = True       # fused SwiGLU / GeGLU
     fused_lora: bool = True    # q/k/v, o and MLP LoRA with manual backward
     fused_ce: bool = True      # chunked linear + cross-entropy; no full logits in training
+    # LoRA's rank-r products: "peft" in the adapters' dtype (fp32 adapters: PEFT's exact math), "input" in the
+    # compute dtype (bf16 under a bf16 model, as Unsloth does: fewer casts and fp32 GEMMs, rounding differs)
+    adapter_precision: str = "peft"
 
     @classmethod
     def from_kwargs(cls, **kw) -> "Toggles":
@@ -32,7 +35,7 @@ class Toggles:
         return cls(**kw)
 
     def enabled(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name)]
+        return [f.name for f in fields(self) if getattr(self, f.name) is True]
 
 
 @dataclass

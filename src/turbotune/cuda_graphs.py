@@ -1,0 +1,188 @@
+"""A training micro-step replayed from a CUDA graph: forward + backward with almost no host work.
+
+Why: profiled on an H200 (bench/NOTES.md), a LoRA step of a 1.5B model launches ~20,000 kernels; the host
+(Python, autograd, launches) needs longer to issue them than the GPU needs to run them, so the GPU idles about
+half of the step. A CUDA graph records one micro-batch's forward and backward once and then replays every
+kernel with one call, so the step costs what the GPU work costs.
+
+How: `GraphedMicroStep(model, params)(batch, loss_scale)` computes `(model(**batch).loss * loss_scale)
+.backward()` and returns the unscaled loss (a detached device tensor). Per distinct set of input shapes it
+runs `warmup` eager calls (lazy initialisation, Triton compilation), then captures a graph on static input
+buffers and replays it from then on: the batch is copied into the buffers, and the LoRA gradients are
+accumulated in place into `param.grad` tensors that the graph owns. Shapes seen for the first time, more
+than `max_graphs` shapes and CPU tensors run the eager call; if a capture fails (something in the step
+waits for the host), graphs are switched off with a warning. Results never depend on whether a graph ran
+(tests compare the two).
+
+Rules that keep replay equal to eager:
+  - gradients are zeroed with `zero_grad()` here (in place); if someone sets `param.grad` to None or to
+    another tensor, the next call moves that value back into the graph's buffer first;
+  - the model must not change between replays in ways the graph cannot see (new adapters, merge/unmerge,
+    toggled patches, checkpointing switched): call `reset()` after such changes;
+  - nothing in the step may synchronise with the host (the fused paths don't); dropout > 0 is left eager.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class GraphedMicroStep:
+    def __init__(self, model, params, enabled: bool = True, warmup: int = 2, max_graphs: int = 4,
+                 verbose: bool = True):
+        self.model = model
+        self.params = [p for p in params if p.requires_grad]
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.verbose = verbose
+        self.disabled_reason = None if enabled else "turned off"
+        self._graphs: dict = {}  # shape key -> (graph, static inputs, static loss)
+        self._seen: dict = {}  # shape key -> eager calls so far
+        self._failed: set = set()
+        self._grads: list[torch.Tensor] | None = None  # the gradient buffers the graphs accumulate into
+        self._pool = None
+        self.replays = 0
+        self.captures = 0
+        if enabled:
+            self.disabled_reason = why_not_graphable(model, self.params)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def active(self) -> bool:
+        return self.disabled_reason is None
+
+    def __call__(self, batch: dict, loss_scale: float = 1.0) -> torch.Tensor:
+        key = self._key(batch, loss_scale)
+        if key is None or key in self._failed:
+            return self._eager(batch, loss_scale)
+        entry = self._graphs.get(key)
+        if entry is None:
+            seen = self._seen.get(key, 0)
+            if seen < self.warmup or len(self._graphs) >= self.max_graphs:
+                self._seen[key] = seen + 1
+                return self._eager(batch, loss_scale)
+            entry = self._capture(key, batch, loss_scale)
+            if entry is None:
+                return self._eager(batch, loss_scale)
+        graph, static_in, static_loss = entry
+        self._claim_grads()
+        for k, buf in static_in.items():
+            buf.copy_(batch[k], non_blocking=True)
+        graph.replay()
+        self.replays += 1
+        return static_loss.clone()  # the next replay of any graph may overwrite the pool's copy
+
+    def zero_grad(self) -> None:
+        """Zero the gradients in place (the graphs keep their addresses)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+
+    def reset(self) -> None:
+        """Drop every captured graph (after changing the model); the next calls warm up and capture again."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._failed.clear()
+        self._grads = None
+        self._pool = None
+
+    # ------------------------------------------------------------------ internals
+    def _key(self, batch: dict, loss_scale: float):
+        if not self.active:
+            return None
+        key = [("__scale__", float(loss_scale))]
+        for k in sorted(batch):
+            v = batch[k]
+            if torch.is_tensor(v):
+                if v.device.type != "cuda":
+                    return None
+                key.append((k, tuple(v.shape), v.dtype))
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                key.append((k, v))
+            else:
+                return None  # something we can't key on (a cache object, a list): stay eager
+        return tuple(key)
+
+    def _eager(self, batch: dict, loss_scale: float) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+        return loss.detach()
+
+    def _claim_grads(self) -> None:
+        """Make every param.grad the buffer the graphs write to, carrying over whatever value it holds now."""
+        if self._grads is None:
+            self._grads = []
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self._grads.append(p.grad)
+            return
+        for p, buf in zip(self.params, self._grads):
+            g = p.grad
+            if g is buf:
+                continue
+            if g is None:
+                buf.zero_()
+            else:
+                buf.copy_(g)
+            p.grad = buf
+
+    def _capture(self, key, batch: dict, loss_scale: float):
+        self._claim_grads()
+        static_in = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
+        others = {k: v for k, v in batch.items() if not torch.is_tensor(v)}
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, pool=self._pool):
+                loss = self.model(**static_in, **others).loss
+                (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+                static_loss = loss.detach()
+        except Exception as exc:  # noqa: BLE001 - fall back to eager from now on, say why once
+            # What fails one capture (a host sync in the model's forward, say) fails every shape: stop trying.
+            self._failed.add(key)
+            self.disabled_reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            self._graphs.clear()
+            torch.cuda.synchronize()
+            if self.verbose:
+                warnings.warn(f"turbotune: CUDA graphs off, micro-steps run eagerly: {self.disabled_reason}",
+                              stacklevel=3)
+            return None
+        self.captures += 1
+        entry = (graph, static_in, static_loss)
+        self._graphs[key] = entry
+        return entry
+
+
+def why_not_graphable(model, params) -> str | None:
+    """None when a training step of `model` can be captured, else a short reason."""
+    if not params or params[0].device.type != "cuda" or not torch.cuda.is_available():
+        return "the model is not on a CUDA GPU"
+    if any(p.device != params[0].device for p in params):
+        return "the trainable parameters are on several devices"
+    if _has_offload(model):
+        return "offloaded checkpointing copies to host memory on a side stream"
+    if uses_dropout(model):
+        return "dropout is active (a graph would replay the same random mask)"
+    return None
+
+
+def _has_offload(model) -> bool:
+    from .checkpointing import get_offloaded_checkpointing
+
+    return get_offloaded_checkpointing(model) is not None
+
+
+def uses_dropout(model) -> bool:
+    """True when a forward in training mode draws random numbers (an nn.Dropout with p > 0, attention dropout)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+    cfg = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop"):
+        if float(getattr(cfg, name, 0.0) or 0.0) > 0:
+            return True
+    return False

@@ -1,0 +1,83 @@
+"""CUDA-graph replay of a training micro-step equals the eager step (losses, gradients, optimizer updates).
+
+Run on a GPU: pytest tests/gpu/test_cuda_graphs_gpu.py -q
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from turbotune.bench_presets import build_preset_model
+    return build_preset_model("tiny", 0, tmp_path_factory.mktemp("graphs"), "cuda", log=lambda *a: None)
+
+
+def _model(folder, dtype, checkpointing, qlora=False, precision="peft"):
+    from turbotune import FastModel
+    m, _ = FastModel.from_pretrained(str(folder), dtype=dtype, load_in_4bit=qlora, verbose=False)
+    m = FastModel.get_peft_model(m, r=8, use_gradient_checkpointing=checkpointing, verbose=False,
+                                 random_state=1, adapter_precision=precision)
+    m.train()
+    return m
+
+
+def _run(m, graphs, batches, ga=2):
+    from turbotune.cuda_graphs import GraphedMicroStep
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    step = GraphedMicroStep(m, params, enabled=graphs, warmup=1)
+    losses = []
+    for i, ids in enumerate(batches):
+        losses.append(step({"input_ids": ids, "labels": ids}, 1.0 / ga).float().item())
+        if (i + 1) % ga == 0:
+            opt.step()
+            step.zero_grad() if step.active else opt.zero_grad(set_to_none=True)
+    return losses, [p.detach().float().clone() for p in params], step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_graph_replay_equals_eager(tiny_dir, dtype, checkpointing):
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 512, (2, 64), generator=g).cuda() for _ in range(8)]
+    batches.insert(5, torch.randint(0, 512, (2, 40), generator=g).cuda())  # a new shape mid-run: eager
+    batches.insert(6, batches[5].clone())
+    ref_losses, ref_params, _ = _run(_model(tiny_dir, dtype, checkpointing), False, batches)
+    losses, params, step = _run(_model(tiny_dir, dtype, checkpointing), True, batches)
+    assert step.active, step.disabled_reason
+    assert step.captures >= 1 and step.replays >= 5
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= tol * max(1.0, abs(b)), (losses, ref_losses)
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_graph_replay_qlora(tiny_dir):
+    pytest.importorskip("bitsandbytes")
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 512, (2, 64), generator=g).cuda() for _ in range(6)]
+    ref_losses, ref_params, _ = _run(_model(tiny_dir, torch.bfloat16, True, qlora=True), False, batches)
+    losses, params, step = _run(_model(tiny_dir, torch.bfloat16, True, qlora=True), True, batches)
+    assert step.replays >= 3
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= 2e-3 * max(1.0, abs(b))
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_input_precision_close_to_peft(tiny_dir):
+    """bf16 adapter math ("input") differs from PEFT's fp32 adapter math by rounding only."""
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 512, (2, 64), generator=g).cuda() for _ in range(4)]
+    ref_losses, ref_params, _ = _run(_model(tiny_dir, torch.bfloat16, False), False, batches)
+    losses, params, _ = _run(_model(tiny_dir, torch.bfloat16, False, precision="input"), False, batches)
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= 1e-2 * abs(b)
+    for a, b in zip(params, ref_params):
+        assert ((a - b).norm() / b.norm().clamp(min=1e-12)).item() < 2e-2
