@@ -26,4 +26,4 @@ for stage in "$@"; do
   grep -E "^\| |^- turbotune|Error|error" "$OUT/bench-$label.txt" | grep -v -- "---|" | tail -12
 done
 for f in "$OUT"/prof*/profile-*.txt; do [ -f "$f" ] && sed -n 2p "$f" | sed "s|^|$(basename $(dirname $f))/$(basename $f): |"; done
-( cd "$OUT" && tar czf profiles.tgz prof-* 2>/dev/null && rm -rf prof-* )  # 8 files at most come back
+( cd "$OUT" && tar czf logs.tgz prof-* bench-*.txt gpu.txt 2>/dev/null && rm -rf prof-* bench-*.txt gpu.txt )  # 8 files at most come back
