@@ -71,13 +71,26 @@ def test_graph_replay_qlora(tiny_dir):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
+def _grads_after_one_pass(m, ids):
+    torch.manual_seed(5)
+    for n, p in m.named_parameters():  # B = 0 at init would make every dA zero: give B values (same in both)
+        if p.requires_grad and "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    m(input_ids=ids, labels=ids).loss.backward()
+    return [p.grad.float().clone() for p in m.parameters() if p.requires_grad]
+
+
 def test_input_precision_close_to_peft(tiny_dir):
-    """bf16 adapter math ("input") differs from PEFT's fp32 adapter math by rounding only."""
+    """bf16 adapter math ("input") differs from PEFT's fp32 adapter math by rounding only: the same losses to
+    bf16 precision and the same gradients to ~1% (norm-relative). Compared on gradients, not on weights after
+    AdamW steps: Adam turns tiny gradient differences of near-zero entries into full-size update differences."""
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, 512, (2, 64), generator=g).cuda() for _ in range(4)]
-    ref_losses, ref_params, _ = _run(_model(tiny_dir, torch.bfloat16, False), False, batches)
-    losses, params, _ = _run(_model(tiny_dir, torch.bfloat16, False, precision="input"), False, batches)
+    ref_losses, _, _ = _run(_model(tiny_dir, torch.bfloat16, False), False, batches)
+    losses, _, _ = _run(_model(tiny_dir, torch.bfloat16, False, precision="input"), False, batches)
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-2 * abs(b)
-    for a, b in zip(params, ref_params):
-        assert ((a - b).norm() / b.norm().clamp(min=1e-12)).item() < 2e-2
+    ref = _grads_after_one_pass(_model(tiny_dir, torch.bfloat16, False), batches[0])
+    got = _grads_after_one_pass(_model(tiny_dir, torch.bfloat16, False, precision="input"), batches[0])
+    worst = max(((a - b).norm() / b.norm().clamp(min=1e-12)).item() for a, b in zip(got, ref))
+    assert worst < 3e-2, worst
