@@ -87,6 +87,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g = parser.add_argument_group("longest sequence (--max-context)")
+    g.add_argument("--max-context", action="store_true",
+                   help="instead of throughput: peak memory of one step (micro-batch 1) at each of --lengths, the "
+                        "per-token slope, and the longest sequence predicted to fit the card")
+    g.add_argument("--lengths", default=None,
+                   help="comma-separated sequence lengths, '8k' allowed (default 2k,8k,16k,32k,64k on CUDA; "
+                        "64,128,256 on CPU)")
+    g.add_argument("--confirm", action="store_true", help="run one full step at the predicted longest length")
+    g.add_argument("--card-memory", default=None,
+                   help="predict for a card of this size, e.g. 80GB (default: this GPU's memory)")
     g = parser.add_argument_group("report")
     g.add_argument("--price", type=float, default=2.5, help="USD per GPU-hour (default 2.5)")
     g.add_argument("--cost-steps", type=int, default=1000, help="steps the cost column is quoted for")
@@ -155,9 +165,20 @@ def validate(args) -> dict:
     if not 0 <= args.warmup < args.steps:
         raise BenchError(f"--warmup ({args.warmup}) must be at least 0 and below --steps ({args.steps}), "
                          "so that at least one step is timed")
+    lengths = None
+    if args.max_context:
+        from .bench_context import parse_lengths, parse_memory
+        try:
+            lengths = parse_lengths(args.lengths or ("2k,8k,16k,32k,64k" if device == "cuda" else "64,128,256"))
+            card = parse_memory(args.card_memory) if args.card_memory else None
+        except ValueError as exc:
+            raise BenchError(f"--lengths / --card-memory: {exc}") from None
+    elif args.lengths or args.confirm or args.card_memory:
+        raise BenchError("--lengths, --confirm and --card-memory go with --max-context")
     dtype = {"auto": "bfloat16" if device == "cuda" else "float32", "bf16": "bfloat16", "fp16": "float16",
              "fp32": "float32"}[args.dtype]
-    return {"device": device, "preset": preset, "dtype": dtype,
+    return {"device": device, "preset": preset, "dtype": dtype, "lengths": lengths,
+            "card_memory_bytes": card if args.max_context else None,
             "methods": resolve_methods(args.methods, device),
             "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_r}
 
@@ -417,6 +438,13 @@ def format_header(header: dict) -> str:
            if fpt else "n/a (config not understood)"),
         f"- cost: s/step × {header['cost_steps']} steps at ${header['price_usd_per_gpu_hour']}/GPU-hour; {mem}",
     ]
+    if header.get("mode") == "max_context":  # a ladder of single steps: no throughput, MFU or cost
+        lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --max-context")
+        lines[7:] = [f"- workload: one forward + backward + AdamW step at micro-batch 1 per length "
+                     f"({', '.join(f'{n:,}' for n in header['lengths'])} tokens), stopping at the first OOM; "
+                     f"LoRA r {wl['lora_r']} α {wl['lora_alpha']} on 7 projections; seed {wl['seed']}",
+                     "- fit: least squares through the longest three measured peaks; usable card memory = "
+                     "(total − 1.5 GiB) × 0.95"]
     return "\n".join(lines)
 
 
@@ -432,6 +460,8 @@ def run_bench(args) -> int:
         print(f"turbotune bench: error: {exc}", file=sys.stderr)
         return 2
     device = settings["device"]
+    if args.max_context:  # one step per length at micro-batch 1; the model is loaded for the longest
+        args.seq_len, args.micro_batch, args.grad_accum = max(settings["lengths"]), 1, 1
     runnable = [m for m, why in settings["methods"] if why is None]
     model_dir = model_cfg = None
     try:
@@ -448,6 +478,9 @@ def run_bench(args) -> int:
         print(f"turbotune bench: error: {exc}", file=sys.stderr)
         return 2
     header = collect_header(args, settings, model_dir, model_cfg)
+    if args.max_context:
+        header["mode"] = "max_context"
+        header["lengths"] = settings["lengths"]
     try:
         dims = model_shape(model_cfg) if model_cfg else None
         header["model_dims"] = dims.__dict__ if dims else None
@@ -457,7 +490,7 @@ def run_bench(args) -> int:
         flops = None
     header["flops_per_token"] = flops
     matmul = None
-    if runnable:
+    if runnable and not args.max_context:
         _log(f"measuring the {'bf16' if device == 'cuda' else 'fp32'} matmul rate on {device}")
         matmul = measure_matmul_rate(device, args.matmul_size)
         _log(f"matmul rate {si(matmul['flops_per_s'], 'FLOP/s')}")
@@ -471,6 +504,8 @@ def run_bench(args) -> int:
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
             "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
             "cuda_graphs": args.cuda_graphs, "adapter_precision": args.adapter_precision,
+            "mode": "max_context" if args.max_context else "throughput", "lengths": settings["lengths"],
+            "confirm": bool(args.confirm), "card_memory_bytes": settings["card_memory_bytes"],
             "profile_dir": str(Path(args.profile).expanduser().resolve()) if args.profile else None}
     results = []
     with tempfile.TemporaryDirectory(prefix="turbotune-bench-") as tmp:
@@ -484,8 +519,14 @@ def run_bench(args) -> int:
             results.append(run_worker(method, spec, Path(tmp), args.timeout))
             r = results[-1]
             _log(f"{method}: {r['status']}" + ("" if r["status"] == "ok" else f" — {r.get('error') or r.get('reason')}"))
-    summarise(results, header, flops, matmul["flops_per_s"] if matmul else None)
-    table = format_table(results)
+    if args.max_context:
+        from .bench_context import add_planner_predictions, format_context_tables
+        if model_cfg:
+            add_planner_predictions(results, model_cfg, bool(args.qlora), args.lora_r)
+        table = format_context_tables(results, settings["lengths"])
+    else:
+        summarise(results, header, flops, matmul["flops_per_s"] if matmul else None)
+        table = format_table(results)
     report = format_header(header) + "\n\n" + table + "\n"
     print(report, flush=True)
     if args.json:

@@ -320,7 +320,11 @@ def run_spec(spec: dict) -> dict:
         result["load_s"] = time.perf_counter() - t0
         _log(method, f"loaded in {result['load_s']:.1f} s")
         result["phase"] = "train"
-        train(model, spec, result)
+        if spec.get("mode") == "max_context":
+            from turbotune.bench_context import run_max_context
+            run_max_context(model, spec, result, _log)
+        else:
+            train(model, spec, result)
         result["status"] = "ok"
         result["phase"] = "done"
     except BaseException as exc:  # noqa: BLE001 - report every failure, OOM included
