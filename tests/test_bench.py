@@ -288,3 +288,18 @@ def test_error_line_keeps_the_exception_type():
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
     except RuntimeError as exc:
         assert _last_line(exc) == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_qlora_run_has_a_16bit_turbotune_row(tmp_path):
+    """--qlora with turbotune-bf16: the same run holds the 4-bit rows and a 16-bit reference row."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "q.json"
+    rc = bench.main(["--preset", "tiny", "--device", "cpu", "--qlora", "--methods", "turbotune,turbotune-bf16",
+                     "--steps", "2", "--warmup", "1", "--seq-len", "32", "--micro-batch", "1", "--grad-accum", "1",
+                     "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+    assert rc == 0
+    rows = {m["method"]: m for m in json.loads(out.read_text())["methods"]}
+    assert rows["turbotune"]["status"] == rows["turbotune-bf16"]["status"] == "ok"
+    assert any("16-bit base" in n for n in rows["turbotune-bf16"]["notes"])
+    assert not any("16-bit base" in n for n in rows["turbotune"]["notes"])
+    assert rows["turbotune-bf16"]["total_params"] > rows["turbotune"]["total_params"]  # 4-bit packs 2 per byte

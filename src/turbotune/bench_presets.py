@@ -112,6 +112,9 @@ METHODS: dict[str, MethodInfo] = {
                                              "that fits the card)"),
     "turbotune-min-memory": MethodInfo("turbotune-min-memory", ("transformers", "peft"),
                                        description="turbotune with every layer checkpointed and offloaded"),
+    "turbotune-bf16": MethodInfo("turbotune-bf16", ("transformers", "peft"),
+                                 description="turbotune with a 16-bit base even under --qlora (shows the 4-bit "
+                                             "overhead in the same run)"),
     "unsloth": MethodInfo("unsloth", ("unsloth",), pre_import=("unsloth",), extra_warmup=2, gpu_only=True,
                           description="unsloth.FastLanguageModel"),
     "liger": MethodInfo("liger", ("liger_kernel", "transformers", "peft"), gpu_only=True,

@@ -117,7 +117,8 @@ def load_liger(spec):
 def load_turbotune(spec, checkpointing=True):
     from turbotune import FastModel
 
-    model, _tok = FastModel.from_pretrained(spec["model_dir"], dtype=_dtype(spec), load_in_4bit=spec["qlora"],
+    four_bit = spec["qlora"] and spec["method"] != "turbotune-bf16"
+    model, _tok = FastModel.from_pretrained(spec["model_dir"], dtype=_dtype(spec), load_in_4bit=four_bit,
                                             max_seq_length=spec["seq_len"])
     # random_state seeds the LoRA init exactly as the hf recipe's torch.manual_seed does: same adapters.
     model = FastModel.get_peft_model(model, r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
@@ -126,6 +127,8 @@ def load_turbotune(spec, checkpointing=True):
                                      **({"adapter_precision": spec["adapter_precision"]}
                                         if spec.get("adapter_precision") else {}))
     notes = [f"adapter precision {spec.get('adapter_precision') or 'peft'}"]
+    if spec["qlora"] and not four_bit:
+        notes.insert(0, "16-bit base (the 4-bit rows' reference)")
     if checkpointing == "auto":
         from turbotune.auto_checkpointing import plan_checkpointing
         line = plan_checkpointing(model, spec["seq_len"], spec["micro_batch"]).line()
@@ -152,13 +155,15 @@ def load_unsloth(spec):
 
 LOADERS = {"hf": load_hf, "liger": load_liger, "turbotune": load_turbotune, "unsloth": load_unsloth,
            "turbotune-auto": lambda spec: load_turbotune(spec, "auto"),
-           "turbotune-min-memory": lambda spec: load_turbotune(spec, "offload")}
+           "turbotune-min-memory": lambda spec: load_turbotune(spec, "offload"),
+           "turbotune-bf16": load_turbotune}
 IMPORTS = {  # what "importable" means for each method
     "hf": ("transformers", "peft"),
     "liger": ("liger_kernel.transformers", "transformers", "peft"),
     "turbotune": ("turbotune",),
     "turbotune-auto": ("turbotune",),
     "turbotune-min-memory": ("turbotune",),
+    "turbotune-bf16": ("turbotune",),
     "unsloth": ("unsloth",),
 }
 
