@@ -55,7 +55,7 @@ off the autograd Functions' `save_for_backward` (kernels/*.py) and the attention
     H b + 4    mid residual (post-attention RMSNorm's x) and its 1/rms
     H b        normed x, saved by LoRAMLPFunction
     2 I b      gate pre-activation e and up g (the MLP's only [N, I] saves; h = act(e) * g is recomputed)
-    3 r a      x Ag^T, x Au^T, h Ad^T
+    3 r a      x Ag^T, x Au^T, h Ad^T            (these two lines are 0 when the MLP is tiled over tokens, below)
     -----------------------------------------------------------------------------------------------
     S_tt = b (4H + 2Dq + 2Dkv + 2I) + 8 + 4 n_h + 7 r a      (qwen2-1.5b, bf16, r 16: 55,800 bytes/token/layer)
 
@@ -96,6 +96,9 @@ Backward working set of one layer (the largest temporaries on top of its saved s
                the fp32 copy of de / dg for dAg, dAu (the recomputed forward peaks the same way: h + fp32 h).
                hf: N I (b + 2 a cast): the base output plus PEFT's fp32 LoRA output and their fp32 sum (and the
                same sizes in backward); 2 N I b when a == b.
+               turbotune, tiled: when one [N, I] tensor passes 512 MiB the MLP runs C tokens at a time
+               (kernels/mlp_tiling.py, C = mlp_token_chunk(N, I, b)) and saves only its input; its backward
+               recomputes each chunk: C (I (3 b + a cast) + H b) (the chunk's e, g, the peak above, its dx rows).
     attention  flash backward: dq, dk, dv (N (Dq + 2Dkv) b), fp32 dq accumulator (4 N Dq), GQA-expanded dk and
                dv (2 N Dq b when n_kv < n_h), softmax_d (4 N n_h)
     gradients  2 N H b: the gradient of the layer's output and the one of its input (hf: + 4 N H, RMSNorm's
@@ -148,9 +151,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import TurbotuneError
+from .planner_layers import (
+    ADAPTER_BYTES,
+    layer_saved_bytes_per_token,
+    layer_working_bytes,
+)
 
 __all__ = ["PlanError", "ModelShape", "PlanItem", "Plan", "predict_peak", "resolve_config", "model_shape",
-           "lora_param_count", "nf4_bytes", "weight_bytes", "layer_saved_bytes_per_token", "checkpointing_mode",
+           "lora_param_count", "nf4_bytes", "weight_bytes", "layer_saved_bytes_per_token", "layer_working_bytes",
+           "checkpointing_mode",
            "CHECKPOINTING_MODES", "METHODS"]
 
 KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
@@ -158,7 +167,6 @@ KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
 CHECKPOINTING_MODES = ("none", "recompute", "offload")
 METHODS = ("turbotune", "hf")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-ADAPTER_BYTES = 4                      # PEFT keeps LoRA A / B in fp32 (autocast_adapter_dtype)
 NF4_BLOCKSIZE = 64                     # bitsandbytes 4-bit blocksize
 NF4_NESTED_BLOCKSIZE = 256             # double quantisation: one fp32 absmax per 256 first-level blocks
 CUBLAS_WORKSPACE_BYTES = 64 * MiB      # two 32 MiB workspaces (main thread + autograd thread), in the allocator
@@ -342,48 +350,6 @@ def lora_param_count(config, r: int = 16) -> int:
     return shape.layers * sum(r * (i + o) for i, o in shape.linear_shapes().values())
 
 
-def layer_saved_bytes_per_token(shape: ModelShape, method: str = "turbotune", r: int = 16, b: int = 2,
-                                a: int = ADAPTER_BYTES) -> dict[str, int]:
-    """What one decoder layer saves for backward, bytes per token, by term (module docstring, section 3).
-
-    The key "layer_input" is the layer's input x when the layer itself saves it (turbotune's input RMSNorm;
-    hf only in fp32); under checkpointing it is the checkpoint input and is counted there instead.
-    """
-    H, I, Dq, Dkv, nh = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.heads
-    sdpa = {"sdpa_qkv": (Dq + 2 * Dkv) * b, "sdpa_lse": 4 * nh}
-    if method == "turbotune":
-        return {"layer_input": H * b, "norm_rstd": 2 * 4, "qkv_x": H * b, "qkv_xa": 3 * r * a, **sdpa,
-                "attn_out": Dq * b, "o_xa": r * a, "mid_residual": H * b, "mlp_x": H * b, "mlp_e_g": 2 * I * b,
-                "mlp_xa": 3 * r * a}
-    if method == "hf":
-        cast = a != b
-        fp32_model = b == 4
-        return {"layer_input": H * 4 if fp32_model else 0,
-                # RMSNorm's fp32 copy of x (pow and mul save it) + rsqrt's output; in fp32 the "copy" is x itself
-                "norm_x_fp32": (0 if fp32_model else H * 4) + H * 4, "norm_rstd": 2 * 4,
-                "qkv_x": 3 * H * a if cast else H * b, "qkv_xa": 3 * r * a, **sdpa,
-                "attn_out": Dq * b, "o_x": Dq * a if cast else 0, "o_xa": r * a,
-                "mlp_x": 2 * H * a if cast else H * b, "mlp_gate_act_up": 3 * I * b,
-                "down_x": I * a if cast else I * b, "mlp_xa": 3 * r * a}
-    raise PlanError(f"method must be one of {METHODS}, got {method!r}")
-
-
-def layer_working_bytes(shape: ModelShape, n_tokens: int, method: str, b: int, a: int, qlora: bool) -> dict:
-    """The largest temporaries of one layer's (recomputed) forward + backward, bytes (docstring, section 3)."""
-    N, H, I, Dq, Dkv, nh = n_tokens, shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.heads
-    cast = a != b
-    if method == "turbotune":
-        mlp = N * I * (b + (a if cast else 0))
-        grads = 2 * N * H * b
-    else:
-        mlp = N * I * (b + 2 * a) if cast else 2 * N * I * b
-        grads = 2 * N * H * b + 4 * N * H
-    attn = N * (4 * Dq + (Dq + 2 * Dkv) * b + (2 * Dq * b if Dkv < Dq else 0) + 4 * nh)
-    dequant = max(i * o for i, o in shape.linear_shapes().values()) * b if qlora else 0
-    return {"mlp": mlp, "attention": attn, "gradients": grads, "dequant": dequant,
-            "total": max(mlp, attn) + grads + dequant}
-
-
 def _chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     from .kernels.fused_linear_ce import (
         default_chunk_size,  # the rule the kernel itself uses
@@ -521,7 +487,7 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
     add("lora_grads", "LoRA gradients (fp32)", 4 * p, "static")
     add("adamw_state", "AdamW state: exp_avg + exp_avg_sq (fp32)", 8 * p, "static")
     # 3. activations
-    per_layer = layer_saved_bytes_per_token(shape, method, lora_r, b, a)
+    per_layer = layer_saved_bytes_per_token(shape, method, lora_r, b, a, n_tokens=N)
     s_layer = sum(per_layer.values())                 # bytes/token, the layer input included when the layer saves it
     s_recompute = s_layer - per_layer["layer_input"]  # what a recomputed layer adds on top of its checkpoint input
     x_in = N * H * b  # one layer input (hf + QLoRA: fp32, the upcast embeddings start an fp32 residual stream)
@@ -547,7 +513,7 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
     add("layer_working", "one layer's backward working set", work["total"], "layer",
         f"max(MLP {work['mlp'] / GiB:.2f}, attention {work['attention'] / GiB:.2f}) + gradients "
         f"{work['gradients'] / GiB:.2f}" + (f" + dequantised weight {work['dequant'] / GiB:.2f}" if qlora else "")
-        + " GiB")
+        + " GiB" + (f"; MLP tiled over {work['mlp_chunk']} tokens" if work["mlp_chunk"] else ""))
     # 4. loss
     chunk = None
     if method == "turbotune":

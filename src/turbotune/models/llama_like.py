@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
 from ..kernels.lora_parts import cached_lora_part
+from ..kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
 from ..kernels.rmsnorm import rms_norm
 from ..kernels.rope import apply_rope_, rope_reference
 from ..kernels.swiglu import geglu, swiglu
@@ -87,6 +88,12 @@ def make_mlp_forward(spec, toggles):
     def forward(self, x):
         parts = _parts(self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
         if parts is not None:
+            # Very long sequences: tile over tokens so no [tokens, intermediate] tensor outlives one chunk.
+            chunk = mlp_token_chunk(x.numel() // x.shape[-1], parts[0].out_features, x.element_size()) \
+                if toggles.mlp_tiling else None
+            if chunk is not None:
+                return tiled_lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision,
+                                      chunk_tokens=chunk)
             return lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision)
         if not toggles.act_mul:
             return original_forward(self)(x)

@@ -22,6 +22,7 @@ class Toggles:
     act_mul: bool = True       # fused SwiGLU / GeGLU
     fused_lora: bool = True    # q/k/v, o and MLP LoRA with manual backward
     fused_ce: bool = True      # chunked linear + cross-entropy; no full logits in training
+    mlp_tiling: bool = True    # fused LoRA MLP tiled over tokens when one [tokens, intermediate] tensor is huge
     # LoRA's rank-r products: "peft" in the adapters' dtype (fp32 adapters: PEFT's exact math), "input" in the
     # compute dtype (bf16 under a bf16 model, as Unsloth does: fewer casts and fp32 GEMMs, rounding differs)
     adapter_precision: str = "peft"
