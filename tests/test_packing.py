@@ -277,3 +277,16 @@ def test_document_mask_blocks_cross_sample_attention(family_dirs, kind):
     changed = logits_of_s2(s1, other_s2)
     assert torch.equal(changed[0], base[0])
     assert (changed[2:] - base[2:]).abs().amax(dim=-1).min().item() > 1e-4
+
+
+def test_collator_for_cuda_graphs_builds_its_own_mask(tiny_llama_dir, smol_tokenizer):
+    """With no_host_sync (CUDA graphs), sdpa gets our document mask instead of transformers' detection (which
+    reads a GPU value on the host), and pad_to_multiple_of=max_seq_length gives every micro-batch one shape."""
+    from turbotune import FastModel
+    m, _ = FastModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, verbose=False)
+    c = PackingCollator.for_model(m, smol_tokenizer, no_host_sync=True, pad_to_multiple_of=64)
+    assert c.mode == "mask_4d"
+    rows = pack_samples([_sample(7), _sample(5)], 64)
+    batch = c(rows)
+    assert batch["input_ids"].shape == (1, 64) and batch["attention_mask"].shape == (1, 1, 64, 64)
+    assert PackingCollator.for_model(m, smol_tokenizer).mode == "position_ids"

@@ -97,6 +97,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--confirm", action="store_true", help="run one full step at the predicted longest length")
     g.add_argument("--card-memory", default=None,
                    help="predict for a card of this size, e.g. 80GB (default: this GPU's memory)")
+    g = parser.add_argument_group("packing (--packing)")
+    g.add_argument("--packing", action="store_true",
+                   help="instead of throughput: each method trains the same samples (lengths drawn from 20 to "
+                        "1,500 tokens) padded and packed into rows of --seq-len; real tokens/s and per-step losses")
+    g.add_argument("--samples-per-step", type=int, default=64, help="samples per optimizer step (default 64)")
+    g.add_argument("--padded-micro-batch", type=int, default=8,
+                   help="samples per padded micro-batch (default 8); packed micro-batches hold --micro-batch rows")
     g = parser.add_argument_group("report")
     g.add_argument("--price", type=float, default=2.5, help="USD per GPU-hour (default 2.5)")
     g.add_argument("--cost-steps", type=int, default=1000, help="steps the cost column is quoted for")
@@ -173,7 +180,11 @@ def validate(args) -> dict:
             card = parse_memory(args.card_memory) if args.card_memory else None
         except ValueError as exc:
             raise BenchError(f"--lengths / --card-memory: {exc}") from None
-    elif args.lengths or args.confirm or args.card_memory:
+    if args.packing and args.max_context:
+        raise BenchError("--packing and --max-context are separate benchmarks; run one at a time")
+    if args.packing and (args.samples_per_step < 1 or args.padded_micro_batch < 1):
+        raise BenchError("--samples-per-step and --padded-micro-batch must be at least 1")
+    if not args.max_context and (args.lengths or args.confirm or args.card_memory):
         raise BenchError("--lengths, --confirm and --card-memory go with --max-context")
     dtype = {"auto": "bfloat16" if device == "cuda" else "float32", "bf16": "bfloat16", "fp16": "float16",
              "fp32": "float32"}[args.dtype]
@@ -282,6 +293,7 @@ def run_worker(method: str, spec: dict, workdir: Path, timeout: float) -> dict:
                 result_path=str(workdir / f"{method}.result.json"))
     spec_path = workdir / f"{method}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
+    Path(spec["result_path"]).unlink(missing_ok=True)  # a method may run twice (--packing): never read a stale one
     tail = collections.deque(maxlen=40)
     t0 = time.perf_counter()
     proc = subprocess.Popen(worker_command(method, str(spec_path)), stdout=subprocess.PIPE,
@@ -438,6 +450,15 @@ def format_header(header: dict) -> str:
            if fpt else "n/a (config not understood)"),
         f"- cost: s/step × {header['cost_steps']} steps at ${header['price_usd_per_gpu_hour']}/GPU-hour; {mem}",
     ]
+    if header.get("mode") == "packing":
+        pk = header["packing"]
+        lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --packing")
+        lines[7:] = [f"- workload: {wl['steps']} optimizer steps ({wl['warmup']} warm-up) of {pk['samples_per_step']} "
+                     f"samples each, lengths uniform in {pk['lengths'][0]}–{pk['lengths'][1]} tokens; padded: "
+                     f"{pk['padded_micro_batch']} samples per micro-batch, padded to the longest; packed: "
+                     f"{pk['packed_micro_batch']} rows of {pk['seq_len']} per micro-batch; each step's loss divided by "
+                     f"its target count (the same in both modes); LoRA r {wl['lora_r']} α {wl['lora_alpha']}; "
+                     f"seed {wl['seed']}"]
     if header.get("mode") == "max_context":  # a ladder of single steps: no throughput, MFU or cost
         lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --max-context")
         lines[7:] = [f"- workload: one forward + backward + AdamW step at micro-batch 1 per length "
@@ -481,6 +502,10 @@ def run_bench(args) -> int:
     if args.max_context:
         header["mode"] = "max_context"
         header["lengths"] = settings["lengths"]
+    elif args.packing:
+        header["mode"] = "packing"
+        header["packing"] = {"samples_per_step": args.samples_per_step, "padded_micro_batch": args.padded_micro_batch,
+                             "packed_micro_batch": args.micro_batch, "seq_len": args.seq_len, "lengths": [20, 1500]}
     try:
         dims = model_shape(model_cfg) if model_cfg else None
         header["model_dims"] = dims.__dict__ if dims else None
@@ -490,7 +515,7 @@ def run_bench(args) -> int:
         flops = None
     header["flops_per_token"] = flops
     matmul = None
-    if runnable and not args.max_context:
+    if runnable and not args.max_context and not args.packing:
         _log(f"measuring the {'bf16' if device == 'cuda' else 'fp32'} matmul rate on {device}")
         matmul = measure_matmul_rate(device, args.matmul_size)
         _log(f"matmul rate {si(matmul['flops_per_s'], 'FLOP/s')}")
@@ -504,7 +529,9 @@ def run_bench(args) -> int:
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
             "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
             "cuda_graphs": args.cuda_graphs, "adapter_precision": args.adapter_precision,
-            "mode": "max_context" if args.max_context else "throughput", "lengths": settings["lengths"],
+            "mode": "max_context" if args.max_context else "packing" if args.packing else "throughput",
+            "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,
+            "padded_micro_batch": args.padded_micro_batch,
             "confirm": bool(args.confirm), "card_memory_bytes": settings["card_memory_bytes"],
             "profile_dir": str(Path(args.profile).expanduser().resolve()) if args.profile else None}
     results = []
@@ -515,11 +542,17 @@ def run_bench(args) -> int:
                 results.append({"method": method, "status": "skipped", "reason": why, "losses": [],
                                 "step_times_s": []})
                 continue
-            _log(f"{method}: starting worker")
-            results.append(run_worker(method, spec, Path(tmp), args.timeout))
-            r = results[-1]
-            _log(f"{method}: {r['status']}" + ("" if r["status"] == "ok" else f" — {r.get('error') or r.get('reason')}"))
-    if args.max_context:
+            for mode in (("padded", "packed") if args.packing else (None,)):
+                _log(f"{method}{f' ({mode})' if mode else ''}: starting worker")
+                results.append(run_worker(method, dict(spec, packing_mode=mode), Path(tmp), args.timeout))
+                r = results[-1]
+                r.setdefault("mode", mode)
+                _log(f"{method}: {r['status']}"
+                     + ("" if r["status"] == "ok" else f" — {r.get('error') or r.get('reason')}"))
+    if args.packing:
+        from .bench_packing import format_packing_table
+        table = format_packing_table(results)
+    elif args.max_context:
         from .bench_context import add_planner_predictions, format_context_tables
         if model_cfg:
             add_planner_predictions(results, model_cfg, bool(args.qlora), args.lora_r)

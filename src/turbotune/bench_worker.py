@@ -293,6 +293,42 @@ def train(model, spec, result) -> None:
         _log(method, f"profiled step: wall {p['wall_ms']:.0f} ms, GPU busy {p['gpu_busy_ms']:.0f} ms -> {p['report']}")
 
 
+def run_packing(model, spec, result) -> None:
+    """`--packing`: the same length mix, padded or packed (spec["packing_mode"]), with turbotune's step."""
+    import torch
+
+    from turbotune.bench_packing import (
+        eager_step_fn,
+        make_length_mix,
+        run_packing_bench,
+    )
+
+    method, cuda, mode = spec["method"], spec["device"] == "cuda", spec["packing_mode"]
+    sps = spec["samples_per_step"]
+    samples = make_length_mix(spec["seed"], spec["steps"] * sps, spec["vocab_size"], hi=min(1500, spec["seq_len"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_fn = eager_step_fn(model)
+    if method.startswith("turbotune") and cuda:
+        from turbotune.cuda_graphs import GraphedMicroStep
+        step_fn = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    cfg = getattr(model, "config", None)
+    pad_id = getattr(cfg, "pad_token_id", None)
+    pad_id = pad_id if pad_id is not None else (getattr(cfg, "eos_token_id", None) or 0)
+    res = run_packing_bench(model, int(pad_id if not isinstance(pad_id, list) else pad_id[0]), samples,
+                            seq_len=spec["seq_len"], micro_batch=spec["micro_batch"] if mode == "packed"
+                            else spec["padded_micro_batch"], samples_per_step=sps, steps=spec["steps"],
+                            warmup=spec["warmup"], mode=mode, device=spec["device"], step_fn=step_fn,
+                            log=lambda m: _log(method, m), lr=spec["lr"])
+    result.update(res)
+    result["memory_kind"] = "cuda" if cuda else "rss"
+    if cuda:
+        result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+    if hasattr(step_fn, "replays"):
+        result["cuda_graphs"] = step_fn.disabled_reason or f"on ({step_fn.replays} micro-steps replayed)"
+
+
 def run_spec(spec: dict) -> dict:
     method = spec["method"]
     result = {"method": method, "status": "failed", "phase": "import", "error": None, "losses": [],
@@ -328,6 +364,8 @@ def run_spec(spec: dict) -> dict:
         if spec.get("mode") == "max_context":
             from turbotune.bench_context import run_max_context
             run_max_context(model, spec, result, _log)
+        elif spec.get("mode") == "packing":
+            run_packing(model, spec, result)
         else:
             train(model, spec, result)
         result["status"] = "ok"

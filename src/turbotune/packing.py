@@ -294,11 +294,19 @@ class PackingCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     @classmethod
-    def for_model(cls, model, tokenizer_or_pad_id: Any, pad_to_multiple_of: int | None = None) -> "PackingCollator":
-        """The collator for this model: mode from `packing_attention_mode`, mask format from its attention."""
+    def for_model(cls, model, tokenizer_or_pad_id: Any, pad_to_multiple_of: int | None = None,
+                  no_host_sync: bool = False) -> "PackingCollator":
+        """The collator for this model: mode from `packing_attention_mode`, mask format from its attention.
+
+        no_host_sync: the step will be captured in a CUDA graph (turbotune.cuda_graphs), where nothing may wait
+        for the host. transformers' packed-sequence detection ("position_ids" mode) reads a GPU value on the
+        host, so the collator builds the same document mask itself ("mask_4d"), which costs the same: SDPA
+        gets a materialised mask either way."""
         import torch
 
         mode = packing_attention_mode(model)
+        if no_host_sync and mode == MODE_POSITION_IDS:
+            mode = MODE_MASK_4D
         base = unwrap_peft(model)
         impl = getattr(base.config, "_attn_implementation", None) or "eager"
         dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)

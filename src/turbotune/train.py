@@ -104,12 +104,22 @@ class Trainer:
         self.stream = stream or sys.stdout
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.device = next(p for p in model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameters; add LoRA with FastModel.get_peft_model first")
+        self.params = params
+        from .cuda_graphs import GraphedMicroStep
+        self.micro = GraphedMicroStep(model, params, enabled=cfg.cuda_graphs)
         # The units a micro-batch is drawn from: samples (padded per batch) or packed rows of samples.
         if cfg.packing:
             from .packing import PackingCollator, pack_samples, packing_stats
             order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             self.units = pack_samples([train_dataset[i] for i in order], cfg.max_seq_length)
-            self.collate = PackingCollator.for_model(model, tokenizer)
+            # With CUDA graphs: every row padded to max_seq_length (one shape, one graph) and a document mask
+            # built here rather than by transformers (whose detection would wait for the GPU).
+            graphs = self.micro.active
+            self.collate = PackingCollator.for_model(model, tokenizer, no_host_sync=graphs,
+                                                     pad_to_multiple_of=cfg.max_seq_length if graphs else None)
             self._say(packing_stats([train_dataset[i] for i in order], self.units, cfg.batch_size).line())
         else:
             from .data import DataCollator
@@ -120,12 +130,6 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.epochs * self.n_micro / cfg.grad_accum))
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("the model has no trainable parameters; add LoRA with FastModel.get_peft_model first")
-        self.params = params
-        from .cuda_graphs import GraphedMicroStep
-        self.micro = GraphedMicroStep(model, params, enabled=cfg.cuda_graphs)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=self.device.type == "cuda")
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
