@@ -116,6 +116,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--adapter-precision", choices=["peft", "input"], default=None,
                    help="turbotune methods' LoRA math: 'peft' (the adapters' dtype, exactly as PEFT) or 'input' "
                         "(the compute dtype, as Unsloth); default: turbotune's default")
+    g.add_argument("--fp32-adapter-kernels", choices=["torch", "triton"], default=None,
+                   help="turbotune methods: how fp32 adapters read 16-bit activations (torch: fp32 copies + "
+                        "cuBLAS; triton: in place, kernels/skinny_fp32.py); default: turbotune's default")
     g.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed steps, profile one more step per method with torch.profiler and write "
                         "DIR/profile-<method>.txt (GPU busy vs wall time, top ops and kernels)")
@@ -529,6 +532,7 @@ def run_bench(args) -> int:
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
             "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
             "cuda_graphs": args.cuda_graphs, "adapter_precision": args.adapter_precision,
+            "fp32_adapter_kernels": args.fp32_adapter_kernels,
             "mode": "max_context" if args.max_context else "packing" if args.packing else "throughput",
             "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,
             "padded_micro_batch": args.padded_micro_batch,

@@ -219,3 +219,37 @@ def test_unsupported_reasons():
         assert fused_lora_unsupported_reason(attn.q_proj) == "disable_adapters"
     attn.o_proj.get_base_layer().weight.requires_grad_(True)
     assert fused_lora_unsupported_reason(attn.o_proj) == "base weight is trainable"
+
+
+# --------------------------------------------------------------------------------------------- fp32 adapter kernels
+def test_bf16_base_fp32_adapters_in_place_kernels():
+    """set_fp32_adapter_backend("triton"): the fp32 rank-r products read bf16 activations in place
+    (kernels/skinny_fp32.py) and give what the torch path (fp32 copies + fp32 matmul) gives."""
+    from turbotune.kernels import lora_parts
+    torch.manual_seed(0)
+    _, attn, mlp = _wrap(LlamaForCausalLM(_config()).to(torch.bfloat16))
+    x = _x(torch.bfloat16)
+    results = {}
+    for backend in ("torch", "triton"):
+        prev = lora_parts.set_fp32_adapter_backend(backend)
+        try:
+            mods = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            outs = list(lora_qkv(x, *[lora_part(m) for m in mods[:3]]))
+            outs.append(lora_mlp(x, *[lora_part(m) for m in mods[3:]], act="silu"))
+            outs.append(lora_linear(x, lora_part(attn.o_proj)))
+            results[backend] = (outs, _grads(outs, x, mods + [attn.o_proj]))
+        finally:
+            lora_parts.set_fp32_adapter_backend(prev)
+    (ro, rg), (to, tg) = results["torch"], results["triton"]
+    for r, o in zip(ro, to):
+        torch.testing.assert_close(o.float(), r.float(), rtol=1e-2, atol=1e-2 * r.float().abs().max().item())
+    for r, g in zip(rg, tg):
+        assert g.dtype == r.dtype
+        err = ((g.float() - r.float()).abs().max() / r.float().abs().max()).item()
+        assert err < (1e-2 if g.dtype == torch.bfloat16 else 1e-5), err  # x's grad is bf16; adapters' fp32
+
+
+def test_fp32_adapter_backend_is_validated():
+    from turbotune.kernels import lora_parts
+    with pytest.raises(ValueError):
+        lora_parts.set_fp32_adapter_backend("cuda")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora_parts import (CastCache, LoRAPart, adapter_grads, autocast_dtype, dense_weight,
+from .lora_parts import (CastCache, LoRAPart, adapter_grads, autocast_dtype, dense_weight, down_adapter_grad,
                          fused_lora_unsupported_reason, grad_to, input_grad_into, lora_dtype, lora_part, no_autocast,
                          project)
 from .swiglu import act_mul_backward, act_mul_forward
@@ -203,7 +203,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(g)
             del dh
             if nig[5]:
-                d_ad = torch.mm(u_d.t(), h.to(ld_d)).mul_(down_p.scaling)
+                d_ad = down_adapter_grad(u_d, h, down_p, ld_d)
             del h
             xc = CastCache(_flat(x)) if x is not None else None
             dx, (d_ag, d_bg, d_au, d_bu) = _multi_backward([de, dg], [gate_p, up_p], [ld_g, ld_u], xc,

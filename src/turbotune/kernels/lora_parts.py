@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from .._compat import autocast_dtype
+from ._triton_utils import HAS_TRITON
+from .skinny_fp32 import skinny_mm_t, skinny_tn
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +226,33 @@ def cached_lora_part(module: nn.Module) -> LoRAPart | None:
 
 
 # --------------------------------------------------------------------------------------------- shared math
+# How fp32 rank-r products read a 16-bit activation (x, the MLP's h, a wide dY): "torch" casts it to fp32 and
+# runs cuBLAS (PEFT's literal recipe); "triton" reads it in place and upcasts in registers (skinny_fp32.py:
+# same fp32 products, no fp32 copy). "torch" stays the default until the kernels are timed on a GPU.
+FP32_ADAPTER_BACKENDS = ("torch", "triton")
+_fp32_adapter_backend = "torch"
+
+
+def set_fp32_adapter_backend(name: str) -> str:
+    """Choose how fp32 adapters read 16-bit activations; returns the previous choice."""
+    global _fp32_adapter_backend
+    if name not in FP32_ADAPTER_BACKENDS:
+        raise ValueError(f"fp32 adapter backend must be one of {FP32_ADAPTER_BACKENDS}, got {name!r}")
+    prev, _fp32_adapter_backend = _fp32_adapter_backend, name
+    return prev
+
+
+def _skinny(wide: torch.Tensor, ld: torch.dtype, part: LoRAPart) -> bool:
+    """Whether this rank-r product goes through the in-place fp32 kernels (see FP32_ADAPTER_BACKENDS)."""
+    if _fp32_adapter_backend != "triton" or ld != torch.float32 or part.A is None:
+        return False
+    if wide.dtype not in (torch.bfloat16, torch.float16) or part.A.dtype != torch.float32 \
+            or part.B.dtype != torch.float32 or part.A.shape[0] > 64:
+        return False
+    from ._dispatch import interpret_mode
+    return (wide.is_cuda or interpret_mode()) and HAS_TRITON
+
+
 def no_autocast(device_type: str):
     """Context that switches autocast off (our matmuls use explicit dtypes), or a no-op when it is off."""
     if autocast_dtype(device_type) is None:
@@ -265,7 +294,10 @@ def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype):
         out = torch.mm(x2, w.t())
     del w
     xa = None
-    if part.A is not None:
+    if part.A is not None and _skinny(x2, ld, part):
+        xa = skinny_mm_t(x2, part.A, backend="triton")
+        out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
+    elif part.A is not None:
         xa = torch.mm(xc(ld), part.A.to(ld).t())
         out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
     return out, xa
@@ -280,11 +312,23 @@ def adapter_grads(dy: CastCache, xc: CastCache | None, xa: torch.Tensor | None, 
         dA = s u^T x              [r, in]
     Returns (u, dA, dB), each in ld (u is needed for dx += s u A).
     """
+    if _skinny(dy.t, ld, part) and (not need_a or _skinny(xc.t, ld, part)):
+        u = skinny_mm_t(dy.t, part.B.t(), backend="triton")
+        d_b = skinny_tn(dy.t, xa, backend="triton").mul_(part.scaling) if need_b else None
+        d_a = skinny_tn(xc.t, u, backend="triton").t().contiguous().mul_(part.scaling) if need_a else None
+        return u, d_a, d_b
     dyl = dy(ld)
     u = torch.mm(dyl, part.B.to(ld))
     d_b = torch.mm(dyl.t(), xa).mul_(part.scaling) if need_b else None
     d_a = torch.mm(u.t(), xc(ld)).mul_(part.scaling) if need_a else None
     return u, d_a, d_b
+
+
+def down_adapter_grad(u: torch.Tensor, h: torch.Tensor, part: LoRAPart, ld: torch.dtype) -> torch.Tensor:
+    """dA = s u^T h for the MLP's down projection (h recomputed in backward, 16-bit, [N, I])."""
+    if _skinny(h, ld, part):
+        return skinny_tn(h, u, backend="triton").t().contiguous().mul_(part.scaling)
+    return torch.mm(u.t(), h.to(ld)).mul_(part.scaling)
 
 
 def input_grad_into(dx: torch.Tensor | None, dy: torch.Tensor, part: LoRAPart, u: torch.Tensor | None):
