@@ -91,3 +91,19 @@ def test_packed_training_run(tiny_llama_dir, tmp_path):
     cfg2 = TrainConfig(output_dir=str(tmp_path / "padded"), batch_size=8, grad_accum=1, max_steps=1, seed=3)
     padded_loss, _ = Trainer(cfg2, model, tok, data, progress=False)._train_step()
     assert abs(packed_loss - padded_loss) < 1e-5 * padded_loss
+
+
+def test_packing_default_is_auto(tiny_llama_dir, monkeypatch):
+    """packing=None: off on the CPU (said in the run's first lines); on a GPU, on when attention allows."""
+    import torch
+
+    from turbotune import FastModel
+    from turbotune.train import auto_packing
+
+    m, _ = FastModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, verbose=False)
+    assert auto_packing(m, torch.device("cpu")) == (False, "CPU run")
+    on, why = auto_packing(m, torch.device("cuda"))
+    assert on and "position_ids" in why
+    m.config._attn_implementation = "paged|sdpa"
+    on, why = auto_packing(m, torch.device("cuda"))
+    assert not on and "paged" in why

@@ -44,7 +44,9 @@ _TRAIN_FLAGS = [
     ("--overwrite", dict(action="store_const", const=True, help="replace a different run in --output-dir")),
     ("--skip-nonfinite", dict(action="store_const", const=True, help="skip steps whose loss is NaN/inf")),
     ("--packing", dict(action="store_const", const=True,
-                       help="pack samples into rows of --max-seq-length: no compute spent on padding")),
+                       help="pack samples into rows of --max-seq-length: no compute spent on padding "
+                            "(default: on for GPU runs where the model's attention supports it)")),
+    ("--no-packing", dict(action="store_const", const=False, dest="packing", help="pad each micro-batch instead")),
     ("--no-gradient-checkpointing", dict(action="store_const", const=False, dest="gradient_checkpointing")),
     ("--allow-pickle", dict(action="store_const", const=True, help="allow pickle (*.bin) weights: they can run code")),
     ("--trust-remote-code", dict(action="store_const", const=True, help="run the model repo's own Python code")),

@@ -39,7 +39,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None
     gradient_checkpointing: bool = True
-    packing: bool = False               # pack samples into rows of max_seq_length (no padding; see packing.py)
+    packing: bool | None = None         # pack samples into rows of max_seq_length (packing.py); None = auto:
+                                        # on for GPU runs whose attention supports it, off on the CPU
     train_on_responses_only: bool = True
     skip_bad_rows: bool = False
     seed: int = 3407

@@ -55,7 +55,7 @@ def demo_config(output_dir="outputs/demo", **overrides) -> TrainConfig:
     # No gradient checkpointing: host memory is plentiful and recomputation would cost a quarter of the time.
     values = dict(model=None, data=None, output_dir=output_dir, max_seq_length=256, batch_size=4, grad_accum=1,
                   max_steps=20, lr=2e-3, warmup_steps=2, lora_r=16, lora_alpha=32, logging_steps=2,
-                  gradient_checkpointing=False, overwrite=True)
+                  gradient_checkpointing=False, packing=False, overwrite=True)
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -92,6 +92,18 @@ class _SignalGuard:
         return False
 
 
+def auto_packing(model, device: torch.device) -> tuple[bool, str]:
+    """The default: pack on a GPU when the model's attention keeps packed samples apart; not on the CPU,
+    where a packed row's attention over all of max_seq_length costs more than the padding it saves."""
+    if device.type != "cuda":
+        return False, "CPU run"
+    from .packing import PackingError, packing_attention_mode
+    try:
+        return True, f"auto: attention keeps samples apart via {packing_attention_mode(model)}"
+    except PackingError as exc:
+        return False, f"auto: {exc}"
+
+
 class Trainer:
     """Train the LoRA adapters of `model` on tokenized samples (see data.prepare_dataset)."""
 
@@ -111,6 +123,9 @@ class Trainer:
         from .cuda_graphs import GraphedMicroStep
         self.micro = GraphedMicroStep(model, params, enabled=cfg.cuda_graphs)
         # The units a micro-batch is drawn from: samples (padded per batch) or packed rows of samples.
+        if cfg.packing is None:
+            cfg.packing, why = auto_packing(model, self.device)
+            self._say(f"packing: {'on' if cfg.packing else 'off'} ({why}; --packing / --no-packing to choose)")
         if cfg.packing:
             from .packing import PackingCollator, pack_samples, packing_stats
             order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
