@@ -64,3 +64,16 @@ def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory, smol_tokenizer):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), smol_tokenizer, "qwen2", tie_word_embeddings=False)
+
+
+def nonzero_lora_b(model, seed: int = 1, std: float = 0.05):
+    """PEFT starts LoRA B at zero, which leaves every A without a gradient on the first step. Give B the same
+    random values in every model built this way, so tests compare all LoRA gradients."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

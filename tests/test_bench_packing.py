@@ -1,6 +1,7 @@
 """The packing benchmark: length mix, step plan, and padded vs packed runs with equal per-step losses (CPU, fp32)."""
 import pytest
 import torch
+from conftest import nonzero_lora_b
 
 from turbotune import packing
 from turbotune.bench_packing import (
@@ -54,13 +55,7 @@ def _model(folder):
 
     model, _ = FastModel.from_pretrained(str(folder), dtype=torch.float32, verbose=False)
     model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, verbose=False)
-    # Non-zero B (the same in every instance), so every LoRA weight gets a gradient from the first step on.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return nonzero_lora_b(model)  # the same B in every instance: every LoRA weight gets a gradient
 
 
 class _ActiveStepper:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import make_tiny_model  # noqa: E402
+from conftest import make_tiny_model, nonzero_lora_b  # noqa: E402
 
 from turbotune import packing  # noqa: E402
 from turbotune._compat import dtype_kwargs  # noqa: E402
@@ -183,15 +183,6 @@ def _fast(folder, attn="sdpa"):
                                     use_gradient_checkpointing=False, verbose=False)
 
 
-def _nonzero_lora_b(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
 def _samples(vocab):
     # A chat-like mix (masked prompts) and text samples (every label is a token, the first one too) in the
     # middle of a row, where the boundary rule matters, and at the start of one.
@@ -223,7 +214,7 @@ def test_packed_equals_padded(family_dirs, family, kind, attn, force, monkeypatc
     """Summed token loss and every LoRA gradient of a packed batch equal those of the padded batch."""
     if force == "mask_4d":  # what a transformers without packed-sequence support gets
         monkeypatch.setattr(packing, "transformers_builds_packed_mask", lambda: False)
-    model = _nonzero_lora_b((_stock if kind == "stock" else _fast)(family_dirs[family], attn))
+    model = nonzero_lora_b((_stock if kind == "stock" else _fast)(family_dirs[family], attn))
     assert is_patched(model.get_base_model()) == (kind == "fast")
     model.train()
     samples = _samples(model.config.vocab_size)
@@ -252,7 +243,7 @@ def test_packed_equals_padded(family_dirs, family, kind, attn, force, monkeypatc
 
 @pytest.mark.parametrize("kind", ["stock", "fast"])
 def test_document_mask_blocks_cross_sample_attention(family_dirs, kind):
-    model = _nonzero_lora_b((_stock if kind == "stock" else _fast)(family_dirs["llama"]))
+    model = nonzero_lora_b((_stock if kind == "stock" else _fast)(family_dirs["llama"]))
     model.eval()
     vocab = model.config.vocab_size
     s1, s2 = _sample(9, seed=11, vocab=vocab), _sample(8, seed=12, vocab=vocab)

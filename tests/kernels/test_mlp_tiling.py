@@ -9,6 +9,8 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import nonzero_lora_b
 from test_fused_lora import _config, _wrap
 from transformers import LlamaForCausalLM
 
@@ -115,12 +117,7 @@ def _model(folder, checkpointing):
     model, _ = FastModel.from_pretrained(str(folder), verbose=False)
     model = FastModel.get_peft_model(model, r=8, lora_alpha=16, random_state=5, verbose=False,
                                      use_gradient_checkpointing=checkpointing)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero B so every LoRA weight gets a gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return nonzero_lora_b(model)
 
 
 def _loss_and_grads(model, ids, labels):

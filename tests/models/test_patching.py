@@ -6,7 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_tiny_model  # noqa: E402
+from conftest import make_tiny_model, nonzero_lora_b  # noqa: E402
 
 from turbotune import FastModel  # noqa: E402
 from turbotune.models import is_patched, patch_model, unpatch_model  # noqa: E402
@@ -28,12 +28,7 @@ def _model(folder, patch, checkpointing=False):
     model, _ = FastModel.from_pretrained(str(folder), verbose=False, patch=patch)
     model = FastModel.get_peft_model(model, r=8, lora_alpha=16, random_state=5, verbose=False,
                                      use_gradient_checkpointing=checkpointing)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero B so every LoRA weight gets a gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return nonzero_lora_b(model)
 
 
 def _batch(vocab, seed=0):
