@@ -279,6 +279,9 @@ class Trainer:
             from .auto_checkpointing import plan_checkpointing
             self._say(plan_checkpointing(self.model, self.cfg.max_seq_length, self.cfg.batch_size).line())
         self._print_prediction()
+        if self.device.type == "cuda":
+            self._say("CUDA graphs: " + ("on (each micro-step shape replays after two eager steps; --no-cuda-graphs "
+                                         "to turn off)" if self.micro.active else f"off ({self.micro.disabled_reason})"))
         if self.cfg.resume:
             if resume_path is None:
                 self._say(f"--resume: no checkpoint in {self.out} yet, starting from step 0")
