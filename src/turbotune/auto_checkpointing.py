@@ -4,7 +4,8 @@ Recomputing every layer costs about a third more matrix work; on a card with roo
 the sequence length and micro-batch, the planner (planner.py) predicts the peak of each mode from the config;
 the cheapest mode whose prediction fits the card, with a safety margin, wins:
 
-    none (keep every activation)  →  recompute (keep each layer's input)  →  offload (inputs on the host)
+    none (keep every activation)  →  recompute k of the L layers (the smallest k that fits; the others keep
+    their activations)  →  recompute all  →  offload (every layer's input on the host)
 
 On the CPU there is no card to fit: "auto" keeps transformers' recompute, the conservative choice.
 """
@@ -26,9 +27,11 @@ class CheckpointingChoice:
     predicted_bytes: int | None
     budget_bytes: int | None
     reason: str
+    layers: int | None = None  # recompute: how many decoder layers are checkpointed (None: all of them)
 
     def line(self) -> str:
-        return f"gradient checkpointing: {self.mode} ({self.reason})"
+        what = self.mode if self.layers is None else f"recompute {self.layers} of its layers"
+        return f"gradient checkpointing: {what} ({self.reason})"
 
 
 def _lora_rank(model) -> int:
@@ -55,24 +58,65 @@ def choose_checkpointing(model, seq_len: int, batch: int, budget_bytes: int | No
         budget_bytes = device_budget(device)
     qlora = bool(getattr(base, "is_loaded_in_4bit", False))
     usable = int(budget_bytes * SAFETY_MARGIN)
-    last = None
-    for mode in MODES:
-        plan = predict_peak(base.config, seq_len, batch, qlora=qlora, lora_r=_lora_rank(model), checkpointing=mode,
-                            dtype=base.dtype)
-        last = plan
-        if plan.total_bytes <= usable:
-            return CheckpointingChoice(mode, plan.total_bytes, budget_bytes,
-                                       f"predicted {plan.total_bytes / 2**30:.1f} GiB of {budget_bytes / 2**30:.1f} "
-                                       f"GiB usable at seq {seq_len} × batch {batch}")
-    return CheckpointingChoice("offload", last.total_bytes if last else None, budget_bytes,
+
+    def plan(mode, layers=None):
+        return predict_peak(base.config, seq_len, batch, qlora=qlora, lora_r=_lora_rank(model), checkpointing=mode,
+                            dtype=base.dtype, checkpointed_layers=layers)
+
+    def choice(mode, p, layers=None):
+        return CheckpointingChoice(mode, p.total_bytes, budget_bytes,
+                                   f"predicted {p.total_bytes / 2**30:.1f} GiB of {budget_bytes / 2**30:.1f} GiB "
+                                   f"usable at seq {seq_len} × batch {batch}", layers)
+
+    p = plan("none")
+    if p.total_bytes <= usable:
+        return choice("none", p)
+    full = plan("recompute")
+    if full.total_bytes <= usable:
+        # Checkpoint as few layers as fit: each one costs a second forward of that layer in backward. The
+        # prediction falls as more layers are checkpointed, so bisect for the smallest count that fits.
+        n_layers = len(find_layers(model))
+        lo, hi = 1, n_layers
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if plan("recompute", mid).total_bytes <= usable:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo < n_layers:
+            return choice("recompute", plan("recompute", lo), lo)
+        return choice("recompute", full)
+    p = plan("offload")
+    if p.total_bytes <= usable:
+        return choice("offload", p)
+    return CheckpointingChoice("offload", p.total_bytes, budget_bytes,
                                "nothing is predicted to fit; offload needs the least GPU memory")
+
+
+def find_layers(model):
+    from .checkpointing import find_decoder_layers
+    return find_decoder_layers(unwrap_peft(model))
 
 
 def apply_checkpointing_choice(model, choice: CheckpointingChoice) -> None:
     from .lora import enable_gradient_checkpointing
 
     enable_gradient_checkpointing(model, {"none": False, "recompute": True, "offload": "offload"}[choice.mode])
+    if choice.mode == "recompute" and choice.layers is not None:
+        set_checkpointed_layers(model, choice.layers)
     model.__dict__["_turbotune_checkpointing"] = choice.mode
+
+
+def set_checkpointed_layers(model, count: int) -> None:
+    """With transformers' checkpointing on, keep it on the first `count` decoder layers only: the others save
+    their activations as usual (GradientCheckpointingLayer reads its own `gradient_checkpointing` flag)."""
+    layers = find_layers(model)
+    if not 0 <= count <= len(layers):
+        raise ValueError(f"count must be between 0 and {len(layers)}, got {count}")
+    for i, layer in enumerate(layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise RuntimeError("this transformers' decoder layers have no per-layer checkpointing switch")
+        layer.gradient_checkpointing = i < count
 
 
 def plan_checkpointing(model, seq_len: int, batch: int, budget_bytes: int | None = None) -> CheckpointingChoice:

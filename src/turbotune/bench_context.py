@@ -123,10 +123,11 @@ def run_max_context(model, spec: dict, result: dict, log) -> None:
     result["context"] = ctx
 
     def attempt(length: int) -> dict:
-        mode = None
+        mode = layers = None
         if method == "turbotune-auto":
             from .auto_checkpointing import plan_checkpointing
-            mode = plan_checkpointing(model, length, 1).mode
+            choice = plan_checkpointing(model, length, 1)
+            mode, layers = choice.mode, choice.layers
         elif method.startswith("turbotune"):
             mode = "offload" if method == "turbotune-min-memory" else "recompute"
         elif method in ("hf", "liger", "unsloth"):
@@ -139,10 +140,12 @@ def run_max_context(model, spec: dict, result: dict, log) -> None:
             del ids
             opt.zero_grad(set_to_none=True)
             _free(cuda)
-            return {"seq_len": length, "status": "oom", "checkpointing": mode, "error": str(exc).splitlines()[0][:200]}
+            return {"seq_len": length, "status": "oom", "checkpointing": mode, "checkpointed_layers": layers,
+                    "error": str(exc).splitlines()[0][:200]}
         log(method, f"seq {length:,}: peak {peak / GiB if peak else float('nan'):.2f} GiB, {dt:.2f} s, "
                     f"loss {loss:.4f}")
-        return {"seq_len": length, "status": "ok", "checkpointing": mode, "peak_alloc_bytes": peak, "step_s": dt,
+        return {"seq_len": length, "status": "ok", "checkpointing": mode, "checkpointed_layers": layers,
+                "peak_alloc_bytes": peak, "step_s": dt,
                 "loss": loss, "tokens_per_s": length / dt}
 
     for length in spec["lengths"]:
@@ -180,7 +183,8 @@ def add_planner_predictions(results: list[dict], model_cfg: dict, qlora: bool, l
                 continue
             try:
                 plan = predict_peak(model_cfg, p["seq_len"], 1, qlora=qlora, lora_r=lora_r,
-                                    checkpointing=p["checkpointing"], method="hf" if method == "hf" else "turbotune")
+                                    checkpointing=p["checkpointing"], method="hf" if method == "hf" else "turbotune",
+                                    checkpointed_layers=p.get("checkpointed_layers"))
             except (PlanError, KeyError, TypeError, ValueError):
                 continue
             p["planner_alloc_bytes"] = plan.allocated_bytes
@@ -221,7 +225,9 @@ def format_context_tables(results: list[dict], lengths: list[int]) -> str:
         for p in ctx["points"] + ([c] if c else []):
             if p.get("planner_alloc_bytes") and p.get("peak_alloc_bytes"):
                 err = p["planner_alloc_bytes"] / p["peak_alloc_bytes"] - 1
-                planner.append(f"| {r['method']} | {p['seq_len']:,} | {p['checkpointing']} | "
+                ck = p["checkpointing"] + (f" ({p['checkpointed_layers']} layers)" if p.get("checkpointed_layers")
+                                           else "")
+                planner.append(f"| {r['method']} | {p['seq_len']:,} | {ck} | "
                                f"{_gib(p['peak_alloc_bytes'])} | {_gib(p['planner_alloc_bytes'])} | {err:+.1%} |")
     if planner:
         lines += ["", "The planner (`turbotune plan`) against the measured peaks:", "",

@@ -410,6 +410,7 @@ class Plan:
     lora_params: int
     chunk_size: int | None = None
     per_layer_saved: dict = field(default_factory=dict)   # bytes per token, by term
+    checkpointed_layers: int | None = None                # recompute: layers checkpointed (None: all)
 
     def item(self, key: str) -> int:
         return sum(i.bytes for i in self.items if i.key == key)
@@ -445,11 +446,13 @@ class Plan:
 
 def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: int = 16,
                  checkpointing: str = "recompute", method: str = "turbotune", dtype: str = "bf16",
-                 double_quant: bool = True, name: str | None = None) -> Plan:
+                 double_quant: bool = True, name: str | None = None, checkpointed_layers: int | None = None) -> Plan:
     """Predict the peak GPU memory of one LoRA (or QLoRA) training step (module docstring for every formula).
 
     config: a config dict, a transformers PretrainedConfig, or a ModelShape. checkpointing: "none" | "recompute"
     | "offload" (True / False are accepted too). method: "turbotune" (fused path) | "hf" (transformers + PEFT).
+    checkpointed_layers (recompute only): how many decoder layers are checkpointed, the others keeping their
+    whole saved set (default: all of them).
     """
     shape = model_shape(config)
     dtype = _dtype_name(dtype)
@@ -491,12 +494,19 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
     s_layer = sum(per_layer.values())                 # bytes/token, the layer input included when the layer saves it
     s_recompute = s_layer - per_layer["layer_input"]  # what a recomputed layer adds on top of its checkpoint input
     x_in = N * H * b  # one layer input (hf + QLoRA: fp32, the upcast embeddings start an fp32 residual stream)
+    k = L  # checkpointed layers (recompute)
     if checkpointing == "none":
         add("act_layers", f"activations: every layer's saved set ({L} x {s_layer:,} B/token)", L * N * s_layer,
             "kept", "no checkpointing")
     elif checkpointing == "recompute":
-        add("act_layer_inputs", f"activations: checkpointed layer inputs ({L} x N·H·{x_in // (N * H)})",
-            L * x_in, "kept", "one per decoder layer, kept from forward to backward")
+        k = L if checkpointed_layers is None else int(checkpointed_layers)
+        if not 1 <= k <= L:
+            raise PlanError(f"checkpointed_layers must be between 1 and {L}, got {checkpointed_layers}")
+        add("act_layer_inputs", f"activations: checkpointed layer inputs ({k} x N·H·{x_in // (N * H)})",
+            k * x_in, "kept", "one per checkpointed decoder layer, kept from forward to backward")
+        if k < L:
+            add("act_layers", f"activations: {L - k} layers not checkpointed ({L - k} x {s_layer:,} B/token)",
+                (L - k) * N * s_layer, "kept", f"{k} of {L} layers checkpointed")
     else:
         add("act_layer_inputs", "activations: last layer's input (the others on the host)", x_in, "kept",
             f"{L - 1} layer inputs ({(L - 1) * x_in / GiB:.2f} GiB) offloaded to CPU memory")
@@ -542,4 +552,5 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
                 double_quant=bool(double_quant), dtype=dtype, seq_len=seq_len, batch_size=batch, lora_r=lora_r,
                 checkpointing=checkpointing, items=items, peak_phase=peak_phase, allocated_bytes=int(allocated),
                 total_bytes=int(total), base_params=shape.total_params(), lora_params=p, chunk_size=chunk,
-                per_layer_saved=per_layer)
+                per_layer_saved=per_layer,
+                checkpointed_layers=(k if checkpointing == "recompute" and k < L else None))
