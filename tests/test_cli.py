@@ -29,3 +29,13 @@ def test_generate_command(tiny_llama_dir, capsys):
 def test_stop_ids_include_end_of_turn(smol_tokenizer):
     from turbotune.inference import _stop_ids
     assert smol_tokenizer.convert_tokens_to_ids("<|im_end|>") in _stop_ids(smol_tokenizer)
+
+
+def test_train_switches_parse():
+    """The switch pairs reach TrainConfig's fields: 4-bit double quant, packing, CUDA graphs, adapter precision."""
+    p = build_parser()
+    a = p.parse_args(["train", "--model", "m", "--data", "d", "--double-quant", "--no-packing", "--no-cuda-graphs",
+                      "--adapter-precision", "input"])
+    assert (a.double_quant, a.packing, a.cuda_graphs, a.adapter_precision) == (True, False, False, "input")
+    a = p.parse_args(["train", "--model", "m", "--data", "d", "--no-double-quant", "--packing"])
+    assert (a.double_quant, a.packing, a.cuda_graphs) == (False, True, None)

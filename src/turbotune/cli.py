@@ -18,6 +18,8 @@ _TRAIN_FLAGS = [
     ("--format", dict(choices=["auto", "alpaca", "sharegpt", "messages", "text"], help="data format (default auto)")),
     ("--output-dir", dict(help="where checkpoints, the log and the loss plot go (default outputs)")),
     ("--load-in-4bit", dict(action="store_const", const=True, help="QLoRA: 4-bit NF4 base weights")),
+    ("--double-quant", dict(action="store_const", const=True, dest="double_quant",
+                            help="4-bit with the scales quantised again (the default)")),
     ("--no-double-quant", dict(action="store_const", const=False, dest="double_quant",
                                help="4-bit without double quantisation of the scales")),
     ("--dtype", dict(choices=["bf16", "fp16", "fp32"], help="compute dtype (default: bf16 where supported)")),
