@@ -281,3 +281,22 @@ def test_collator_for_cuda_graphs_builds_its_own_mask(tiny_llama_dir, smol_token
     batch = c(rows)
     assert batch["input_ids"].shape == (1, 64) and batch["attention_mask"].shape == (1, 1, 64, 64)
     assert PackingCollator.for_model(m, smol_tokenizer).mode == "position_ids"
+
+
+def test_fill_rows_keeps_the_loss(tiny_llama_dir, smol_tokenizer):
+    """The epoch's short last micro-batch, grown to the batch size for a CUDA graph, gives the same loss."""
+    from turbotune import FastModel
+    from turbotune.packing import fill_rows
+    m, _ = FastModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, verbose=False)
+    m.train()
+    c = PackingCollator.for_model(m, smol_tokenizer, no_host_sync=True, pad_to_multiple_of=32)
+    batch = c(pack_samples([_sample(9, seed=4), _sample(12, seed=5)], 32))
+    n_tok = batch.pop("num_tokens")
+    big = fill_rows(batch, 3)
+    assert big["input_ids"].shape == (3, 32) and big["attention_mask"].shape == (3, 1, 32, 32)
+    assert (big["labels"][1:] == -100).all() and torch.equal(big["input_ids"][0], big["input_ids"][2])
+    n = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
+    a = m(**batch, num_items_in_batch=n, use_cache=False).loss
+    b = m(**big, num_items_in_batch=n, use_cache=False).loss
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert n_tok == 21 and fill_rows(big, 2) is big

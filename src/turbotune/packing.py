@@ -376,6 +376,25 @@ class PackingCollator:
 
 # ---------------------------------------------------------------- stats
 
+def fill_rows(batch: dict, rows: int) -> dict:
+    """A collated packed batch grown to `rows` rows by repeating its last row with every label -100: the loss,
+    the gradients and `num_tokens` are unchanged, and the batch keeps the shape of the others (a CUDA graph
+    replays only the shape it captured)."""
+    import torch
+
+    have = batch["input_ids"].shape[0]
+    if have >= rows or "cu_seq_lens_q" in batch:  # flash varlen indexes the flattened tokens: leave it be
+        return batch
+    out = dict(batch)
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == have:
+            extra = value[-1:].expand(rows - have, *value.shape[1:])
+            if key == "labels":
+                extra = torch.full_like(extra, IGNORE_INDEX)
+            out[key] = torch.cat([value, extra], dim=0)
+    return out
+
+
 def packing_efficiency(rows: Sequence[PackedRow], max_seq_length: int | None = None) -> float:
     """Real tokens / (rows × max_seq_length): the share of a full-length row budget that is real tokens."""
     if not rows:

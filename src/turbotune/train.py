@@ -120,12 +120,16 @@ class Trainer:
         if not params:
             raise ConfigError("the model has no trainable parameters; add LoRA with FastModel.get_peft_model first")
         self.params = params
-        from .cuda_graphs import GraphedMicroStep
-        self.micro = GraphedMicroStep(model, params, enabled=cfg.cuda_graphs)
         # The units a micro-batch is drawn from: samples (padded per batch) or packed rows of samples.
         if cfg.packing is None:
             cfg.packing, why = auto_packing(model, self.device)
             self._say(f"packing: {'on' if cfg.packing else 'off'} ({why}; --packing / --no-packing to choose)")
+        # CUDA graphs want one shape: packed rows padded to max_seq_length give it. Padded micro-batches change
+        # shape from batch to batch, and each new shape would run eagerly beside the graphs' memory pool.
+        from .cuda_graphs import GraphedMicroStep
+        self.micro = GraphedMicroStep(model, params, enabled=bool(cfg.cuda_graphs and cfg.packing))
+        if cfg.cuda_graphs and not cfg.packing and self.device.type == "cuda":
+            self.micro.disabled_reason = "padded micro-batches change shape; --packing gives every step one shape"
         if cfg.packing:
             from .packing import PackingCollator, pack_samples, packing_stats
             order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -158,7 +162,11 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed + epoch)
         perm = torch.randperm(len(self.units), generator=g).tolist()
         rows = [self.units[i] for i in perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]]
-        return self.collate(rows)
+        batch = self.collate(rows)
+        if self.micro.active and len(rows) < self.cfg.batch_size:  # the epoch's last, short micro-batch
+            from .packing import fill_rows
+            batch = fill_rows(batch, self.cfg.batch_size)
+        return batch
 
     def _state(self) -> dict:
         return {"step": self.step, "epoch": self.step * self.cfg.grad_accum / self.n_micro,
