@@ -169,10 +169,13 @@ def test_run_checks_its_arguments(tiny_llama_dir):
 
 
 def test_active_graphs_get_one_shape_and_a_document_mask(runs):
-    """With CUDA graphs on, packed rows are padded to seq_len (one shape to replay) and the document mask is
-    built by the collator (transformers' detection would wait for the GPU), as in Trainer."""
+    """With CUDA graphs on, packed rows are padded to seq_len and a short last micro-batch is filled with
+    label-free rows (one shape to replay), and the mask needs no host sync, as in Trainer."""
     active, packed = runs["packed-active"], runs["packed"]
-    assert active["attention"] == "mask_4d" and active["pad_to_multiple_of"] == SEQ_LEN
+    want = "position_ids" if packing.transformers_mask_is_capture_safe() else "mask_4d"
+    assert active["attention"] == want and active["pad_to_multiple_of"] == SEQ_LEN
     assert packed["pad_to_multiple_of"] is None and runs["padded"]["pad_to_multiple_of"] is None
     assert active["computed_tokens"] == [rows * SEQ_LEN for rows in active["rows"]]
-    assert active["rows"] == packed["rows"] and active["real_tokens"] == packed["real_tokens"]
+    assert active["rows"] == [-(-rows // MICRO) * MICRO for rows in packed["rows"]]
+    assert active["real_tokens"] == packed["real_tokens"] and active["losses"] == pytest.approx(packed["losses"],
+                                                                                                 rel=1e-5)

@@ -270,25 +270,32 @@ def test_document_mask_blocks_cross_sample_attention(family_dirs, kind):
     assert (changed[2:] - base[2:]).abs().amax(dim=-1).min().item() > 1e-4
 
 
-def test_collator_for_cuda_graphs_builds_its_own_mask(tiny_llama_dir, smol_tokenizer):
-    """With no_host_sync (CUDA graphs), sdpa gets our document mask instead of transformers' detection (which
-    reads a GPU value on the host), and pad_to_multiple_of=max_seq_length gives every micro-batch one shape."""
+def test_collator_for_cuda_graphs(tiny_llama_dir, smol_tokenizer, monkeypatch):
+    """no_host_sync (CUDA graphs): transformers 5.17 / 5.24 build the packed mask without waiting for the GPU
+    while a graph is captured, so "position_ids" stays; where it would wait, sdpa gets our document mask,
+    except for models with a sliding window (our mask has none)."""
     from turbotune import FastModel
     m, _ = FastModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, verbose=False)
+    assert packing.transformers_mask_is_capture_safe()
+    assert PackingCollator.for_model(m, smol_tokenizer, no_host_sync=True).mode == "position_ids"
+    monkeypatch.setattr(packing, "transformers_mask_is_capture_safe", lambda: False)
     c = PackingCollator.for_model(m, smol_tokenizer, no_host_sync=True, pad_to_multiple_of=64)
     assert c.mode == "mask_4d"
-    rows = pack_samples([_sample(7), _sample(5)], 64)
-    batch = c(rows)
+    batch = c(pack_samples([_sample(7), _sample(5)], 64))
     assert batch["input_ids"].shape == (1, 64) and batch["attention_mask"].shape == (1, 1, 64, 64)
+    m.config.sliding_window = 4
+    assert packing.has_sliding_window(m.config)
+    assert PackingCollator.for_model(m, smol_tokenizer, no_host_sync=True).mode == "position_ids"
     assert PackingCollator.for_model(m, smol_tokenizer).mode == "position_ids"
 
 
-def test_fill_rows_keeps_the_loss(tiny_llama_dir, smol_tokenizer):
+def test_fill_rows_keeps_the_loss(tiny_llama_dir, smol_tokenizer, monkeypatch):
     """The epoch's short last micro-batch, grown to the batch size for a CUDA graph, gives the same loss."""
     from turbotune import FastModel
     from turbotune.packing import fill_rows
     m, _ = FastModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, verbose=False)
     m.train()
+    monkeypatch.setattr(packing, "transformers_mask_is_capture_safe", lambda: False)  # to fill a 4-D mask too
     c = PackingCollator.for_model(m, smol_tokenizer, no_host_sync=True, pad_to_multiple_of=32)
     batch = c(pack_samples([_sample(9, seed=4), _sample(12, seed=5)], 32))
     n_tok = batch.pop("num_tokens")

@@ -126,7 +126,7 @@ def run_max_context(model, spec: dict, result: dict, log) -> None:
         mode = layers = None
         if method == "turbotune-auto":
             from .auto_checkpointing import plan_checkpointing
-            choice = plan_checkpointing(model, length, 1)
+            choice = plan_checkpointing(model, length, 1, budget_bytes=card)  # plan for the card asked about
             mode, layers = choice.mode, choice.layers
         elif method.startswith("turbotune"):
             mode = "offload" if method == "turbotune-min-memory" else "recompute"
@@ -154,8 +154,12 @@ def run_max_context(model, spec: dict, result: dict, log) -> None:
         if p["status"] != "ok":
             log(method, f"seq {length:,}: out of memory; longer lengths skipped")
             break
-    ok = [(p["seq_len"], p["peak_alloc_bytes"]) for p in points if p["status"] == "ok" and p["peak_alloc_bytes"]]
-    fit = fit_line(ok[-3:])  # the longest three: where the per-token terms dominate the fixed ones
+    good = [p for p in points if p["status"] == "ok" and p["peak_alloc_bytes"]]
+    # The longest three, where the per-token terms dominate the fixed ones, and only points measured in the
+    # longest one's checkpointing mode (turbotune-auto changes mode along the ladder).
+    same = [p for p in good if (p["checkpointing"], p.get("checkpointed_layers"))
+            == (good[-1]["checkpointing"], good[-1].get("checkpointed_layers"))] if good else []
+    fit = fit_line([(p["seq_len"], p["peak_alloc_bytes"]) for p in same[-3:]])
     ctx["fit"] = {"intercept_bytes": fit[0], "slope_bytes_per_token": fit[1]} if fit else None
     ctx["predicted_max_tokens"] = predict_max_tokens(fit, card) if card else None
     pred = ctx["predicted_max_tokens"]
@@ -182,7 +186,8 @@ def add_planner_predictions(results: list[dict], model_cfg: dict, qlora: bool, l
             if p.get("checkpointing") is None:
                 continue
             try:
-                plan = predict_peak(model_cfg, p["seq_len"], 1, qlora=qlora, lora_r=lora_r,
+                plan = predict_peak(model_cfg, p["seq_len"], 1, qlora=qlora and method != "turbotune-bf16",
+                                    lora_r=lora_r,
                                     checkpointing=p["checkpointing"], method="hf" if method == "hf" else "turbotune",
                                     checkpointed_layers=p.get("checkpointed_layers"))
             except (PlanError, KeyError, TypeError, ValueError):

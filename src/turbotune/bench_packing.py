@@ -85,7 +85,7 @@ def _targets(batch: dict) -> int:
 
 
 def build_step_batches(samples: Sequence[dict], step_indices: Sequence[int], mode: str, collate,
-                       seq_len: int, micro_batch: int, lookahead: int = 0) -> list[dict]:
+                       seq_len: int, micro_batch: int, lookahead: int = 0, fill: bool = False) -> list[dict]:
     """One step's micro-batches (CPU tensors), each with "real_tokens" (an int) added.
 
     padded: `micro_batch` consecutive samples per micro-batch, `collate` = data.DataCollator.
@@ -106,6 +106,9 @@ def build_step_batches(samples: Sequence[dict], step_indices: Sequence[int], mod
     batches = []
     for j in range(0, len(units), micro_batch):
         b = collate(units[j:j + micro_batch])
+        if fill and mode == "packed":  # one shape for a CUDA graph: a short last micro-batch gets label-free rows
+            from .packing import fill_rows
+            b = fill_rows(b, micro_batch)
         n_tok = b.pop("num_tokens", None)  # packed batches count their real tokens; padded ones have a mask
         b["real_tokens"] = int(n_tok) if n_tok is not None else int(b["attention_mask"].sum())
         batches.append(b)
@@ -207,8 +210,8 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
         attention = "padding mask"
 
     t0 = time.perf_counter()
-    step_batches = [build_step_batches(samples, idx, mode, collate, seq_len, micro_batch, lookahead)
-                    for idx in plan]
+    step_batches = [build_step_batches(samples, idx, mode, collate, seq_len, micro_batch, lookahead,
+                                       fill=graphs) for idx in plan]
     collate_s = time.perf_counter() - t0
 
     result: dict = {

@@ -273,6 +273,7 @@ def train(model, spec, result) -> None:
         tag = "warm-up" if step < spec["warmup"] else "timed"
         _log(method, f"step {step + 1}/{spec['steps']} ({tag}) loss {losses[-1]:.4f}  {dt:.3f} s")
     if stepper is not None:
+        result["cuda_graphs"] = stepper.disabled_reason or "on"  # a failed capture turns them off mid-run
         result["cuda_graph_replays"] = stepper.replays
         result["notes"].append(f"CUDA graphs {result['cuda_graphs']}" + (
             f" ({stepper.replays} of {spec['steps'] * ga} micro-steps replayed)" if stepper.active else ""))
@@ -312,7 +313,7 @@ def run_packing(model, spec, result) -> None:
     samples = make_length_mix(spec["seed"], spec["steps"] * sps, spec["vocab_size"], hi=min(1500, spec["seq_len"]))
     params = [p for p in model.parameters() if p.requires_grad]
     step_fn = eager_step_fn(model)
-    if method.startswith("turbotune") and cuda:
+    if method.startswith("turbotune") and cuda and mode == "packed":  # as turbotune train: graphs for packed rows
         from turbotune.cuda_graphs import GraphedMicroStep
         step_fn = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True))
     if cuda:

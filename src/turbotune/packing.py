@@ -194,6 +194,23 @@ def transformers_builds_packed_mask() -> bool:
         return False
 
 
+@lru_cache(None)
+def transformers_mask_is_capture_safe() -> bool:
+    """Whether transformers skips its host-side checks of the mask inputs while a CUDA graph is being captured.
+
+    Its packed-sequence detection ends with `(packed_sequence_mask[:, -1] == 0).all()` used as a Python bool,
+    which waits for the GPU, unless `is_tracing()` says a graph is being traced or captured; transformers 5.17
+    and 5.24 count CUDA stream capture as tracing (then the document mask is always built, which is exact).
+    Checked in the source, since the behaviour can't be observed without a GPU."""
+    try:
+        import inspect
+
+        from transformers.utils import import_utils
+        return "stream_capturing" in inspect.getsource(import_utils.is_tracing)
+    except Exception:
+        return False
+
+
 def packing_attention_mode(model) -> str:
     """How a packed batch keeps attention inside each sample for this model, with the installed versions.
 
@@ -232,6 +249,17 @@ def packing_attention_mode(model) -> str:
         return MODE_MASK_4D
     raise PackingError(f"packing needs sdpa, eager, flex_attention or flash_attention_2/3 attention; this model "
                        f"uses {impl!r}. Load it with attn_implementation='sdpa' or turn packing off.")
+
+
+def has_sliding_window(config) -> bool:
+    """Whether some layer attends within a sliding window (Mistral, Qwen2 with use_sliding_window, Gemma 2/3)."""
+    if getattr(config, "sliding_window", None) in (None, 0):
+        return False
+    if getattr(config, "model_type", None) in ("qwen2", "qwen2_moe") and not getattr(config, "use_sliding_window",
+                                                                                      False):
+        return False
+    types = getattr(config, "layer_types", None)
+    return True if types is None else any("sliding" in str(t) for t in types)
 
 
 def _mask_format(impl: str) -> str:
@@ -300,13 +328,18 @@ class PackingCollator:
 
         no_host_sync: the step will be captured in a CUDA graph (turbotune.cuda_graphs), where nothing may wait
         for the host. transformers' packed-sequence detection ("position_ids" mode) reads a GPU value on the
-        host, so the collator builds the same document mask itself ("mask_4d"), which costs the same: SDPA
-        gets a materialised mask either way."""
+        host unless it knows a graph is being captured (`transformers_mask_is_capture_safe`: 5.17 and 5.24
+        do). Where it doesn't, the collator builds the document mask itself ("mask_4d"), for sdpa and eager
+        only: that mask has no sliding window, so models with one keep "position_ids" (their capture then
+        fails and the run continues eagerly, with a warning), and flex_attention takes no tensor mask."""
         import torch
 
         mode = packing_attention_mode(model)
-        if no_host_sync and mode == MODE_POSITION_IDS:
-            mode = MODE_MASK_4D
+        if no_host_sync and mode == MODE_POSITION_IDS and not transformers_mask_is_capture_safe():
+            base = unwrap_peft(model)
+            impl = getattr(base.config, "_attn_implementation", None) or "eager"
+            if impl in ("sdpa", "eager") and not has_sliding_window(base.config):
+                mode = MODE_MASK_4D
         base = unwrap_peft(model)
         impl = getattr(base.config, "_attn_implementation", None) or "eager"
         dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)

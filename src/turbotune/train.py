@@ -134,11 +134,13 @@ class Trainer:
             from .packing import PackingCollator, pack_samples, packing_stats
             order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             self.units = pack_samples([train_dataset[i] for i in order], cfg.max_seq_length)
-            # With CUDA graphs: every row padded to max_seq_length (one shape, one graph) and a document mask
-            # built here rather than by transformers (whose detection would wait for the GPU).
-            graphs = self.micro.active
-            self.collate = PackingCollator.for_model(model, tokenizer, no_host_sync=graphs,
-                                                     pad_to_multiple_of=cfg.max_seq_length if graphs else None)
+            # With CUDA graphs: every row padded to max_seq_length (one shape, one graph), and a document mask
+            # that nothing waits on the host to build (PackingCollator.for_model, no_host_sync).
+            self.collate = PackingCollator.for_model(model, tokenizer, no_host_sync=self.micro.active)
+            if self.collate.mode == "flash_varlen" and self.micro.active:  # its segment tables change per batch
+                self.micro.disabled_reason = "flash-attention varlen batches change shape from batch to batch"
+            if self.micro.active:
+                self.collate.pad_to_multiple_of = cfg.max_seq_length
             self._say(packing_stats([train_dataset[i] for i in order], self.units, cfg.batch_size).line())
         else:
             from .data import DataCollator
@@ -256,18 +258,20 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
 
-    def _print_prediction(self) -> None:
-        """The planner's predicted peak before the first step; the measured peak is printed at the end."""
+    def _print_prediction(self, choice=None) -> None:
+        """The planner's predicted peak before the first step (for the auto plan's `choice` when there is one);
+        the measured peak is printed at the end."""
         if self.device.type != "cuda":
             return
         from .plan_cli import prediction_line
         from .planner import predict_peak
         try:
             lm = unwrap_peft(self.model)
+            mode = choice.mode if choice is not None else self.cfg.gradient_checkpointing
             plan = predict_peak(lm.config, self.cfg.max_seq_length, self.cfg.batch_size, qlora=self.cfg.load_in_4bit,
-                                lora_r=self.cfg.lora_r, checkpointing=self.cfg.gradient_checkpointing,
-                                dtype=lm.dtype,
-                                double_quant=self.cfg.double_quant)
+                                lora_r=self.cfg.lora_r, checkpointing=mode, dtype=lm.dtype,
+                                double_quant=self.cfg.double_quant,
+                                checkpointed_layers=choice.layers if choice is not None else None)
             self._say(prediction_line(plan).removeprefix("[turbotune] "))
         except Exception as e:  # noqa: BLE001 - a prediction must never stop a run
             self._say(f"(no memory prediction: {e})")
@@ -285,8 +289,15 @@ class Trainer:
                 raise ConfigError(f"{resume_path} is not a turbotune checkpoint (no trainer_state.json)")
         if self.model.__dict__.get("_turbotune_checkpointing") == "auto":
             from .auto_checkpointing import plan_checkpointing
-            self._say(plan_checkpointing(self.model, self.cfg.max_seq_length, self.cfg.batch_size).line())
-        self._print_prediction()
+            choice = plan_checkpointing(self.model, self.cfg.max_seq_length, self.cfg.batch_size)
+            self._say(choice.line())
+        else:
+            choice = None
+        self._print_prediction(choice)
+        from .cuda_graphs import why_not_graphable
+        if self.micro.active and why_not_graphable(self.model, self.params):  # e.g. the plan chose offload
+            self.micro.disabled_reason = why_not_graphable(self.model, self.params)
+            self.micro.reset()
         if self.device.type == "cuda":
             self._say("CUDA graphs: " + ("on (each micro-step shape replays after two eager steps; --no-cuda-graphs "
                                          "to turn off)" if self.micro.active else f"off ({self.micro.disabled_reason})"))

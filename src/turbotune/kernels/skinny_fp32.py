@@ -48,7 +48,7 @@ if HAS_TRITON:
     @triton.jit
     def _mm_t_kernel(x_ptr, a_ptr, out_ptr, N, K, R, sxn, sxk, sar, sak, son, sor,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a wide operand may pass 2^31 elements
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
@@ -65,8 +65,8 @@ if HAS_TRITON:
     @triton.jit
     def _tn_kernel(y_ptr, z_ptr, part_ptr, N, M, R, rows_per_split, sy_n, sy_m, sz_n, sz_r, sp_s, sp_m, sp_r,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
+        pid_m = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1).to(tl.int64)
         ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
