@@ -301,3 +301,20 @@ def test_train_facing_helpers():
     tt4 = predict_peak(QWEN, 2048, 2, qlora=True)
     assert hf4.item("weights_other") == 2 * tt4.item("weights_other")
     assert hf4.item("weights_linears") == tt4.item("weights_linears")
+
+
+def test_longest_sequence_search_crosses_the_mlp_tiling_dip():
+    """Where the MLP starts being tiled the prediction drops; a length beyond that can fit while the one just
+    before it does not, and the search must still find it."""
+    from turbotune.plan_search import _tiling_threshold, max_seq_len
+    from turbotune.planner import model_shape, predict_peak
+
+    shape = model_shape(preset_config("llama3-8b"))
+    t = _tiling_threshold(shape, 1, {})
+    before = predict_peak(shape, t - 1, 1, checkpointing="none").total_bytes
+    at = predict_peak(shape, t, 1, checkpointing="none").total_bytes
+    assert at < before
+    n, _ = max_seq_len(shape, at, 1, checkpointing="none")
+    assert n >= t
+    assert predict_peak(shape, n, 1, checkpointing="none").total_bytes <= at
+    assert predict_peak(shape, n + 1, 1, checkpointing="none").total_bytes > at

@@ -27,14 +27,36 @@ def _largest(fits, lo_ok: int, cap: int) -> tuple[int, bool]:
     return lo, False
 
 
+def _tiling_threshold(shape, batch: int, kw: dict) -> int | None:
+    """The first sequence length at which the fused MLP is tiled over tokens (turbotune method only)."""
+    if kw.get("method", "turbotune") != "turbotune" or not getattr(shape, "intermediate", None):
+        return None
+    from .kernels.mlp_tiling import MLP_TILE_BUDGET_BYTES
+    from .planner import DTYPE_BYTES, _dtype_name
+    row = shape.intermediate * DTYPE_BYTES[_dtype_name(kw.get("dtype", "bf16"))]
+    tokens = MLP_TILE_BUDGET_BYTES // row + 1
+    return -(-tokens // batch)
+
+
 def max_seq_len(config, budget_bytes: int, batch: int, cap: int | None = None, **kw) -> tuple[int, bool]:
     """(largest sequence length whose predicted total fits budget_bytes at this batch, capped?).
 
     cap defaults to the model's max_position_embeddings (or 2^20). kw: predict_peak's keyword arguments.
+    The prediction grows with the length except at one point: where the MLP starts being tiled over tokens it
+    drops (the [tokens, intermediate] tensors shrink to one chunk). So the two sides are searched apart.
     """
     shape = model_shape(config)
     cap = int(cap or shape.max_positions or SEQ_SEARCH_CAP)
-    return _largest(lambda s: predict_peak(shape, s, batch, **kw).total_bytes <= budget_bytes, 1, cap)
+
+    def fits(s):
+        return predict_peak(shape, s, batch, **kw).total_bytes <= budget_bytes
+
+    best = _largest(fits, 1, cap)
+    t = _tiling_threshold(shape, batch, kw)
+    if t is not None and best[0] < t <= cap and fits(t):
+        n, capped = _largest(lambda s: fits(t + s - 1), 1, cap - t + 1)
+        best = (t + n - 1, capped)
+    return best
 
 
 def max_batch_size(config, budget_bytes: int, seq_len: int, cap: int = BATCH_SEARCH_CAP, **kw) -> tuple[int, bool]:
