@@ -46,7 +46,7 @@ def test_partial_checkpointing_keeps_the_other_layers(tiny_llama_dir, smol_token
     import torch
     from conftest import make_tiny_model, nonzero_lora_b
 
-    from turbotune.auto_checkpointing import find_layers
+    from turbotune.checkpointing import find_decoder_layers as find_layers
     from turbotune.planner import PlanError
 
     folder = make_tiny_model(tmp_path / "four", smol_tokenizer, "llama", num_hidden_layers=4)

@@ -69,7 +69,7 @@ class _ActiveStepper:
     def __call__(self, batch):
         return self.step(batch)
 
-    def zero_grad(self):
+    def zero_grad(self, optimizer=None):  # GraphedMicroStep's signature; active, so always in place
         self.zeroed += 1
         for p in self.model.parameters():
             if p.grad is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ._compat import unwrap_peft
+from .checkpointing import find_decoder_layers
 
 MODES = ("none", "recompute", "offload")
 SAFETY_MARGIN = 0.85  # the planner is an estimate (±10% measured on qwen2-1.5b); leave room for it
@@ -75,7 +76,7 @@ def choose_checkpointing(model, seq_len: int, batch: int, budget_bytes: int | No
     if full.total_bytes <= usable:
         # Checkpoint as few layers as fit: each one costs a second forward of that layer in backward. The
         # prediction falls as more layers are checkpointed, so bisect for the smallest count that fits.
-        n_layers = len(find_layers(model))
+        n_layers = len(find_decoder_layers(model))
         lo, hi = 1, n_layers
         while lo < hi:
             mid = (lo + hi) // 2
@@ -93,10 +94,6 @@ def choose_checkpointing(model, seq_len: int, batch: int, budget_bytes: int | No
                                "nothing is predicted to fit; offload needs the least GPU memory")
 
 
-def find_layers(model):
-    from .checkpointing import find_decoder_layers
-    return find_decoder_layers(unwrap_peft(model))
-
 
 def apply_checkpointing_choice(model, choice: CheckpointingChoice) -> None:
     from .lora import enable_gradient_checkpointing
@@ -110,7 +107,7 @@ def apply_checkpointing_choice(model, choice: CheckpointingChoice) -> None:
 def set_checkpointed_layers(model, count: int) -> None:
     """With transformers' checkpointing on, keep it on the first `count` decoder layers only: the others save
     their activations as usual (GradientCheckpointingLayer reads its own `gradient_checkpointing` flag)."""
-    layers = find_layers(model)
+    layers = find_decoder_layers(model)
     if not 0 <= count <= len(layers):
         raise ValueError(f"count must be between 0 and {len(layers)}, got {count}")
     for i, layer in enumerate(layers):

@@ -232,8 +232,8 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if cuda else {}))
 
     def zero_grad():
-        if getattr(step_fn, "active", False) and hasattr(step_fn, "zero_grad"):
-            step_fn.zero_grad()  # a GraphedMicroStep: in place, its graphs accumulate into these buffers
+        if hasattr(step_fn, "zero_grad"):  # a GraphedMicroStep: in place while its graphs accumulate
+            step_fn.zero_grad(opt)
         else:
             opt.zero_grad(set_to_none=True)
 

@@ -226,8 +226,7 @@ def train(model, spec, result) -> None:
         from turbotune.cuda_graphs import GraphedMicroStep
 
         stepper = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True))
-        result["cuda_graphs"] = stepper.disabled_reason or "on"
-        _log(method, f"CUDA graphs: {result['cuda_graphs']}")
+        _log(method, f"CUDA graphs: {stepper.disabled_reason or 'on'}")
     result["notes"] = list(model.__dict__.get("_bench_notes", []))
 
     def forward_backward(ids):
@@ -239,8 +238,8 @@ def train(model, spec, result) -> None:
         return loss.detach()
 
     def zero_grad():
-        if stepper is not None and stepper.active:
-            stepper.zero_grad()  # in place: the graphs accumulate into these buffers
+        if stepper is not None:
+            stepper.zero_grad(opt)  # in place while the graphs accumulate into these buffers
         else:
             opt.zero_grad(set_to_none=True)
 

@@ -58,16 +58,16 @@ class GraphedMicroStep:
     def __call__(self, batch: dict, loss_scale: float = 1.0) -> torch.Tensor:
         key = self._key(batch, loss_scale)
         if key is None or key in self._failed:
-            return self._eager(batch, loss_scale)
+            return self._forward_backward(batch, loss_scale)
         entry = self._graphs.get(key)
         if entry is None:
             seen = self._seen.get(key, 0)
             if seen < self.warmup or len(self._graphs) >= self.max_graphs:
                 self._seen[key] = seen + 1
-                return self._eager(batch, loss_scale)
+                return self._forward_backward(batch, loss_scale)
             entry = self._capture(key, batch, loss_scale)
             if entry is None:
-                return self._eager(batch, loss_scale)
+                return self._forward_backward(batch, loss_scale)
         graph, static_in, static_loss = entry
         self._claim_grads()
         for k, buf in static_in.items():
@@ -76,11 +76,20 @@ class GraphedMicroStep:
         self.replays += 1
         return static_loss.clone()  # the next replay of any graph may overwrite the pool's copy
 
-    def zero_grad(self) -> None:
-        """Zero the gradients in place (the graphs keep their addresses)."""
+    def zero_grad(self, optimizer=None) -> None:
+        """Zero the gradients: in place when graphs are on (they keep their addresses) or no optimizer is given,
+        else `optimizer.zero_grad(set_to_none=True)` as an eager loop would."""
+        if optimizer is not None and not self.active:
+            optimizer.zero_grad(set_to_none=True)
+            return
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
+
+    def disable(self, reason: str) -> None:
+        """Run eagerly from now on (the step can't be captured, or its shapes won't repeat), saying why."""
+        self.disabled_reason = reason
+        self.reset()
 
     def reset(self) -> None:
         """Drop every captured graph (after changing the model); the next calls warm up and capture again."""
@@ -107,10 +116,11 @@ class GraphedMicroStep:
                 return None  # something we can't key on (a cache object, a list): stay eager
         return tuple(key)
 
-    def _eager(self, batch: dict, loss_scale: float) -> torch.Tensor:
+    def _forward_backward(self, batch: dict, loss_scale: float) -> torch.Tensor:
         loss = self.model(**batch).loss
         (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         return loss.detach()
+
 
     def _claim_grads(self) -> None:
         """Make every param.grad the buffer the graphs write to, carrying over whatever value it holds now."""
@@ -141,15 +151,11 @@ class GraphedMicroStep:
         try:
             torch.cuda.synchronize()
             with torch.cuda.graph(graph, pool=self._pool):
-                loss = self.model(**static_in, **others).loss
-                (loss * loss_scale if loss_scale != 1.0 else loss).backward()
-                static_loss = loss.detach()
+                static_loss = self._forward_backward({**static_in, **others}, loss_scale)
         except Exception as exc:  # noqa: BLE001 - fall back to eager from now on, say why once
             # What fails one capture (a host sync in the model's forward, say) fails every shape: stop trying.
-            self._failed.add(key)
-            self.disabled_reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-            self._graphs.clear()
             torch.cuda.synchronize()
+            self.disable(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
             if self.verbose:
                 warnings.warn(f"turbotune: CUDA graphs off, micro-steps run eagerly: {self.disabled_reason}",
                               stacklevel=3)

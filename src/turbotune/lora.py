@@ -77,8 +77,9 @@ def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=
         raise ConfigError("this model already has LoRA adapters; call get_peft_model on the base model")
     if r <= 0:
         raise ConfigError(f"LoRA rank r must be positive, got {r}")
-    if adapter_precision not in ("peft", "input"):
-        raise ConfigError(f"adapter_precision must be 'peft' or 'input', got {adapter_precision!r}")
+    from .kernels.fused_lora import ADAPTER_PRECISIONS
+    if adapter_precision not in ADAPTER_PRECISIONS:
+        raise ConfigError(f"adapter_precision must be one of {ADAPTER_PRECISIONS}, got {adapter_precision!r}")
     if target_modules is None:
         target_modules = list(DEFAULT_TARGET_MODULES)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

@@ -31,10 +31,9 @@ def _tiling_threshold(shape, batch: int, kw: dict) -> int | None:
     """The first sequence length at which the fused MLP is tiled over tokens (turbotune method only)."""
     if kw.get("method", "turbotune") != "turbotune" or not getattr(shape, "intermediate", None):
         return None
-    from .kernels.mlp_tiling import MLP_TILE_BUDGET_BYTES
+    from .kernels.mlp_tiling import tiling_starts_at
     from .planner import DTYPE_BYTES, _dtype_name
-    row = shape.intermediate * DTYPE_BYTES[_dtype_name(kw.get("dtype", "bf16"))]
-    tokens = MLP_TILE_BUDGET_BYTES // row + 1
+    tokens = tiling_starts_at(shape.intermediate, DTYPE_BYTES[_dtype_name(kw.get("dtype", "bf16"))])
     return -(-tokens // batch)
 
 

@@ -127,9 +127,9 @@ class Trainer:
         # CUDA graphs want one shape: packed rows padded to max_seq_length give it. Padded micro-batches change
         # shape from batch to batch, and each new shape would run eagerly beside the graphs' memory pool.
         from .cuda_graphs import GraphedMicroStep
-        self.micro = GraphedMicroStep(model, params, enabled=bool(cfg.cuda_graphs and cfg.packing))
-        if cfg.cuda_graphs and not cfg.packing and self.device.type == "cuda":
-            self.micro.disabled_reason = "padded micro-batches change shape; --packing gives every step one shape"
+        self.micro = GraphedMicroStep(model, params, enabled=cfg.cuda_graphs)
+        if self.micro.active and not cfg.packing:
+            self.micro.disable("padded micro-batches change shape; --packing gives every step one shape")
         if cfg.packing:
             from .packing import PackingCollator, pack_samples, packing_stats
             order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -138,7 +138,7 @@ class Trainer:
             # that nothing waits on the host to build (PackingCollator.for_model, no_host_sync).
             self.collate = PackingCollator.for_model(model, tokenizer, no_host_sync=self.micro.active)
             if self.collate.mode == "flash_varlen" and self.micro.active:  # its segment tables change per batch
-                self.micro.disabled_reason = "flash-attention varlen batches change shape from batch to batch"
+                self.micro.disable("flash-attention varlen batches change shape from batch to batch")
             if self.micro.active:
                 self.collate.pad_to_multiple_of = cfg.max_seq_length
             self._say(packing_stats([train_dataset[i] for i in order], self.units, cfg.batch_size).line())
@@ -253,10 +253,7 @@ class Trainer:
         return float(total), tokens  # one wait for the device per step, not per micro-batch
 
     def _zero_grad(self) -> None:
-        if self.micro.active:
-            self.micro.zero_grad()  # in place: captured graphs accumulate into these tensors
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.micro.zero_grad(self.optimizer)  # in place while graphs accumulate into these tensors
 
     def _print_prediction(self, choice=None) -> None:
         """The planner's predicted peak before the first step (for the auto plan's `choice` when there is one);
@@ -295,9 +292,9 @@ class Trainer:
             choice = None
         self._print_prediction(choice)
         from .cuda_graphs import why_not_graphable
-        if self.micro.active and why_not_graphable(self.model, self.params):  # e.g. the plan chose offload
-            self.micro.disabled_reason = why_not_graphable(self.model, self.params)
-            self.micro.reset()
+        reason = why_not_graphable(self.model, self.params) if self.micro.active else None
+        if reason:  # e.g. the plan chose offload
+            self.micro.disable(reason)
         if self.device.type == "cuda":
             self._say("CUDA graphs: " + ("on (each micro-step shape replays after two eager steps; --no-cuda-graphs "
                                          "to turn off)" if self.micro.active else f"off ({self.micro.disabled_reason})"))

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 
 from .._compat import autocast_dtype
+from ._dispatch import interpret_mode
 from ._triton_utils import HAS_TRITON
-from .skinny_fp32 import skinny_mm_t, skinny_tn
+from .skinny_fp32 import MAX_RANK, skinny_mm_t, skinny_tn
 
 logger = logging.getLogger(__name__)
 
@@ -247,9 +248,8 @@ def _skinny(wide: torch.Tensor, ld: torch.dtype, part: LoRAPart) -> bool:
     if _fp32_adapter_backend != "triton" or ld != torch.float32 or part.A is None:
         return False
     if wide.dtype not in (torch.bfloat16, torch.float16) or part.A.dtype != torch.float32 \
-            or part.B.dtype != torch.float32 or part.A.shape[0] > 64:
+            or part.B.dtype != torch.float32 or part.A.shape[0] > MAX_RANK:
         return False
-    from ._dispatch import interpret_mode
     return (wide.is_cuda or interpret_mode()) and HAS_TRITON
 
 

@@ -40,10 +40,22 @@ import torch
 from .fused_lora import LoRAMLPFunction, _ab, _flat, _prep, lora_mlp
 from .lora_parts import LoRAPart, no_autocast
 
-__all__ = ["MLP_TILE_BUDGET_BYTES", "TILE_MULTIPLE", "TokenTiledMLPFunction", "mlp_token_chunk", "tiled_lora_mlp"]
+__all__ = ["MLP_TILE_BUDGET_BYTES", "TILE_MULTIPLE", "TokenTiledMLPFunction", "mlp_token_chunk", "tiled_lora_mlp",
+           "tiling_starts_at"]
 
 MLP_TILE_BUDGET_BYTES = 512 * 1024 ** 2   # one [chunk, I] activation tensor at most
 TILE_MULTIPLE = 256                       # chunk sizes are multiples of this (GEMM-friendly row counts)
+
+
+def _chunk_rows(row_bytes: int, budget_bytes: int) -> int:
+    return max(TILE_MULTIPLE, budget_bytes // row_bytes // TILE_MULTIPLE * TILE_MULTIPLE)
+
+
+def tiling_starts_at(intermediate_size: int, dtype_bytes: int, budget_bytes: int = MLP_TILE_BUDGET_BYTES) -> int:
+    """The fewest tokens for which `mlp_token_chunk` tiles: one [n, I] tensor is over the budget and a chunk
+    covers fewer than n tokens. Below it the MLP runs whole (the planner searches either side of it)."""
+    row = int(intermediate_size) * int(dtype_bytes)
+    return max(budget_bytes // row + 1, _chunk_rows(row, budget_bytes) + 1)
 
 
 def mlp_token_chunk(n_tokens: int, intermediate_size: int, dtype_bytes: int,
@@ -54,11 +66,9 @@ def mlp_token_chunk(n_tokens: int, intermediate_size: int, dtype_bytes: int,
     the chunk would cover every token anyway); else C = the largest multiple of TILE_MULTIPLE with
     C * intermediate_size * dtype_bytes <= budget_bytes, and at least TILE_MULTIPLE.
     """
-    row = int(intermediate_size) * int(dtype_bytes)
-    if int(n_tokens) * row <= budget_bytes:
+    if int(n_tokens) < tiling_starts_at(intermediate_size, dtype_bytes, budget_bytes):
         return None
-    chunk = max(TILE_MULTIPLE, budget_bytes // row // TILE_MULTIPLE * TILE_MULTIPLE)
-    return chunk if chunk < n_tokens else None
+    return _chunk_rows(int(intermediate_size) * int(dtype_bytes), budget_bytes)
 
 
 def _chunks(n: int, size: int):
