@@ -93,3 +93,28 @@ def test_checkpointing_keeps_rng_state_only_with_dropout(tiny_llama_dir, dropout
     fn = getattr(layer, "_gradient_checkpointing_func", None) or layer._activation_checkpointing_func
     kw = getattr(fn, "keywords", {})
     assert kw.get("preserve_rng_state", True) is (dropout > 0)
+
+
+def test_capture_of_plain_rows_keeps_sdpa_causal(tiny_llama_dir, monkeypatch):
+    """While a stream is captured transformers can't check position_ids on the host and keeps a full mask,
+    which costs SDPA its causal kernel. one_sequence_per_row restores the eager answer (no mask) for batches
+    with one sequence per row, and leaves batches that carry position_ids or a mask alone."""
+    import transformers.masking_utils as mu
+
+    from turbotune.cuda_graphs import one_sequence_per_row
+    from turbotune.packing import _call_create_causal_mask
+
+    m = _model(tiny_llama_dir)
+    cfg = m.config
+    embeds = torch.zeros(2, 6, cfg.hidden_size)
+    positions = torch.arange(6).unsqueeze(0)
+    assert _call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions) is None  # eager: no mask
+
+    monkeypatch.setattr(mu, "is_tracing", lambda *a, **k: True)  # what stream capture looks like to it
+    captured = _call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions)
+    assert isinstance(captured, torch.Tensor)  # the slow path this guards against
+    with one_sequence_per_row({"input_ids": torch.zeros(2, 6, dtype=torch.long)}):
+        assert _call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions) is None
+    with one_sequence_per_row({"input_ids": torch.zeros(2, 6, dtype=torch.long), "position_ids": positions}):
+        assert isinstance(_call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions), torch.Tensor)
+    assert mu.find_packed_sequence_indices.__name__ == "find_packed_sequence_indices"  # restored

@@ -26,6 +26,7 @@ Rules that keep replay equal to eager:
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -150,7 +151,7 @@ class GraphedMicroStep:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             torch.cuda.synchronize()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool), one_sequence_per_row(batch):
                 static_loss = self._forward_backward({**static_in, **others}, loss_scale)
         except Exception as exc:  # noqa: BLE001 - fall back to eager from now on, say why once
             # What fails one capture (a host sync in the model's forward, say) fails every shape: stop trying.
@@ -164,6 +165,44 @@ class GraphedMicroStep:
         entry = (graph, static_in, static_loss)
         self._graphs[key] = entry
         return entry
+
+
+# Batch keys that say a row may hold several sequences or padding (then transformers must build a mask).
+_LAYOUT_KEYS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k")
+
+
+@contextlib.contextmanager
+def one_sequence_per_row(batch: dict):
+    """During capture, tell transformers what the eager call finds: a batch with no position_ids and no mask.
+
+    transformers looks for packed sequences in the position_ids the model makes itself (arange, one sequence
+    per row); deciding "none" reads a GPU value, which it skips while a CUDA stream is being captured. It then
+    keeps an all-zero "packed" mask and hands SDPA an explicit [B, 1, L, L] mask instead of is_causal: no
+    causal tile skipping, and K/V repeated for grouped-query heads. On an H200 that made llama3-8b's attention
+    about 3x slower under graphs than eagerly (bench/NOTES.md). With none of `_LAYOUT_KEYS` in the batch the
+    answer is known on the host, so the detection returns "none" for the capture's duration.
+    """
+    if any(batch.get(k) is not None for k in _LAYOUT_KEYS):
+        yield
+        return
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _no_packed_sequences
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+def _no_packed_sequences(position_ids):
+    return None
 
 
 def why_not_graphable(model, params) -> str | None:

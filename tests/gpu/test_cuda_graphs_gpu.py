@@ -124,3 +124,23 @@ def test_trainer_packed_rows_replay_graphs_like_eager(tiny_dir, tmp_path, dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     for a, b in zip(graphed, eager):
         assert abs(a - b) <= tol * max(1.0, abs(b)), (graphed, eager)
+
+
+def test_captured_attention_stays_causal_without_a_mask(tiny_dir, monkeypatch):
+    """Plain rows (no position_ids, no mask): the captured step's SDPA calls get is_causal and no mask, as the
+    eager ones do (transformers would otherwise build a full mask while capturing: about 3x slower attention)."""
+    import torch.nn.functional as F
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask") is None, bool(kwargs.get("is_causal")),
+                     torch.cuda.is_current_stream_capturing()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 512, (2, 64), device="cuda")
+    _, _, step = _run(_model(tiny_dir, torch.bfloat16, True), True, [ids] * 4)
+    assert step.captures == 1, step.disabled_reason
+    during_capture = [s for s in seen if s[2]]
+    assert during_capture and all(no_mask and causal for no_mask, causal, _ in during_capture), seen
