@@ -116,9 +116,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--adapter-precision", choices=["peft", "input"], default=None,
                    help="turbotune methods' LoRA math: 'peft' (the adapters' dtype, exactly as PEFT) or 'input' "
                         "(the compute dtype, as Unsloth); default: turbotune's default")
-    g.add_argument("--fp32-adapter-kernels", choices=["torch", "triton"], default=None,
+    g.add_argument("--fp32-adapter-kernels", choices=["auto", "torch", "bf16x3", "triton"], default=None,
                    help="turbotune methods: how fp32 adapters read 16-bit activations (torch: fp32 copies + "
-                        "cuBLAS; triton: in place, kernels/skinny_fp32.py); default: turbotune's default")
+                        "cuBLAS; bf16x3: exact three-piece bf16 GEMMs with fp32 output, kernels/bf16x3.py; "
+                        "triton: in place, kernels/skinny_fp32.py); default auto (bf16x3 on CUDA)")
     g.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed steps, profile one more step per method with torch.profiler and write "
                         "DIR/profile-<method>.txt (GPU busy vs wall time, top ops and kernels)")

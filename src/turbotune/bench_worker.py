@@ -127,10 +127,14 @@ def load_turbotune(spec, checkpointing=True):
                                      **({"adapter_precision": spec["adapter_precision"]}
                                         if spec.get("adapter_precision") else {}))
     notes = [f"adapter precision {spec.get('adapter_precision') or 'peft'}"]
+    from turbotune.kernels.lora_parts import (
+        fp32_adapter_backend_in_effect,
+        set_fp32_adapter_backend,
+    )
     if spec.get("fp32_adapter_kernels"):
-        from turbotune.kernels.lora_parts import set_fp32_adapter_backend
         set_fp32_adapter_backend(spec["fp32_adapter_kernels"])
-        notes.append(f"fp32 adapter kernels: {spec['fp32_adapter_kernels']}")
+    if (spec.get("adapter_precision") or "peft") == "peft":
+        notes.append(f"fp32 adapter products: {fp32_adapter_backend_in_effect(spec['device'])}")
     if spec["qlora"] and not four_bit:
         notes.insert(0, "16-bit base (the 4-bit rows' reference)")
     if checkpointing == "auto":

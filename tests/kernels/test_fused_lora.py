@@ -222,25 +222,27 @@ def test_unsupported_reasons():
 
 
 # --------------------------------------------------------------------------------------------- fp32 adapter kernels
-def test_bf16_base_fp32_adapters_in_place_kernels():
-    """set_fp32_adapter_backend("triton"): the fp32 rank-r products read bf16 activations in place
-    (kernels/skinny_fp32.py) and give what the torch path (fp32 copies + fp32 matmul) gives."""
+@pytest.mark.parametrize("backend", ["triton", "bf16x3"])
+def test_bf16_base_fp32_adapters_without_fp32_copies(backend):
+    """set_fp32_adapter_backend("triton" | "bf16x3"): the fp32 rank-r products read bf16 activations without
+    fp32 copies (kernels/skinny_fp32.py, kernels/bf16x3.py) and give what the torch path (fp32 copies + fp32
+    matmul, PEFT's recipe) gives."""
     from turbotune.kernels import lora_parts
     torch.manual_seed(0)
     _, attn, mlp = _wrap(LlamaForCausalLM(_config()).to(torch.bfloat16))
     x = _x(torch.bfloat16)
     results = {}
-    for backend in ("torch", "triton"):
-        prev = lora_parts.set_fp32_adapter_backend(backend)
+    for name in ("torch", backend):
+        prev = lora_parts.set_fp32_adapter_backend(name)
         try:
             mods = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
             outs = list(lora_qkv(x, *[lora_part(m) for m in mods[:3]]))
             outs.append(lora_mlp(x, *[lora_part(m) for m in mods[3:]], act="silu"))
             outs.append(lora_linear(x, lora_part(attn.o_proj)))
-            results[backend] = (outs, _grads(outs, x, mods + [attn.o_proj]))
+            results[name] = (outs, _grads(outs, x, mods + [attn.o_proj]))
         finally:
             lora_parts.set_fp32_adapter_backend(prev)
-    (ro, rg), (to, tg) = results["torch"], results["triton"]
+    (ro, rg), (to, tg) = results["torch"], results[backend]
     for r, o in zip(ro, to):
         torch.testing.assert_close(o.float(), r.float(), rtol=1e-2, atol=1e-2 * r.float().abs().max().item())
     for r, g in zip(rg, tg):

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .._compat import autocast_dtype
+from . import bf16x3
 from ._dispatch import interpret_mode
 from ._triton_utils import HAS_TRITON
 from .skinny_fp32 import MAX_RANK, skinny_mm_t, skinny_tn
@@ -227,11 +228,14 @@ def cached_lora_part(module: nn.Module) -> LoRAPart | None:
 
 
 # --------------------------------------------------------------------------------------------- shared math
-# How fp32 rank-r products read a 16-bit activation (x, the MLP's h, a wide dY): "torch" casts it to fp32 and
-# runs cuBLAS (PEFT's literal recipe); "triton" reads it in place and upcasts in registers (skinny_fp32.py:
-# same fp32 products, no fp32 copy). "torch" stays the default until the kernels are timed on a GPU.
-FP32_ADAPTER_BACKENDS = ("torch", "triton")
-_fp32_adapter_backend = "torch"
+# How fp32 rank-r products read a 16-bit activation (x, the MLP's h, a wide dY):
+#   "torch"  casts it to fp32 and runs an fp32 cuBLAS GEMM (PEFT's literal recipe; always on the CPU);
+#   "bf16x3" splits the small fp32 operand into three bf16 pieces and runs one bf16 GEMM with fp32 output
+#            (bf16x3.py: the same fp32 products, no fp32 copy, tensor cores; bf16 activations on CUDA);
+#   "triton" reads it in place and upcasts in registers (skinny_fp32.py; measured slower on an H200);
+#   "auto"   (default) "bf16x3" where it applies, else "torch".
+FP32_ADAPTER_BACKENDS = ("auto", "torch", "bf16x3", "triton")
+_fp32_adapter_backend = "auto"
 
 
 def set_fp32_adapter_backend(name: str) -> str:
@@ -243,14 +247,28 @@ def set_fp32_adapter_backend(name: str) -> str:
     return prev
 
 
-def _skinny(wide: torch.Tensor, ld: torch.dtype, part: LoRAPart) -> bool:
-    """Whether this rank-r product goes through the in-place fp32 kernels (see FP32_ADAPTER_BACKENDS)."""
-    if _fp32_adapter_backend != "triton" or ld != torch.float32 or part.A is None:
-        return False
-    if wide.dtype not in (torch.bfloat16, torch.float16) or part.A.dtype != torch.float32 \
-            or part.B.dtype != torch.float32 or part.A.shape[0] > MAX_RANK:
-        return False
-    return (wide.is_cuda or interpret_mode()) and HAS_TRITON
+def fp32_adapter_backend_in_effect(device_type: str) -> str:
+    """What the current choice means on this device for bf16 activations: "torch", "bf16x3" or "triton"."""
+    if _fp32_adapter_backend != "auto":
+        return _fp32_adapter_backend
+    return "bf16x3" if device_type == "cuda" and bf16x3.gpu_supported() else "torch"
+
+
+def _route(wide: torch.Tensor, ld: torch.dtype, part: LoRAPart) -> str:
+    """Which recipe computes this fp32 rank-r product (see FP32_ADAPTER_BACKENDS): "torch", "bf16x3" or
+    "triton". Anything but fp32 adapters over a 16-bit activation is plain torch."""
+    backend = _fp32_adapter_backend
+    if backend == "torch" or ld != torch.float32 or part.A is None or part.A.dtype != torch.float32 \
+            or part.B.dtype != torch.float32 or wide.dtype not in (torch.bfloat16, torch.float16):
+        return "torch"
+    if backend == "triton":
+        ok = part.A.shape[0] <= MAX_RANK and (wide.is_cuda or interpret_mode()) and HAS_TRITON
+        return "triton" if ok else "torch"
+    if wide.dtype != torch.bfloat16:
+        return "torch"
+    if backend == "bf16x3":  # forced: also on the CPU, where the pieces are multiplied in fp32 (tests)
+        return "bf16x3"
+    return "bf16x3" if wide.is_cuda and bf16x3.gpu_supported() else "torch"
 
 
 def no_autocast(device_type: str):
@@ -293,13 +311,16 @@ def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype):
     else:
         out = torch.mm(x2, w.t())
     del w
-    xa = None
-    if part.A is not None and _skinny(x2, ld, part):
+    if part.A is None:
+        return out, None
+    route = _route(x2, ld, part)
+    if route == "bf16x3":
+        xa = bf16x3.wide_mm_fp32(x2, part.A.t())
+    elif route == "triton":
         xa = skinny_mm_t(x2, part.A, backend="triton")
-        out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
-    elif part.A is not None:
+    else:
         xa = torch.mm(xc(ld), part.A.to(ld).t())
-        out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
+    out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
     return out, xa
 
 
@@ -312,7 +333,15 @@ def adapter_grads(dy: CastCache, xc: CastCache | None, xa: torch.Tensor | None, 
         dA = s u^T x              [r, in]
     Returns (u, dA, dB), each in ld (u is needed for dx += s u A).
     """
-    if _skinny(dy.t, ld, part) and (not need_a or _skinny(xc.t, ld, part)):
+    route = _route(dy.t, ld, part)
+    if need_a and _route(xc.t, ld, part) != route:
+        route = "torch"
+    if route == "bf16x3":
+        u = bf16x3.wide_mm_fp32(dy.t, part.B)
+        d_b = bf16x3.wide_mm_fp32(dy.t.t(), xa).mul_(part.scaling) if need_b else None
+        d_a = bf16x3.wide_mm_fp32(xc.t.t(), u).t().contiguous().mul_(part.scaling) if need_a else None
+        return u, d_a, d_b
+    if route == "triton":
         u = skinny_mm_t(dy.t, part.B.t(), backend="triton")
         d_b = skinny_tn(dy.t, xa, backend="triton").mul_(part.scaling) if need_b else None
         d_a = skinny_tn(xc.t, u, backend="triton").t().contiguous().mul_(part.scaling) if need_a else None
@@ -326,7 +355,10 @@ def adapter_grads(dy: CastCache, xc: CastCache | None, xa: torch.Tensor | None, 
 
 def down_adapter_grad(u: torch.Tensor, h: torch.Tensor, part: LoRAPart, ld: torch.dtype) -> torch.Tensor:
     """dA = s u^T h for the MLP's down projection (h recomputed in backward, 16-bit, [N, I])."""
-    if _skinny(h, ld, part):
+    route = _route(h, ld, part)
+    if route == "bf16x3":
+        return bf16x3.wide_mm_fp32(h.t(), u).t().contiguous().mul_(part.scaling)
+    if route == "triton":
         return skinny_tn(h, u, backend="triton").t().contiguous().mul_(part.scaling)
     return torch.mm(u.t(), h.to(ld)).mul_(part.scaling)
 
