@@ -118,3 +118,29 @@ def test_capture_of_plain_rows_keeps_sdpa_causal(tiny_llama_dir, monkeypatch):
     with one_sequence_per_row({"input_ids": torch.zeros(2, 6, dtype=torch.long), "position_ids": positions}):
         assert isinstance(_call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions), torch.Tensor)
     assert mu.find_packed_sequence_indices.__name__ == "find_packed_sequence_indices"  # restored
+    assert mu.is_tracing() is True
+
+
+def test_capture_without_the_causal_skip_of_transformers_5_17(tiny_llama_dir, monkeypatch):
+    """transformers 5.17 also refused to skip the causal mask whenever is_tracing() held (stream capture
+    included), padding mask or not. Emulated here by a skip check that consults is_tracing() first."""
+    import transformers.masking_utils as mu
+
+    from turbotune.cuda_graphs import one_sequence_per_row
+    from turbotune.packing import _call_create_causal_mask
+
+    skip = mu._ignore_causal_mask_sdpa
+
+    def skip_as_in_5_17(padding_mask, *args, **kwargs):
+        if mu.is_tracing(padding_mask):
+            return False
+        return skip(padding_mask, *args, **kwargs)
+
+    m = _model(tiny_llama_dir)
+    embeds, positions = torch.zeros(2, 6, m.config.hidden_size), torch.arange(6).unsqueeze(0)
+    monkeypatch.setattr(mu, "_ignore_causal_mask_sdpa", skip_as_in_5_17)
+    monkeypatch.setattr(mu, "is_tracing", lambda *a, **k: True)
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    assert isinstance(_call_create_causal_mask(mu.create_causal_mask, m.config, embeds, positions), torch.Tensor)
+    with one_sequence_per_row({"input_ids": torch.zeros(2, 6, dtype=torch.long)}):
+        assert _call_create_causal_mask(mu.create_causal_mask, m.config, embeds, positions) is None

@@ -173,14 +173,16 @@ _LAYOUT_KEYS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_
 
 @contextlib.contextmanager
 def one_sequence_per_row(batch: dict):
-    """During capture, tell transformers what the eager call finds: a batch with no position_ids and no mask.
+    """During capture, let transformers' mask code decide as it does eagerly for a batch with no position_ids
+    and no mask: no mask at all, SDPA's is_causal.
 
-    transformers looks for packed sequences in the position_ids the model makes itself (arange, one sequence
-    per row); deciding "none" reads a GPU value, which it skips while a CUDA stream is being captured. It then
-    keeps an all-zero "packed" mask and hands SDPA an explicit [B, 1, L, L] mask instead of is_causal: no
-    causal tile skipping, and K/V repeated for grouped-query heads. On an H200 that made llama3-8b's attention
-    about 3x slower under graphs than eagerly (bench/NOTES.md). With none of `_LAYOUT_KEYS` in the batch the
-    answer is known on the host, so the detection returns "none" for the capture's duration.
+    transformers counts CUDA stream capture as tracing, and while tracing it assumes the worst: it keeps an
+    all-zero "packed sequences" mask (deciding "none" would read a GPU value) and, in 5.17, never skips the
+    causal mask. SDPA then gets an explicit [B, 1, L, L] mask: no causal tile skipping, and K/V repeated for
+    grouped-query heads. On an H200 that made llama3-8b's attention about 3x slower under graphs than eagerly
+    (bench/NOTES.md). With none of `_LAYOUT_KEYS` in the batch there is no packing and no padding, so for the
+    capture's duration the mask code sees "not tracing" and "no packed sequences"; with no padding mask,
+    nothing it then does waits for the GPU (tests/gpu/test_cuda_graphs_gpu.py checks the captured calls).
     """
     if any(batch.get(k) is not None for k in _LAYOUT_KEYS):
         yield
@@ -190,19 +192,25 @@ def one_sequence_per_row(batch: dict):
     except ImportError:
         yield
         return
-    original = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if original is None:
-        yield
-        return
-    masking_utils.find_packed_sequence_indices = _no_packed_sequences
+    replaced = {name: getattr(masking_utils, name) for name in ("find_packed_sequence_indices", "is_tracing")
+                if hasattr(masking_utils, name)}
+    if "find_packed_sequence_indices" in replaced:
+        masking_utils.find_packed_sequence_indices = _no_packed_sequences
+    if "is_tracing" in replaced:
+        masking_utils.is_tracing = _not_tracing
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices = original
+        for name, original in replaced.items():
+            setattr(masking_utils, name, original)
 
 
 def _no_packed_sequences(position_ids):
     return None
+
+
+def _not_tracing(tensor=None):
+    return False
 
 
 def why_not_graphable(model, params) -> str | None:
