@@ -222,12 +222,18 @@ def test_unsupported_reasons():
 
 
 # --------------------------------------------------------------------------------------------- fp32 adapter kernels
-@pytest.mark.parametrize("backend", ["triton", "bf16x3"])
-def test_bf16_base_fp32_adapters_without_fp32_copies(backend):
+@pytest.mark.parametrize("backend", ["triton", "bf16x3", "auto"])
+def test_bf16_base_fp32_adapters_without_fp32_copies(backend, monkeypatch):
     """set_fp32_adapter_backend("triton" | "bf16x3"): the fp32 rank-r products read bf16 activations without
     fp32 copies (kernels/skinny_fp32.py, kernels/bf16x3.py) and give what the torch path (fp32 copies + fp32
     matmul, PEFT's recipe) gives."""
     from turbotune.kernels import lora_parts
+    if backend == "auto":  # as on a GPU, with the width rule cutting through this model: each product its way
+        monkeypatch.setattr(lora_parts, "_bf16x3_available", lambda wide: True)
+        monkeypatch.setattr(lora_parts, "BF16X3_MIN_FEATURES", 100)  # gate/up dY, h: bf16x3; x, q/k/v dY: torch
+    widths = []
+    wide_mm = lora_parts.bf16x3.wide_mm_fp32
+    monkeypatch.setattr(lora_parts.bf16x3, "wide_mm_fp32", lambda w, s: widths.append(max(w.shape)) or wide_mm(w, s))
     torch.manual_seed(0)
     _, attn, mlp = _wrap(LlamaForCausalLM(_config()).to(torch.bfloat16))
     x = _x(torch.bfloat16)
@@ -242,6 +248,8 @@ def test_bf16_base_fp32_adapters_without_fp32_copies(backend):
             results[name] = (outs, _grads(outs, x, mods + [attn.o_proj]))
         finally:
             lora_parts.set_fp32_adapter_backend(prev)
+    if backend == "auto":  # only the [tokens, 160] activations (gate/up dY, h) went the bf16x3 way
+        assert set(widths) == {160}, widths  # [10 tokens, features] or its transpose
     (ro, rg), (to, tg) = results["torch"], results[backend]
     for r, o in zip(ro, to):
         torch.testing.assert_close(o.float(), r.float(), rtol=1e-2, atol=1e-2 * r.float().abs().max().item())

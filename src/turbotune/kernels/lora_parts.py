@@ -233,8 +233,13 @@ def cached_lora_part(module: nn.Module) -> LoRAPart | None:
 #   "bf16x3" splits the small fp32 operand into three bf16 pieces and runs one bf16 GEMM with fp32 output
 #            (bf16x3.py: the same fp32 products, no fp32 copy, tensor cores; bf16 activations on CUDA);
 #   "triton" reads it in place and upcasts in registers (skinny_fp32.py; measured slower on an H200);
-#   "auto"   (default) "bf16x3" where it applies, else "torch".
+#   "auto"   (default) "bf16x3" where it applies and the activation has >= BF16X3_MIN_FEATURES columns,
+#            else "torch". Why the width: on an H200 (4,096 tokens, r=16; tests/gpu/test_bf16x3_gpu.py) the pair
+#            x A^T + x^T u took 0.08 ms (torch) vs 0.23 ms (bf16x3) at 1,536 columns, 0.22 vs 0.21 at 4,096
+#            (r=64), 0.37 vs 0.22 at 8,960 and 0.58 vs 0.22 at 14,336: bf16x3's time barely depends on the
+#            width, the fp32 copy's grows with it.
 FP32_ADAPTER_BACKENDS = ("auto", "torch", "bf16x3", "triton")
+BF16X3_MIN_FEATURES = 4096
 _fp32_adapter_backend = "auto"
 
 
@@ -251,7 +256,9 @@ def fp32_adapter_backend_in_effect(device_type: str) -> str:
     """What the current choice means on this device for bf16 activations: "torch", "bf16x3" or "triton"."""
     if _fp32_adapter_backend != "auto":
         return _fp32_adapter_backend
-    return "bf16x3" if device_type == "cuda" and bf16x3.gpu_supported() else "torch"
+    if device_type == "cuda" and bf16x3.gpu_supported():
+        return f"bf16x3 for activations >= {BF16X3_MIN_FEATURES} wide, torch below"
+    return "torch"
 
 
 def _route(wide: torch.Tensor, ld: torch.dtype, part: LoRAPart) -> str:
@@ -268,7 +275,12 @@ def _route(wide: torch.Tensor, ld: torch.dtype, part: LoRAPart) -> str:
         return "torch"
     if backend == "bf16x3":  # forced: also on the CPU, where the pieces are multiplied in fp32 (tests)
         return "bf16x3"
-    return "bf16x3" if wide.is_cuda and bf16x3.gpu_supported() else "torch"
+    wide_enough = wide.shape[-1] >= BF16X3_MIN_FEATURES  # wide is [tokens, features] at every call
+    return "bf16x3" if wide_enough and _bf16x3_available(wide) else "torch"
+
+
+def _bf16x3_available(wide: torch.Tensor) -> bool:
+    return wide.is_cuda and bf16x3.gpu_supported()
 
 
 def no_autocast(device_type: str):
@@ -333,23 +345,27 @@ def adapter_grads(dy: CastCache, xc: CastCache | None, xa: torch.Tensor | None, 
         dA = s u^T x              [r, in]
     Returns (u, dA, dB), each in ld (u is needed for dx += s u A).
     """
-    route = _route(dy.t, ld, part)
-    if need_a and _route(xc.t, ld, part) != route:
-        route = "torch"
-    if route == "bf16x3":
-        u = bf16x3.wide_mm_fp32(dy.t, part.B)
-        d_b = bf16x3.wide_mm_fp32(dy.t.t(), xa).mul_(part.scaling) if need_b else None
-        d_a = bf16x3.wide_mm_fp32(xc.t.t(), u).t().contiguous().mul_(part.scaling) if need_a else None
-        return u, d_a, d_b
-    if route == "triton":
+    dy_route = _route(dy.t, ld, part)
+    x_route = _route(xc.t, ld, part) if need_a else dy_route
+    if dy_route == x_route == "triton":
         u = skinny_mm_t(dy.t, part.B.t(), backend="triton")
         d_b = skinny_tn(dy.t, xa, backend="triton").mul_(part.scaling) if need_b else None
         d_a = skinny_tn(xc.t, u, backend="triton").t().contiguous().mul_(part.scaling) if need_a else None
         return u, d_a, d_b
-    dyl = dy(ld)
-    u = torch.mm(dyl, part.B.to(ld))
-    d_b = torch.mm(dyl.t(), xa).mul_(part.scaling) if need_b else None
-    d_a = torch.mm(u.t(), xc(ld)).mul_(part.scaling) if need_a else None
+    # u and dB read dY; dA reads x: each goes its own way (their widths differ, e.g. an MLP's gate vs its input)
+    if dy_route == "bf16x3":
+        u = bf16x3.wide_mm_fp32(dy.t, part.B)
+        d_b = bf16x3.wide_mm_fp32(dy.t.t(), xa).mul_(part.scaling) if need_b else None
+    else:
+        dyl = dy(ld)
+        u = torch.mm(dyl, part.B.to(ld))
+        d_b = torch.mm(dyl.t(), xa).mul_(part.scaling) if need_b else None
+    if not need_a:
+        d_a = None
+    elif x_route == "bf16x3":
+        d_a = bf16x3.wide_mm_fp32(xc.t.t(), u).t().contiguous().mul_(part.scaling)
+    else:
+        d_a = torch.mm(u.t(), xc(ld)).mul_(part.scaling)
     return u, d_a, d_b
 
 
