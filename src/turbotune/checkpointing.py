@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._compat import unwrap_peft
 from .errors import ConfigError
+from .recompute import recompute_scope
 
 _ATTR = "_turbotune_offloaded_checkpointing"   # on the base model: the OffloadedCheckpointing applied to it
 _ORIGINAL = "_turbotune_offload_original"      # on each wrapped layer: (attribute name, what was there before)
@@ -199,7 +200,7 @@ class _OffloadedLayerFunction(torch.autograd.Function):
                 torch.set_rng_state(call.rng[0])
                 if devices:
                     torch.cuda.set_rng_state(call.rng[1], x.device)
-            with torch.enable_grad(), _autocast_as(call.autocast):
+            with torch.enable_grad(), _autocast_as(call.autocast), recompute_scope():
                 out = call.run(x, grad_leaves)
         owner.stats["recomputes"] += 1
         outs = out if isinstance(out, tuple) else (out,)

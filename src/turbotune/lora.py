@@ -49,6 +49,8 @@ def enable_gradient_checkpointing(model, mode=True) -> None:
         # pointless (and reading it is not allowed while a CUDA graph is being captured).
         from .cuda_graphs import uses_dropout
         checkpointing_enable(model, use_reentrant=False, preserve_rng_state=uses_dropout(model))
+        from .recompute import mark_recompute_in
+        mark_recompute_in(model)  # fused blocks may then skip work whose result the recompute throws away
     model.config.use_cache = False
 
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from .lora_parts import (CastCache, LoRAPart, adapter_grads, autocast_dtype, dense_weight, down_adapter_grad,
-                         fused_lora_unsupported_reason, grad_to, input_grad_into, lora_dtype, lora_part, no_autocast,
-                         project)
+from .lora_parts import (CastCache, LoRAPart, adapter_grads, adapter_product, autocast_dtype, dense_weight,
+                         down_adapter_grad, fused_lora_unsupported_reason, grad_to, input_grad_into, lora_dtype,
+                         lora_part, no_autocast, project)
 from .swiglu import act_mul_backward, act_mul_forward
 
 __all__ = ["LoRAPart", "lora_part", "fused_lora_unsupported_reason", "dense_weight",
@@ -165,10 +165,14 @@ class LoRAMLPFunction(torch.autograd.Function):
     Saved: x (when a gate/up dA is needed), e and g (the only [N, I] tensors), and the [N, r] products
     x Ag^T, x Au^T, h Ad^T. The backward writes h into dh's buffer and de / dg over e / g (act_mul_backward
     in place), so the [N, I] peak is three buffers, as in forward.
+
+    output_unused=True (a checkpointed layer's recompute whose output only feeds the residual sum, see
+    recompute.py): everything the backward needs is saved as usual, but y itself (the down projection: a
+    [N, I] x [I, H] matmul, and the dequantisation of a 4-bit Wd) is not computed; zeros stand in for it.
     """
 
     @staticmethod
-    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, parts, lds, act, backend):
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, parts, lds, act, backend, output_unused=False):
         gate_p, up_p, down_p = parts
         x2 = _flat(x)
         xc = CastCache(x2)
@@ -176,9 +180,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         g, xa_u = project(x2, xc, up_p, lds[1])
         del xc
         h = act_mul_forward(e, g, act, backend)
-        y, ha_d = project(h, CastCache(h), down_p, lds[2])
-        del h
         nig = ctx.needs_input_grad
+        if output_unused:
+            ha_d = adapter_product(h, CastCache(h), down_p, lds[2]) if nig[6] else None
+            y = h.new_zeros(h.shape[0], down_p.out_features)
+        else:
+            y, ha_d = project(h, CastCache(h), down_p, lds[2])
+        del h
         ctx.save_for_backward(x if (nig[1] or nig[3]) else None, e, g,
                               xa_g if nig[2] else None, xa_u if nig[4] else None, ha_d if nig[6] else None)
         ctx.parts, ctx.lds, ctx.act, ctx.backend, ctx.x_shape = parts, lds, act, backend, x.shape
@@ -211,7 +219,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return (dx, d_ag, d_bg, d_au, d_bu, grad_to(d_ad, down_p.A), grad_to(d_bd, down_p.B),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -253,10 +261,11 @@ def lora_qkv(x: torch.Tensor, q_part: LoRAPart, k_part: LoRAPart, v_part: LoRAPa
 
 
 def lora_mlp(x: torch.Tensor, gate_part: LoRAPart, up_part: LoRAPart, down_part: LoRAPart, act: str = "silu",
-             backend: str = "auto", adapter_precision: str = "peft") -> torch.Tensor:
-    """y = down(act(gate x) * up x) with LoRA on all three (LoRAMLPFunction). act: "silu" | "gelu_tanh"."""
+             backend: str = "auto", adapter_precision: str = "peft", output_unused: bool = False) -> torch.Tensor:
+    """y = down(act(gate x) * up x) with LoRA on all three (LoRAMLPFunction). act: "silu" | "gelu_tanh".
+    output_unused: a recompute that needs only what the backward saves; y is returned as zeros."""
     parts = (gate_part, up_part, down_part)
     x, lds = _prep(x, parts, adapter_precision)
     with no_autocast(x.device.type):
         return LoRAMLPFunction.apply(x, *_ab(gate_part), *_ab(up_part), *_ab(down_part), parts, tuple(lds),
-                                     act, backend)
+                                     act, backend, output_unused)

@@ -323,17 +323,22 @@ def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype):
     else:
         out = torch.mm(x2, w.t())
     del w
+    xa = adapter_product(x2, xc, part, ld)
+    if xa is not None:
+        out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
+    return out, xa
+
+
+def adapter_product(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype) -> torch.Tensor | None:
+    """xa = x A^T [N, r] in ld (None without an adapter): the rank-r product the backward's dB needs."""
     if part.A is None:
-        return out, None
+        return None
     route = _route(x2, ld, part)
     if route == "bf16x3":
-        xa = bf16x3.wide_mm_fp32(x2, part.A.t())
-    elif route == "triton":
-        xa = skinny_mm_t(x2, part.A, backend="triton")
-    else:
-        xa = torch.mm(xc(ld), part.A.to(ld).t())
-    out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
-    return out, xa
+        return bf16x3.wide_mm_fp32(x2, part.A.t())
+    if route == "triton":
+        return skinny_mm_t(x2, part.A, backend="triton")
+    return torch.mm(xc(ld), part.A.to(ld).t())
 
 
 def adapter_grads(dy: CastCache, xc: CastCache | None, xa: torch.Tensor | None, part: LoRAPart,

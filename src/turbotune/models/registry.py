@@ -50,6 +50,9 @@ class FamilySpec:
     rms_casting: str = "llama"
     rms_offset: float = 0.0
     act: str = "silu"
+    # The decoder layer only adds the MLP's output to the residual stream (no norm or scale after it): the
+    # recompute may then skip the down projection (recompute.py).
+    mlp_output_only_to_residual: bool = False
     make_attention_forward: object = None
     make_mlp_forward: object = None
     make_norm_forward: object = None
