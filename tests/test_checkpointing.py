@@ -220,7 +220,9 @@ def test_apply_turns_transformers_checkpointing_off_and_lora_routing():
 
     enable_gradient_checkpointing(model, "offload")
     first = get_offloaded_checkpointing(model)
-    assert first is not None and first.config == OffloadConfig() and not is_checkpointing(model)
+    # the defaults, except that a model without dropout needs no RNG state saved for the recompute
+    assert first is not None and first.config == OffloadConfig(preserve_rng_state=False)
+    assert not is_checkpointing(model)
     enable_gradient_checkpointing(model, "offload")  # again: replaced, not nested
     assert get_offloaded_checkpointing(model) is not first and not first.applied
     enable_gradient_checkpointing(model, True)  # transformers' checkpointing instead

@@ -111,6 +111,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--matmul-size", type=int, default=None, help="n of the n³ matmuls timed for MFU "
                                                                  "(default 8192 on CUDA, 1024 on CPU)")
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds one method may run (default 3600)")
+    g.add_argument("--graph-offload", action="store_true",
+                   help="turbotune methods with offloaded checkpointing (turbotune-min-memory) capture it in the "
+                        "CUDA graphs too (static pinned host buffers; experimental until checked on a GPU)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="turbotune methods run their micro-steps eagerly instead of replaying CUDA graphs")
     g.add_argument("--adapter-precision", choices=["peft", "input"], default=None,
@@ -532,7 +535,8 @@ def run_bench(args) -> int:
             "lora_alpha": settings["lora_alpha"], "target_modules": TARGET_MODULES, "lr": args.lr,
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
             "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
-            "cuda_graphs": args.cuda_graphs, "adapter_precision": args.adapter_precision,
+            "cuda_graphs": args.cuda_graphs, "graph_offload": args.graph_offload,
+            "adapter_precision": args.adapter_precision,
             "fp32_adapter_kernels": args.fp32_adapter_kernels,
             "mode": "max_context" if args.max_context else "packing" if args.packing else "throughput",
             "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,

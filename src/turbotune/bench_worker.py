@@ -229,7 +229,8 @@ def train(model, spec, result) -> None:
     if method.startswith("turbotune") and cuda:  # turbotune's own training step: CUDA graphs where they apply
         from turbotune.cuda_graphs import GraphedMicroStep
 
-        stepper = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True))
+        stepper = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True),
+                                   capture_offload=spec.get("graph_offload", False))
         _log(method, f"CUDA graphs: {stepper.disabled_reason or 'on'}")
     result["notes"] = list(model.__dict__.get("_bench_notes", []))
 
@@ -318,7 +319,8 @@ def run_packing(model, spec, result) -> None:
     step_fn = eager_step_fn(model)
     if method.startswith("turbotune") and cuda and mode == "packed":  # as turbotune train: graphs for packed rows
         from turbotune.cuda_graphs import GraphedMicroStep
-        step_fn = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True))
+        step_fn = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True),
+                                   capture_offload=spec.get("graph_offload", False))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     cfg = getattr(model, "config", None)

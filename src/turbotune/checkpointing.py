@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._compat import unwrap_peft
 from .errors import ConfigError
+from .host_buffers import HostBufferPool
 from .recompute import recompute_scope
 
 _ATTR = "_turbotune_offloaded_checkpointing"   # on the base model: the OffloadedCheckpointing applied to it
@@ -60,6 +61,7 @@ class OffloadConfig:
     keep_last_on_gpu: bool = True   # the last layer's input is needed first in backward: don't offload it
     min_offload_bytes: int = 1 << 20  # smaller inputs stay on the device (copy overhead > saving)
     preserve_rng_state: bool = True  # replay dropout masks exactly in the recompute (as torch.utils.checkpoint)
+    static_host_buffers: bool = False  # reuse pinned buffers per (layer, shape): CUDA-graph capture needs it
 
 
 # ----------------------------------------------------------------------------------------------- bookkeeping
@@ -114,7 +116,7 @@ def estimate_offload_memory(num_layers: int, batch: int, seq: int, hidden: int, 
 class _Saved:
     """One layer input saved for the recompute: on the host, or kept on the device."""
     __slots__ = ("tensor", "device", "on_host", "copied", "d2h_event", "prefetched", "h2d_event", "version",
-                 "index", "nbytes", "__weakref__")
+                 "index", "nbytes", "pool_key", "device_ref", "__weakref__")
 
     def __init__(self, index, device, nbytes):
         self.index, self.device, self.nbytes = index, device, nbytes
@@ -125,6 +127,8 @@ class _Saved:
         self.prefetched = None   # device tensor being filled by a prefetch
         self.h2d_event = None    # CUDA event: the prefetch finished
         self.version = None      # version counter of a tensor kept without copying (in-place edits are errors)
+        self.pool_key = None     # the host buffer came from the owner's HostBufferPool under this key
+        self.device_ref = None   # (capture) the device input, alive until the compute stream waited for its copy
 
 
 class _LayerCall:
@@ -170,7 +174,7 @@ class _OffloadedLayerFunction(torch.autograd.Function):
     def forward(ctx, call, hidden, *grad_inputs):
         ctx.set_materialize_grads(False)
         owner = call.owner
-        if owner.config.preserve_rng_state:
+        if owner.config.preserve_rng_state and not _capturing(hidden):  # (graphs refuse dropout anyway)
             cuda_state = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
             call.rng = (torch.get_rng_state(), cuda_state)
         call.autocast = _autocast_state(hidden.device.type)
@@ -278,6 +282,8 @@ class OffloadedCheckpointing:
         self._pending: list[weakref.ref] = []  # saved inputs waiting for their backward, in forward order
         self._streams: dict[torch.device, object] = {}
         self._warned = False
+        self._host_pool = HostBufferPool(self.config.pin_memory)
+        self._unjoined: list[_Saved] = []  # (capture) copies to the host the compute stream has not waited for
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -399,8 +405,9 @@ class OffloadedCheckpointing:
         entry = _Saved(index, x.device, nbytes)
         offload = (cfg.enabled and nbytes >= cfg.min_offload_bytes
                    and not (cfg.keep_last_on_gpu and index == self._last_index))
+        self._join_copies()
         if offload and x.device.type == "cuda":
-            entry.tensor, entry.d2h_event = self._to_host(x)
+            entry.tensor, entry.d2h_event = self._to_host(x, entry)
             entry.on_host = entry.copied = True
         else:
             # Kept on the device, or (CPU) already on the host: no copy, so in-place edits must be caught.
@@ -416,23 +423,47 @@ class OffloadedCheckpointing:
         self._pending.append(weakref.ref(entry))
         return entry
 
-    def _to_host(self, x: torch.Tensor):
+    def _to_host(self, x: torch.Tensor, entry: _Saved):
         """CUDA: copy `x` into a (pinned) host buffer on the side stream. Returns (host tensor, done event)."""
         pin = self.config.pin_memory
         x = x.contiguous()
         compute, side = torch.cuda.current_stream(x.device), self._stream(x.device)
-        host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pin)
+        capturing = _capturing(x)
+        if self.config.static_host_buffers or capturing:
+            entry.pool_key, host = self._host_pool.acquire(entry.index, x)
+        else:
+            host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pin)
         side.wait_stream(compute)               # x is written by kernels queued on the compute stream
         with torch.cuda.stream(side):
             host.copy_(x, non_blocking=pin)
             done = torch.cuda.Event()
             done.record(side)
-        x.record_stream(side)                   # x's memory is not reused before the copy has read it
+        if capturing:
+            # record_stream has no place in a graph: keep x alive until the compute stream has waited for the
+            # copy (at the next layer's save, or the backward), which also joins the side stream to the capture.
+            entry.device_ref = x
+            self._unjoined.append(entry)
+        else:
+            x.record_stream(side)               # x's memory is not reused before the copy has read it
         return host, done
+
+    def _join_copies(self) -> None:
+        """(capture) Make the compute stream wait for the copies to the host queued so far; drop their inputs."""
+        for entry in self._unjoined:
+            torch.cuda.current_stream(entry.device).wait_event(entry.d2h_event)
+            entry.device_ref = None
+        self._unjoined = []
+
+    def _release_host(self, entry: _Saved) -> None:
+        """The host copy has been queued back to the device: its pooled buffer may take another input."""
+        if entry.pool_key is not None:
+            self._host_pool.release(entry.pool_key, entry.tensor)
+            entry.pool_key = None
 
     # -- backward ----------------------------------------------------------------------------------------------
     def _take(self, entry: _Saved) -> torch.Tensor:
         """Layer input for the recompute, on its device; then prefetch the input of the layer before it."""
+        self._join_copies()
         live = [r for r in self._pending if r() is not None]
         position = next((i for i, r in enumerate(live) if r() is entry), None)
         previous = live[position - 1]() if position else None
@@ -456,7 +487,9 @@ class OffloadedCheckpointing:
             compute = torch.cuda.current_stream(entry.device)
             compute.wait_event(entry.d2h_event)
             self.stats["sync_restores"] += 1
-            return entry.tensor.to(entry.device, non_blocking=self.config.pin_memory)
+            x = entry.tensor.to(entry.device, non_blocking=self.config.pin_memory)
+            self._release_host(entry)
+            return x
         if entry.tensor._version != entry.version:
             raise RuntimeError(_INPLACE_MESSAGE)
         if entry.on_host:
@@ -481,11 +514,17 @@ class OffloadedCheckpointing:
             buffer.copy_(entry.tensor, non_blocking=self.config.pin_memory)
             done = torch.cuda.Event()
             done.record(side)
-        buffer.record_stream(side)  # if the graph is dropped before this layer's backward, no early reuse
+        if not _capturing(buffer):  # (a captured step always waits for `done` before using or freeing it)
+            buffer.record_stream(side)  # if the graph is dropped before this layer's backward, no early reuse
         entry.prefetched, entry.h2d_event = buffer, done
+        self._release_host(entry)
 
     @staticmethod
     def _restore_kept(entry: _Saved) -> torch.Tensor:
         if entry.tensor._version != entry.version:
             raise RuntimeError(_INPLACE_MESSAGE)
         return entry.tensor
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -34,7 +34,7 @@ import torch
 
 class GraphedMicroStep:
     def __init__(self, model, params, enabled: bool = True, warmup: int = 2, max_graphs: int = 4,
-                 verbose: bool = True):
+                 verbose: bool = True, capture_offload: bool = False):
         self.model = model
         self.params = [p for p in params if p.requires_grad]
         self.warmup = warmup
@@ -48,6 +48,13 @@ class GraphedMicroStep:
         self._pool = None
         self.replays = 0
         self.captures = 0
+        if enabled and capture_offload:
+            # Offloaded checkpointing in a graph: pinned host buffers made in the eager warm-ups, reused by the
+            # replays (host_buffers.py). Opt-in until it has been checked on a GPU (tests/gpu).
+            from .checkpointing import get_offloaded_checkpointing
+            oc = get_offloaded_checkpointing(model)
+            if oc is not None:
+                oc.config.static_host_buffers = True
         if enabled:
             self.disabled_reason = why_not_graphable(model, self.params)
 
@@ -220,16 +227,18 @@ def why_not_graphable(model, params) -> str | None:
     if any(p.device != params[0].device for p in params):
         return "the trainable parameters are on several devices"
     if _has_offload(model):
-        return "offloaded checkpointing copies to host memory on a side stream"
+        return "offloaded checkpointing copies to host memory on a side stream (capture_offload is off)"
     if uses_dropout(model):
         return "dropout is active (a graph would replay the same random mask)"
     return None
 
 
 def _has_offload(model) -> bool:
+    """Offloaded checkpointing that a graph can't hold (without static host buffers)."""
     from .checkpointing import get_offloaded_checkpointing
 
-    return get_offloaded_checkpointing(model) is not None
+    oc = get_offloaded_checkpointing(model)
+    return oc is not None and not oc.config.static_host_buffers
 
 
 def uses_dropout(model) -> bool:

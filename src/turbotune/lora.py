@@ -42,12 +42,13 @@ def enable_gradient_checkpointing(model, mode=True) -> None:
     if mode not in (True, "true", "unsloth", "auto", "offload"):
         raise ConfigError(f"use_gradient_checkpointing={mode!r}: use True, False, 'auto' or 'offload'")
     remove_offloaded_checkpointing(model)
+    # Without dropout a layer draws no random numbers, so saving the RNG state for the recompute is
+    # pointless (and reading it is not allowed while a CUDA graph is being captured).
+    from .cuda_graphs import uses_dropout
     if mode == "offload":
-        OffloadedCheckpointing().apply(model)  # also switches transformers' checkpointing off
+        # also switches transformers' checkpointing off
+        OffloadedCheckpointing(preserve_rng_state=uses_dropout(model)).apply(model)
     else:
-        # Without dropout a layer draws no random numbers, so saving the RNG state for the recompute is
-        # pointless (and reading it is not allowed while a CUDA graph is being captured).
-        from .cuda_graphs import uses_dropout
         checkpointing_enable(model, use_reentrant=False, preserve_rng_state=uses_dropout(model))
         from .recompute import mark_recompute_in
         mark_recompute_in(model)  # fused blocks may then skip work whose result the recompute throws away

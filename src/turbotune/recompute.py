@@ -53,6 +53,7 @@ def marking_recompute(checkpoint_func):
         return checkpoint_func(run, *args, **kwargs)
 
     setattr(checkpoint, _MARK, True)
+    checkpoint.__wrapped__ = checkpoint_func
     return checkpoint
 
 
@@ -60,8 +61,13 @@ def mark_recompute_in(model) -> int:
     """Wrap the checkpoint function transformers gave each of `model`'s layers; returns how many it wrapped."""
     count = 0
     for module in model.modules():
-        func = module.__dict__.get("_gradient_checkpointing_func")
-        if func is not None:
-            module._gradient_checkpointing_func = marking_recompute(func)
-            count += 1
+        for name in _FUNC_NAMES:
+            func = module.__dict__.get(name)
+            if func is not None:
+                setattr(module, name, marking_recompute(func))
+                count += 1
     return count
+
+
+# Where transformers keeps a layer's checkpoint function (5.x reads the first; a later rename may use the second).
+_FUNC_NAMES = ("_gradient_checkpointing_func", "_activation_checkpointing_func")

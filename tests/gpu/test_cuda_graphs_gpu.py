@@ -144,3 +144,36 @@ def test_captured_attention_stays_causal_without_a_mask(tiny_dir, monkeypatch):
     assert step.captures == 1, step.disabled_reason
     during_capture = [s for s in seen if s[2]]
     assert during_capture and all(no_mask and causal for no_mask, causal, _ in during_capture), seen
+
+
+def test_graph_replay_with_offloaded_checkpointing_equals_eager(tiny_dir):
+    """capture_offload=True: the layer inputs' copies to pinned host memory and back are captured (static
+    host buffers from the eager warm-ups) and the replayed steps equal the eager offloaded steps."""
+    from turbotune.checkpointing import get_offloaded_checkpointing
+    from turbotune.cuda_graphs import GraphedMicroStep
+
+    def run(graphs):
+        m = _model(tiny_dir, torch.bfloat16, "offload")
+        oc = get_offloaded_checkpointing(m)
+        oc.config.min_offload_bytes = 0  # the tiny model's inputs are small: offload them anyway
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        step = GraphedMicroStep(m, params, enabled=graphs, warmup=1, capture_offload=True)
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for i in range(8):
+            ids = torch.randint(0, 512, (2, 64), generator=g).cuda()
+            losses.append(step({"input_ids": ids, "labels": ids}, 0.5).float().item())
+            if i % 2 == 1:
+                opt.step()
+                step.zero_grad() if step.active else opt.zero_grad(set_to_none=True)
+        return losses, [p.detach().float().clone() for p in params], step, oc
+
+    ref_losses, ref_params, _, _ = run(False)
+    losses, params, step, oc = run(True)
+    assert step.active and step.replays >= 5, step.disabled_reason
+    assert oc.stats["offloaded_inputs"] > 0 and oc._host_pool.allocated > 0
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= 2e-3 * max(1.0, abs(b)), (losses, ref_losses)
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
