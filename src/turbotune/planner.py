@@ -93,7 +93,8 @@ cos / sin tables shared by all layers (2 N d b).
 
 Backward working set of one layer (the largest temporaries on top of its saved set), in the "layer" phase:
     MLP        N I (b + a cast): turbotune's backward holds dh (later h, in place) and h cast to fp32 for dAd, or
-               the fp32 copy of de / dg for dAg, dAu (the recomputed forward peaks the same way: h + fp32 h).
+               the fp32 copy of de / dg for dAg, dAu (the recomputed forward peaks the same way: h + fp32 h);
+               no fp32 copy (N I b) from I >= 4096, where those products run as bf16x3 GEMMs on a GPU.
                hf: N I (b + 2 a cast): the base output plus PEFT's fp32 LoRA output and their fp32 sum (and the
                same sizes in backward); 2 N I b when a == b.
                turbotune, tiled: when one [N, I] tensor passes 512 MiB the MLP runs C tokens at a time

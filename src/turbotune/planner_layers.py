@@ -22,6 +22,12 @@ def mlp_tile_chunk(n_tokens: int | None, intermediate: int, b: int) -> int | Non
     return mlp_token_chunk(n_tokens, intermediate, b)
 
 
+def bf16x3_min_features() -> int:
+    """Width from which turbotune's fp32 adapter products read 16-bit activations without an fp32 copy."""
+    from .kernels.lora_parts import BF16X3_MIN_FEATURES  # needs torch: imported when asked
+    return BF16X3_MIN_FEATURES
+
+
 def layer_saved_bytes_per_token(shape: ModelShape, method: str = "turbotune", r: int = 16, b: int = 2,
                                 a: int = ADAPTER_BYTES, n_tokens: int | None = None) -> dict[str, int]:
     """What one decoder layer saves for backward, bytes per token, by term (planner docstring, section 3).
@@ -62,11 +68,14 @@ def layer_working_bytes(shape: ModelShape, n_tokens: int, method: str, b: int, a
     cast = a != b
     chunk = None
     if method == "turbotune":
+        # the fp32 copy of an [N, I] tensor exists only where the adapters' fp32 products don't go the bf16x3
+        # way (kernels/lora_parts.py: 16-bit activations at least BF16X3_MIN_FEATURES wide, on a GPU)
+        cast_i = cast and I < bf16x3_min_features()
         chunk = mlp_tile_chunk(N, I, b)
         if chunk is None:
-            mlp = N * I * (b + (a if cast else 0))
+            mlp = N * I * (b + (a if cast_i else 0))
         else:  # one chunk's recomputed e, g (saved by nothing else now), its backward's peak, and its dx rows
-            mlp = chunk * (I * (3 * b + (a if cast else 0)) + H * b)
+            mlp = chunk * (I * (3 * b + (a if cast_i else 0)) + H * b)
         grads = 2 * N * H * b
     else:
         mlp = N * I * (b + 2 * a) if cast else 2 * N * I * b
