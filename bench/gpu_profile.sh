@@ -13,7 +13,7 @@ left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ -n "${TESTS-}" ]; then
   echo "== gpu tests: $TESTS"
-  timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+  timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q --maxfail=3 -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed|Error" "$OUT/gpu_tests.txt" | tail -6
 fi
 for stage in "$@"; do
