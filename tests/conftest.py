@@ -77,3 +77,18 @@ def nonzero_lora_b(model, seed: int = 1, std: float = 0.05):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Mean GPU time of `fn()` in ms between CUDA events, after `warmup` untimed calls (gpu tests print it)."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters

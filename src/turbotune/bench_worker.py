@@ -205,6 +205,13 @@ def _on_device(model, device: str):
     return model
 
 
+def _graphed_step(model, params, spec):
+    """turbotune's micro-step with CUDA graphs where they apply, as the bench's switches set them."""
+    from turbotune.cuda_graphs import GraphedMicroStep
+    return GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True),
+                            capture_offload=spec.get("graph_offload", False))
+
+
 def train(model, spec, result) -> None:
     import torch
 
@@ -227,10 +234,7 @@ def train(model, spec, result) -> None:
 
     stepper = None
     if method.startswith("turbotune") and cuda:  # turbotune's own training step: CUDA graphs where they apply
-        from turbotune.cuda_graphs import GraphedMicroStep
-
-        stepper = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True),
-                                   capture_offload=spec.get("graph_offload", False))
+        stepper = _graphed_step(model, params, spec)
         _log(method, f"CUDA graphs: {stepper.disabled_reason or 'on'}")
     result["notes"] = list(model.__dict__.get("_bench_notes", []))
 
@@ -318,9 +322,7 @@ def run_packing(model, spec, result) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     step_fn = eager_step_fn(model)
     if method.startswith("turbotune") and cuda and mode == "packed":  # as turbotune train: graphs for packed rows
-        from turbotune.cuda_graphs import GraphedMicroStep
-        step_fn = GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True),
-                                   capture_offload=spec.get("graph_offload", False))
+        step_fn = _graphed_step(model, params, spec)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     cfg = getattr(model, "config", None)

@@ -19,6 +19,8 @@ import threading
 
 _STATE = threading.local()
 _MARK = "_turbotune_marks_recompute"
+# Where transformers keeps a layer's checkpoint function (5.x reads the first; a later rename may use the second).
+_FUNC_NAMES = ("_gradient_checkpointing_func", "_activation_checkpointing_func")
 
 
 def recomputing() -> bool:
@@ -67,7 +69,3 @@ def mark_recompute_in(model) -> int:
                 setattr(module, name, marking_recompute(func))
                 count += 1
     return count
-
-
-# Where transformers keeps a layer's checkpoint function (5.x reads the first; a later rename may use the second).
-_FUNC_NAMES = ("_gradient_checkpointing_func", "_activation_checkpointing_func")

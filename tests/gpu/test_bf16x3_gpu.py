@@ -5,6 +5,7 @@ Run: pytest tests/gpu/test_bf16x3_gpu.py -q -s
 """
 import pytest
 import torch
+from conftest import cuda_time_ms
 
 pytestmark = pytest.mark.gpu
 
@@ -12,19 +13,6 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from turbotune.kernels.bf16x3 import gpu_supported, reference_mm, wide_mm_fp32
-
-
-def _time(fn, reps=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def test_this_torch_has_fp32_output_bf16_gemms():
@@ -41,6 +29,6 @@ def test_bf16x3_equals_fp32_matmuls(n, k, r):
     for wide, small in pairs:
         out, ref = wide_mm_fp32(wide, small), reference_mm(wide, small)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    t_ref = _time(lambda: [reference_mm(w, s) for w, s in pairs])
-    t_new = _time(lambda: [wide_mm_fp32(w, s) for w, s in pairs])
+    t_ref = cuda_time_ms(lambda: [reference_mm(w, s) for w, s in pairs])
+    t_new = cuda_time_ms(lambda: [wide_mm_fp32(w, s) for w, s in pairs])
     print(f"\n[{n}x{k}, r={r}] x A^T + x^T u: fp32 copy + fp32 GEMM {t_ref:.3f} ms, bf16x3 {t_new:.3f} ms")

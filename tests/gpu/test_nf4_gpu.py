@@ -3,6 +3,7 @@ bitsandbytes' CUDA `dequantize_4bit`, bit for bit, at realistic weight shapes; b
 (not asserted) against bitsandbytes. Run with -s to see the timings."""
 import pytest
 import torch
+from conftest import cuda_time_ms
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
@@ -84,29 +85,16 @@ def test_buffer_reuse_cuda():
     assert dequantize_nf4(a, qa, slot="other").data_ptr() != ptr
 
 
-def _time_ms(fn, iters=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 @pytest.mark.parametrize("shape", [(1536, 8960), (4096, 14336)], ids=str)
 def test_timing_vs_bitsandbytes(shape):
     """Printed, not asserted: ours (into the reused buffer) vs bitsandbytes' dequantize_4bit (fresh output each
     call, double-quantised absmax decoded by a separate kernel first), bf16, double quantisation."""
     packed, qs = _quantize(shape, torch.bfloat16, True)
     n = packed.numel() * 2
-    ours = _time_ms(lambda: dequantize_nf4(packed, qs))
-    theirs = _time_ms(lambda: bnbF.dequantize_4bit(packed, qs))
+    ours = cuda_time_ms(lambda: dequantize_nf4(packed, qs), iters=50, warmup=5)
+    theirs = cuda_time_ms(lambda: bnbF.dequantize_4bit(packed, qs), iters=50, warmup=5)
     out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
-    theirs_out = _time_ms(lambda: bnbF.dequantize_4bit(packed, qs, out=out))
+    theirs_out = cuda_time_ms(lambda: bnbF.dequantize_4bit(packed, qs, out=out), iters=50, warmup=5)
     gbs = lambda ms: (n * 2.5) / (ms * 1e-3) / 1e9  # 0.5 byte read + 2 bytes written per element  # noqa: E731
     print(f"\nNF4 dequant {shape} bf16, double quant [{torch.cuda.get_device_name()}]: "
           f"turbotune {ours * 1e3:.1f} us ({gbs(ours):.0f} GB/s) | bitsandbytes {theirs * 1e3:.1f} us "

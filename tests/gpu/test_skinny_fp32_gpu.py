@@ -5,6 +5,7 @@ Run: pytest tests/gpu/test_skinny_fp32_gpu.py -q -s
 """
 import pytest
 import torch
+from conftest import cuda_time_ms
 
 pytestmark = pytest.mark.gpu
 
@@ -19,19 +20,6 @@ from turbotune.kernels.skinny_fp32 import (
 )
 
 
-def _time(fn, reps=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 @pytest.mark.parametrize("n,k,r", [(4096, 1536, 16), (4096, 8960, 16), (4096, 14336, 16), (4096, 4096, 64)])
 def test_skinny_kernels_equal_fp32_matmuls(n, k, r):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -42,6 +30,6 @@ def test_skinny_kernels_equal_fp32_matmuls(n, k, r):
     out1, out2 = skinny_mm_t(x, a), skinny_tn(x, u)
     torch.testing.assert_close(out1, ref1, rtol=1e-4, atol=1e-4 * ref1.abs().max().item())
     torch.testing.assert_close(out2, ref2, rtol=1e-4, atol=1e-4 * ref2.abs().max().item())
-    t_ref = _time(lambda: (skinny_mm_t_reference(x, a), skinny_tn_reference(x, u)))
-    t_new = _time(lambda: (skinny_mm_t(x, a), skinny_tn(x, u)))
+    t_ref = cuda_time_ms(lambda: (skinny_mm_t_reference(x, a), skinny_tn_reference(x, u)))
+    t_new = cuda_time_ms(lambda: (skinny_mm_t(x, a), skinny_tn(x, u)))
     print(f"\n[{n}x{k}, r={r}] x A^T + x^T u: torch (fp32 copy) {t_ref:.3f} ms, in place {t_new:.3f} ms")

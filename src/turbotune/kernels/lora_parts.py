@@ -352,36 +352,35 @@ def adapter_grads(dy: CastCache, xc: CastCache | None, xa: torch.Tensor | None, 
     """
     dy_route = _route(dy.t, ld, part)
     x_route = _route(xc.t, ld, part) if need_a else dy_route
-    if dy_route == x_route == "triton":
+    if "triton" in (dy_route, x_route) and dy_route != x_route:
+        dy_route = x_route = "torch"  # the Triton kernels run as a pair or not at all
+    # u and dB read dY; dA reads x: each goes its own way (their widths differ, e.g. an MLP's gate vs its input)
+    if dy_route == "triton":
         u = skinny_mm_t(dy.t, part.B.t(), backend="triton")
         d_b = skinny_tn(dy.t, xa, backend="triton").mul_(part.scaling) if need_b else None
-        d_a = skinny_tn(xc.t, u, backend="triton").t().contiguous().mul_(part.scaling) if need_a else None
-        return u, d_a, d_b
-    # u and dB read dY; dA reads x: each goes its own way (their widths differ, e.g. an MLP's gate vs its input)
-    if dy_route == "bf16x3":
+    elif dy_route == "bf16x3":
         u = bf16x3.wide_mm_fp32(dy.t, part.B)
         d_b = bf16x3.wide_mm_fp32(dy.t.t(), xa).mul_(part.scaling) if need_b else None
     else:
         dyl = dy(ld)
         u = torch.mm(dyl, part.B.to(ld))
         d_b = torch.mm(dyl.t(), xa).mul_(part.scaling) if need_b else None
-    if not need_a:
-        d_a = None
-    elif x_route == "bf16x3":
-        d_a = bf16x3.wide_mm_fp32(xc.t.t(), u).t().contiguous().mul_(part.scaling)
-    else:
-        d_a = torch.mm(u.t(), xc(ld)).mul_(part.scaling)
+    d_a = _a_grad(u, xc.t, lambda: xc(ld), part, x_route) if need_a else None
     return u, d_a, d_b
 
 
 def down_adapter_grad(u: torch.Tensor, h: torch.Tensor, part: LoRAPart, ld: torch.dtype) -> torch.Tensor:
     """dA = s u^T h for the MLP's down projection (h recomputed in backward, 16-bit, [N, I])."""
-    route = _route(h, ld, part)
+    return _a_grad(u, h, lambda: h.to(ld), part, _route(h, ld, part))
+
+
+def _a_grad(u: torch.Tensor, wide: torch.Tensor, wide_in_ld, part: LoRAPart, route: str) -> torch.Tensor:
+    """dA = s u^T x for a [N, in] activation x (`wide`; `wide_in_ld()` gives it in the adapter dtype)."""
     if route == "bf16x3":
-        return bf16x3.wide_mm_fp32(h.t(), u).t().contiguous().mul_(part.scaling)
+        return bf16x3.wide_mm_fp32(wide.t(), u).t().contiguous().mul_(part.scaling)
     if route == "triton":
-        return skinny_tn(h, u, backend="triton").t().contiguous().mul_(part.scaling)
-    return torch.mm(u.t(), h.to(ld)).mul_(part.scaling)
+        return skinny_tn(wide, u, backend="triton").t().contiguous().mul_(part.scaling)
+    return torch.mm(u.t(), wide_in_ld()).mul_(part.scaling)
 
 
 def input_grad_into(dx: torch.Tensor | None, dy: torch.Tensor, part: LoRAPart, u: torch.Tensor | None):
