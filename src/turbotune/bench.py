@@ -463,8 +463,9 @@ def format_header(header: dict) -> str:
         lines[7:] = [f"- workload: {wl['steps']} optimizer steps ({wl['warmup']} warm-up) of {pk['samples_per_step']} "
                      f"samples each, lengths uniform in {pk['lengths'][0]}–{pk['lengths'][1]} tokens; padded: "
                      f"{pk['padded_micro_batch']} samples per micro-batch, padded to the longest; packed: "
-                     f"{pk['packed_micro_batch']} rows of {pk['seq_len']} per micro-batch; each step's loss divided by "
-                     f"its target count (the same in both modes); LoRA r {wl['lora_r']} α {wl['lora_alpha']}; "
+                     f"{pk['packed_micro_batch']} rows of {pk['seq_len']} per micro-batch, first fit over the step's "
+                     f"samples; each step's loss divided by its target count (the same in both modes); "
+                     f"LoRA r {wl['lora_r']} α {wl['lora_alpha']}; "
                      f"seed {wl['seed']}"]
     if header.get("mode") == "max_context":  # a ladder of single steps: no throughput, MFU or cost
         lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --max-context")

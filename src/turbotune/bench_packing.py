@@ -138,7 +138,7 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
                       samples_per_step: int, steps: int, warmup: int = 1, mode: str = "packed",
                       device=None, step_fn: Callable[[dict], Any] | None = None,
                       log: Callable[[str], None] | None = None, lr: float = 2e-4, weight_decay: float = 0.0,
-                      pad_to_multiple_of: int | None | str = "auto", lookahead: int = 0) -> dict:
+                      pad_to_multiple_of: int | None | str = "auto", lookahead: int | None = None) -> dict:
     """Train `steps` optimizer steps of `model` on `samples` in one mode and time them.
 
     tokenizer_or_pad_id: a tokenizer (its pad_token_id, else eos_token_id) or an int pad id, for both
@@ -161,7 +161,9 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
     pad_to_multiple_of: passed to the collator; the padding it adds is counted in computed_tokens. "auto"
         (default) does what Trainer does: seq_len for packed rows when `step_fn` is an active GraphedMicroStep
         (one shape, so its graph replays), else None (pad to the longest row / sample of the micro-batch).
-    lookahead: pack_samples' first-fit window (0: next fit in order).
+    lookahead: pack_samples' first-fit window (0: next fit in order). None (default): the whole step, i.e.
+        first fit over the step's samples in order -- the step trains the same samples either way, so its
+        loss is unchanged, and rows come out ~96% full instead of ~76% with next fit (lengths 20-1,500).
 
     Returns a dict: per step "losses", "step_times_s", "real_tokens", "computed_tokens" (padding included),
     "targets", "micro_batches", "rows" (packed rows or padded samples); and "s_per_step" (median over the
@@ -192,6 +194,8 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
     device = torch.device(device) if device is not None else params[0].device
     say = log or (lambda msg: None)
     step_fn = step_fn or eager_step_fn(model)
+    if lookahead is None:
+        lookahead = samples_per_step
 
     graphs = bool(getattr(step_fn, "active", False))  # an active GraphedMicroStep
     if mode == "packed":

@@ -131,9 +131,9 @@ class Trainer:
         if self.micro.active and not cfg.packing:
             self.micro.disable("padded micro-batches change shape; --packing gives every step one shape")
         if cfg.packing:
-            from .packing import PackingCollator, pack_samples, packing_stats
+            from .packing import TRAIN_LOOKAHEAD, PackingCollator, pack_samples, packing_stats
             order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            self.units = pack_samples([train_dataset[i] for i in order], cfg.max_seq_length)
+            self.units = pack_samples([train_dataset[i] for i in order], cfg.max_seq_length, lookahead=TRAIN_LOOKAHEAD)
             # With CUDA graphs: every row padded to max_seq_length (one shape, one graph), and a document mask
             # that nothing waits on the host to build (PackingCollator.for_model, no_host_sync).
             self.collate = PackingCollator.for_model(model, tokenizer, no_host_sync=self.micro.active)
