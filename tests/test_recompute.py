@@ -54,3 +54,45 @@ def test_recompute_skips_the_down_projection_with_equal_gradients(tiny_llama_dir
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _qlora_loss_grads(folder, checkpointing, monkeypatch):
+    """4-bit tiny Llama (fp32 compute): loss, LoRA grads and the number of NF4 dequantisations of one step."""
+    pytest.importorskip("bitsandbytes")
+    import turbotune.quant as quant
+    calls = []
+    real = getattr(quant.dequantize_nf4, "__wrapped__", quant.dequantize_nf4)  # not an earlier call's spy
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("slot"))
+        return real(*args, **kwargs)
+
+    spy.__wrapped__ = real
+    monkeypatch.setattr(quant, "dequantize_nf4", spy)
+    m, _ = FastModel.from_pretrained(str(folder), load_in_4bit=True, dtype=torch.float32, verbose=False)
+    m = FastModel.get_peft_model(m, r=4, use_gradient_checkpointing=checkpointing, verbose=False, random_state=0)
+    nonzero_lora_b(m)
+    m.train()
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    calls.clear()  # count the training step only
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, calls, m.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("checkpointing", [True, "offload"])
+def test_qlora_recompute_keeps_gate_and_up_for_the_backward(tiny_llama_dir, checkpointing, monkeypatch):
+    """The recompute's dequantised gate and up weights serve the backward: per layer 7 dequantisations in the
+    forward, 6 in the recompute (down is skipped) and 5 in the backward instead of 7; and the gradients are
+    those of the step without checkpointing."""
+    ref_loss, ref_grads, ref_calls, layers = _qlora_loss_grads(tiny_llama_dir, False, monkeypatch)
+    loss, grads, calls, _ = _qlora_loss_grads(tiny_llama_dir, checkpointing, monkeypatch)
+    # without checkpointing: 7 forward and 7 backward per layer, less q/k/v's dx in the first layer (its input
+    # needs no gradient; checkpointing makes the embeddings' output require one)
+    assert len(ref_calls) == 14 * layers - 3
+    assert len(calls) == (7 + 6 + 5) * layers
+    assert calls.count("mlp-up-held") == layers  # up kept in a buffer of its own; gate in the shared one
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)

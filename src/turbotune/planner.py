@@ -521,6 +521,9 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
         add("layer_recompute", f"one layer recomputed in backward ({s_recompute:,} B/token)", N * s_recompute,
             "layer", "its saved set, rebuilt from the checkpoint input")
     work = layer_working_bytes(shape, N, method, b, a, qlora)
+    if qlora and method == "turbotune" and checkpointing != "none" and work["mlp_chunk"] is None:
+        add("layer_held_weight", "4-bit: up weight kept from recompute to backward",
+            shape.intermediate * H * b, "layer", "dequantised once for both (kernels/fused_lora.py)")
     add("layer_working", "one layer's backward working set", work["total"], "layer",
         f"max(MLP {work['mlp'] / GiB:.2f}, attention {work['attention'] / GiB:.2f}) + gradients "
         f"{work['gradients'] / GiB:.2f}" + (f" + dequantised weight {work['dequant'] / GiB:.2f}" if qlora else "")

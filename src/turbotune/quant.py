@@ -35,7 +35,7 @@ import torch
 from .kernels.nf4_dequant import OUT_DTYPES, dequantize_nf4_into
 
 __all__ = ["NF4_CODE", "nf4_code", "NF4Storage", "nf4_storage", "dequantize_nf4", "dequant_buffer",
-           "clear_dequant_buffers", "dequant_buffers_nbytes"]
+           "existing_dequant_buffer", "clear_dequant_buffers", "dequant_buffers_nbytes"]
 
 # The 16 NF4 values (QLoRA's normal-float quantiles, as bitsandbytes hard-codes them; each is an exact fp32
 # number, so a fp32 tensor of them equals bitsandbytes' table and the constants in its CUDA kernel).
@@ -181,6 +181,11 @@ def dequant_buffer(shape, dtype: torch.dtype, device, slot=None) -> torch.Tensor
                 buf = torch.empty(key[0], dtype=dtype, device=key[2])
                 _BUFFERS[key] = buf
     return buf
+
+
+def existing_dequant_buffer(shape, dtype: torch.dtype, device, slot=None) -> torch.Tensor | None:
+    """The buffer dequant_buffer would return, if it was allocated already (never allocates)."""
+    return _BUFFERS.get((tuple(shape), dtype, torch.device(device), slot))
 
 
 def clear_dequant_buffers() -> None:

@@ -28,6 +28,25 @@ def recomputing() -> bool:
     return getattr(_STATE, "on", False)
 
 
+def checkpoint_phase() -> str | None:
+    """"recompute" inside a checkpointed layer's recompute, "forward" inside the first run of a layer under a
+    checkpoint function marked by `marking_recompute` (whose saved tensors the checkpoint drops and rebuilds
+    in the recompute), else None."""
+    if recomputing():
+        return "recompute"
+    return "forward" if getattr(_STATE, "first", False) else None
+
+
+@contextlib.contextmanager
+def _first_run_scope():
+    previous = getattr(_STATE, "first", False)
+    _STATE.first = True
+    try:
+        yield
+    finally:
+        _STATE.first = previous
+
+
 @contextlib.contextmanager
 def recompute_scope(on: bool = True):
     previous = recomputing()
@@ -49,7 +68,7 @@ def marking_recompute(checkpoint_func):
 
         def run(*a, **k):
             calls[0] += 1
-            with recompute_scope(calls[0] > 1):
+            with recompute_scope(calls[0] > 1), (_first_run_scope() if calls[0] == 1 else contextlib.nullcontext()):
                 return fn(*a, **k)
 
         return checkpoint_func(run, *args, **kwargs)

@@ -135,6 +135,23 @@ def test_4bit_qkv_o_mlp(llama_4bit):
     _check_mlp(mlp, x, 1e-4)
 
 
+@pytest.mark.parametrize("phase", ["forward", "recompute"])
+def test_4bit_mlp_checkpoint_phases(llama_4bit, phase, monkeypatch):
+    """"recompute": the dequantised gate/up weights are saved and the backward uses them instead of
+    dequantising again; "forward" without a checkpoint around it (its stand-ins kept, never rebuilt): the
+    backward sees they are not a recompute's and dequantises. Same values and gradients either way."""
+    import turbotune.quant as quant
+    _, _, mlp = llama_4bit
+    x = _x()
+    real = quant.dequantize_nf4
+    calls = []
+    monkeypatch.setattr(quant, "dequantize_nf4", lambda *a, **k: calls.append(k.get("slot")) or real(*a, **k))
+    _check_mlp(mlp, x, 1e-4, checkpoint_phase=phase)
+    # forward: gate, up, down; backward: down, then gate and up unless held
+    assert len(calls) == (4 if phase == "recompute" else 6)
+    assert ("mlp-up-held" in calls) == (phase == "recompute")
+
+
 # --------------------------------------------------------------------------------------------- bf16 base, fp32 adapters
 @pytest.mark.parametrize("adapter_precision", ["peft", "input"])
 def test_bf16_base_fp32_adapters(adapter_precision):

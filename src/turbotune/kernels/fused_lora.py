@@ -13,8 +13,10 @@ applied as (x A^T) B^T (B A is never formed). For dY = dL/dy the chain rule give
 
 and nothing for W or b (frozen, never computed). x A^T is [N, r] (r/in of x's size), so it is kept from
 forward instead of recomputed. A 4-bit W is dequantised by `dense_weight` in forward and again in backward; no
-dense weight is ever saved. x of shape [..., in] is flattened to [N, in]. Dtypes follow PEFT (see
-lora_parts): wide products in x's dtype, the rank-r products and dA / dB in lora_A's dtype.
+dense weight is saved, with one exception: a checkpointed layer's recompute keeps the MLP's dequantised gate
+and up weights for the backward that follows it at once (LoRAMLPFunction, `checkpoint_phase`).
+x of shape [..., in] is flattened to [N, in]. Dtypes follow PEFT (see lora_parts): wide products in x's dtype,
+the rank-r products and dA / dB in lora_A's dtype.
 
 adapter_precision (every entry point): "peft" (default) runs the rank-r products in lora_A's dtype exactly as
 PEFT does; with PEFT's default fp32 adapters under a bf16 model that upcasts x, h, dY, de, dg to fp32 for the
@@ -33,8 +35,8 @@ from __future__ import annotations
 import torch
 
 from .lora_parts import (CastCache, LoRAPart, adapter_grads, adapter_product, autocast_dtype, dense_weight,
-                         down_adapter_grad, fused_lora_unsupported_reason, grad_to, input_grad_into, lora_dtype,
-                         lora_part, no_autocast, project)
+                         down_adapter_grad, fused_lora_unsupported_reason, grad_to, input_grad_into, is_nf4,
+                         lora_dtype, lora_part, no_autocast, project)
 from .swiglu import act_mul_backward, act_mul_forward
 
 __all__ = ["LoRAPart", "lora_part", "fused_lora_unsupported_reason", "dense_weight",
@@ -51,15 +53,16 @@ def _needs(ctx, i_a: int) -> tuple[bool, bool]:
     return ctx.needs_input_grad[i_a], ctx.needs_input_grad[i_a + 1]
 
 
-def _multi_backward(dys, parts, lds, xc, xas, ctx, first_a_index, need_x):
+def _multi_backward(dys, parts, lds, xc, xas, ctx, first_a_index, need_x, ws=None):
     """Gradients of sum_j y_j, y_j = x W_j^T + b_j + s_j (x A_j^T) B_j^T, all reading the same x.
 
     dx = sum_j (dY_j W_j + s_j u_j A_j) is accumulated in ONE [N, in] buffer (first term by mm, the rest by
-    addmm_). Returns (dx, [dA_j, dB_j, ...]).
+    addmm_). ws: dense W_j already at hand (else each is dequantised/cast here). Returns (dx, [dA_j, dB_j, ...]).
     """
     dx = None
     grads = []
-    for j, (dy, part, ld, xa) in enumerate(zip(dys, parts, lds, xas)):
+    ws = ws or [None] * len(parts)
+    for j, (dy, part, ld, xa, w) in enumerate(zip(dys, parts, lds, xas, ws)):
         u = None
         need_a, need_b = _needs(ctx, first_a_index + 2 * j)
         if part.has_lora and (need_a or need_b or need_x):
@@ -68,7 +71,7 @@ def _multi_backward(dys, parts, lds, xc, xas, ctx, first_a_index, need_x):
         else:
             grads += [None, None]
         if need_x:
-            dx = input_grad_into(dx, dy, part, u)
+            dx = input_grad_into(dx, dy, part, u, w)
     return dx, grads
 
 
@@ -169,15 +172,25 @@ class LoRAMLPFunction(torch.autograd.Function):
     output_unused=True (a checkpointed layer's recompute whose output only feeds the residual sum, see
     recompute.py): everything the backward needs is saved as usual, but y itself (the down projection: a
     [N, I] x [I, H] matmul, and the dequantisation of a 4-bit Wd) is not computed; zeros stand in for it.
+    checkpoint_phase (recompute.checkpoint_phase()): with NF4 gate and up weights, a checkpointed layer's
+    recompute ("recompute") keeps their dequantised copies for the backward that autograd runs next (the
+    recompute is triggered by that backward): 2 of the 20 dequantisations per layer and micro-step saved, for
+    one more [I, H] buffer. They travel as saved tensors, which is what a non-reentrant checkpoint hands from
+    the recompute to the backward; so the layer's first run ("forward") saves same-shaped stand-ins (the
+    shared buffers, never read: the checkpoint keeps only their shapes). The backward uses the pair only when
+    up is the recompute's own buffer, else it dequantises as usual (`_held_weights`, `_usable`).
     """
 
     @staticmethod
-    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, parts, lds, act, backend, output_unused=False):
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, parts, lds, act, backend, output_unused=False,
+                checkpoint_phase=None):
         gate_p, up_p, down_p = parts
         x2 = _flat(x)
         xc = CastCache(x2)
-        e, xa_g = project(x2, xc, gate_p, lds[0])
-        g, xa_u = project(x2, xc, up_p, lds[1])
+        keep = checkpoint_phase is not None and is_nf4(gate_p) and is_nf4(up_p)
+        held = _held_weights(parts, x2.dtype) if keep and checkpoint_phase == "recompute" else None
+        e, xa_g = project(x2, xc, gate_p, lds[0], held[0] if held else None)
+        g, xa_u = project(x2, xc, up_p, lds[1], held[1] if held else None)
         del xc
         h = act_mul_forward(e, g, act, backend)
         nig = ctx.needs_input_grad
@@ -187,14 +200,17 @@ class LoRAMLPFunction(torch.autograd.Function):
         else:
             y, ha_d = project(h, CastCache(h), down_p, lds[2])
         del h
+        if keep and held is None:
+            held = _stand_ins(parts, x2.dtype)
         ctx.save_for_backward(x if (nig[1] or nig[3]) else None, e, g,
-                              xa_g if nig[2] else None, xa_u if nig[4] else None, ha_d if nig[6] else None)
+                              xa_g if nig[2] else None, xa_u if nig[4] else None, ha_d if nig[6] else None,
+                              *(held if keep else ()))
         ctx.parts, ctx.lds, ctx.act, ctx.backend, ctx.x_shape = parts, lds, act, backend, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, e, g, xa_g, xa_u, ha_d = ctx.saved_tensors
+        x, e, g, xa_g, xa_u, ha_d, *held = ctx.saved_tensors
         gate_p, up_p, down_p = ctx.parts
         ld_g, ld_u, ld_d = ctx.lds
         nig = ctx.needs_input_grad
@@ -215,11 +231,45 @@ class LoRAMLPFunction(torch.autograd.Function):
             del h
             xc = CastCache(_flat(x)) if x is not None else None
             dx, (d_ag, d_bg, d_au, d_bu) = _multi_backward([de, dg], [gate_p, up_p], [ld_g, ld_u], xc,
-                                                           [xa_g, xa_u], ctx, 1, nig[0])
+                                                           [xa_g, xa_u], ctx, 1, nig[0],
+                                                           _usable(held, ctx.parts, dy2.dtype))
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return (dx, d_ag, d_bg, d_au, d_bu, grad_to(d_ad, down_p.A), grad_to(d_bd, down_p.B),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
+
+
+_UP_SLOT, _GATE_SLOT = "mlp-up-held", "mlp-gate-held"
+
+
+def _gate_slot(parts):
+    """Gate stays in the shared buffer of its shape: between the recompute and the MLP backward that consumes
+    it the only dequantisation is the down projection's, of another shape unless the MLP is square."""
+    gate_p, _, down_p = parts
+    down_shape = getattr(getattr(down_p.weight, "quant_state", None), "shape", down_p.weight.shape)
+    return _GATE_SLOT if tuple(gate_p.weight.quant_state.shape) == tuple(down_shape) else None
+
+
+def _held_weights(parts, dtype: torch.dtype):
+    """(Wg, Wu) dequantised by a recompute and kept for its backward; up in a buffer of its own."""
+    gate_p, up_p, _ = parts
+    return (dense_weight(gate_p, dtype, slot=_gate_slot(parts)), dense_weight(up_p, dtype, slot=_UP_SLOT))
+
+
+def _stand_ins(parts, dtype: torch.dtype):
+    """Tensors of the held weights' shapes and dtype for a first run to save (nothing is dequantised)."""
+    from ..quant import dequant_buffer
+    return tuple(dequant_buffer(p.weight.quant_state.shape, dtype, p.weight.device) for p in parts[:2])
+
+
+def _usable(held, parts, dtype: torch.dtype):
+    """The saved (Wg, Wu) when they are a recompute's held weights, else None (dequantise again)."""
+    if len(held) != 2 or held[1].dtype != dtype:
+        return None
+    from ..quant import existing_dequant_buffer
+    up = parts[1].weight
+    own = existing_dequant_buffer(up.quant_state.shape, dtype, up.device, _UP_SLOT)
+    return held if own is not None and held[1].data_ptr() == own.data_ptr() else None
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -261,11 +311,13 @@ def lora_qkv(x: torch.Tensor, q_part: LoRAPart, k_part: LoRAPart, v_part: LoRAPa
 
 
 def lora_mlp(x: torch.Tensor, gate_part: LoRAPart, up_part: LoRAPart, down_part: LoRAPart, act: str = "silu",
-             backend: str = "auto", adapter_precision: str = "peft", output_unused: bool = False) -> torch.Tensor:
+             backend: str = "auto", adapter_precision: str = "peft", output_unused: bool = False,
+             checkpoint_phase: str | None = None) -> torch.Tensor:
     """y = down(act(gate x) * up x) with LoRA on all three (LoRAMLPFunction). act: "silu" | "gelu_tanh".
-    output_unused: a recompute that needs only what the backward saves; y is returned as zeros."""
+    output_unused: a recompute that needs only what the backward saves; y is returned as zeros.
+    checkpoint_phase: recompute.checkpoint_phase() of the layer ("forward", "recompute" or None)."""
     parts = (gate_part, up_part, down_part)
     x, lds = _prep(x, parts, adapter_precision)
     with no_autocast(x.device.type):
         return LoRAMLPFunction.apply(x, *_ab(gate_part), *_ab(up_part), *_ab(down_part), parts, tuple(lds),
-                                     act, backend, output_unused)
+                                     act, backend, output_unused, checkpoint_phase)

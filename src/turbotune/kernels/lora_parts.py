@@ -68,7 +68,7 @@ def is_4bit(weight) -> bool:
     return getattr(weight, "quant_state", None) is not None
 
 
-def dense_weight(part: LoRAPart, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dense_weight(part: LoRAPart, dtype: torch.dtype | None = None, slot=None) -> torch.Tensor:
     """The base weight as a dense [out, in] tensor in `dtype` (default: its own dtype).
 
     A bitsandbytes NF4 weight is dequantised straight into `dtype` by `turbotune.quant.dequantize_nf4` (the
@@ -87,6 +87,8 @@ def dense_weight(part: LoRAPart, dtype: torch.dtype | None = None) -> torch.Tens
     after that GEMM's reads. A buffer per role would add another dense [I, H] copy (~117 MB at Llama-3-8B in
     bf16) for no gain.
     Other (fp4) 4-bit weights still go through bitsandbytes and return a fresh tensor.
+    slot: a separate NF4 buffer for a caller that keeps the weight past the next same-shaped dequantisation
+    (LoRAMLPFunction's recompute, see `keeps_dequantised`).
     """
     w = part.weight
     qs = getattr(w, "quant_state", None)
@@ -98,13 +100,19 @@ def dense_weight(part: LoRAPart, dtype: torch.dtype | None = None) -> torch.Tens
             from ..quant import dequantize_nf4
             from .nf4_dequant import OUT_DTYPES
             target = dtype if dtype in OUT_DTYPES else None  # None: quant_state.dtype, cast below
-            w = dequantize_nf4(w, qs, dtype=target)
+            w = dequantize_nf4(w, qs, dtype=target, slot=slot)
         else:
             import bitsandbytes.functional as bnbF
             w = bnbF.dequantize_4bit(w.data, qs)
     if dtype is not None and w.dtype != dtype:
         w = w.to(dtype)
     return w
+
+
+def is_nf4(part: LoRAPart) -> bool:
+    """The base weight is a bitsandbytes NF4 weight that dense_weight dequantises with our kernel."""
+    qs = getattr(part.weight, "quant_state", None)
+    return qs is not None and qs.quant_type == "nf4" and not getattr(qs, "packing_format_for_cpu", False)
 
 
 # --------------------------------------------------------------------------------------------- PEFT introspection
@@ -311,13 +319,14 @@ class CastCache:
         return self._c[dtype]
 
 
-def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype):
+def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype, w: torch.Tensor | None = None):
     """out = x W^T + b + s (x A^T) B^T in x's dtype; returns (out, xa) with xa = x A^T [N, r] in ld (or None).
 
-    W is dequantised/cast for this call only and released before returning.
+    W is dequantised/cast for this call only and released before returning, unless the caller passes it as `w`
+    (the dense weight in x's dtype).
     """
     cd = x2.dtype
-    w = dense_weight(part, cd)
+    w = dense_weight(part, cd) if w is None else w
     if part.bias is not None:
         out = torch.addmm(part.bias.to(cd), x2, w.t())
     else:
@@ -383,10 +392,12 @@ def _a_grad(u: torch.Tensor, wide: torch.Tensor, wide_in_ld, part: LoRAPart, rou
     return torch.mm(u.t(), wide_in_ld()).mul_(part.scaling)
 
 
-def input_grad_into(dx: torch.Tensor | None, dy: torch.Tensor, part: LoRAPart, u: torch.Tensor | None):
-    """dx += dY W + s u A (u = dY B), with W dequantised for this call only; returns dx (new when None)."""
+def input_grad_into(dx: torch.Tensor | None, dy: torch.Tensor, part: LoRAPart, u: torch.Tensor | None,
+                    w: torch.Tensor | None = None):
+    """dx += dY W + s u A (u = dY B), with W dequantised for this call only (or the caller's dense `w` when it
+    is in dY's dtype); returns dx (new when None)."""
     cd = dy.dtype
-    w = dense_weight(part, cd)
+    w = w if w is not None and w.dtype == cd else dense_weight(part, cd)
     if dx is None:
         dx = torch.mm(dy, w)
     else:

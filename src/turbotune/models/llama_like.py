@@ -16,7 +16,7 @@ from ..kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
 from ..kernels.rmsnorm import rms_norm
 from ..kernels.rope import apply_rope_, rope_reference
 from ..kernels.swiglu import geglu, swiglu
-from ..recompute import recomputing
+from ..recompute import checkpoint_phase, recomputing
 from .registry import original_forward
 
 
@@ -96,7 +96,8 @@ def make_mlp_forward(spec, toggles):
                 return tiled_lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision,
                                       chunk_tokens=chunk)
             return lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision,
-                            output_unused=spec.mlp_output_only_to_residual and recomputing())
+                            output_unused=spec.mlp_output_only_to_residual and recomputing(),
+                            checkpoint_phase=checkpoint_phase())
         if not toggles.act_mul:
             return original_forward(self)(x)
         gate, up = self.gate_proj(x), self.up_proj(x)
