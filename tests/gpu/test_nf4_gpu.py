@@ -8,7 +8,8 @@ from conftest import cuda_time_ms
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 from turbotune.kernels._dispatch import use_triton  # noqa: E402
-from turbotune.quant import clear_dequant_buffers, dequantize_nf4  # noqa: E402
+from turbotune.kernels.nf4_dequant import dequantize_nf4_triton  # noqa: E402
+from turbotune.quant import clear_dequant_buffers, dequantize_nf4, nf4_code, nf4_storage  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -16,6 +17,8 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Qwen2-1.5B MLP (gate/up [8960, 1536], down [1536, 8960]), Llama-3-8B MLP ([14336, 4096] / [4096, 14336]), and
 # small odd ones (partial last block; odd numel).
 SHAPES = [(1536, 8960), (8960, 1536), (4096, 14336), (14336, 4096), (33, 130), (33, 33), (1, 64)]
+# Kernel tuning variants (bytes_per_program, num_warps, pair_table); the first is the default.
+VARIANTS = [(1024, 4, False), (1024, 4, True), (4096, 8, True), (512, 2, False)]
 
 
 @pytest.fixture(autouse=True)
@@ -42,17 +45,25 @@ def test_auto_picks_triton():
     assert use_triton(torch.empty(1, device="cuda"), "auto")
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "bpp{}-w{}-{}".format(*v[:2], "pair" if v[2] else "2x16"))
 @pytest.mark.parametrize("nested", [True, False], ids=["double_quant", "plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_bit_identical_to_bitsandbytes_cuda(shape, dtype, nested):
+def test_bit_identical_to_bitsandbytes_cuda(shape, dtype, nested, variant):
     packed, qs = _quantize(shape, dtype, nested)
     ref = bnbF.dequantize_4bit(packed, qs)
-    got = dequantize_nf4(packed, qs)                        # auto: the Triton kernel
-    assert got.dtype == ref.dtype and got.shape == ref.shape
+    st = nf4_storage(packed, qs)
+    bpp, warps, pair = variant
+    got = dequantize_nf4_triton(st.packed, st.absmax, nf4_code("cuda"), st.blocksize, torch.empty_like(ref),
+                                absmax2=st.absmax2, code2=st.code2, blocksize2=st.blocksize2, offset=st.offset,
+                                bytes_per_program=bpp, num_warps=warps, pair_table=pair)
     assert torch.equal(got, ref), _mismatch(got, ref)
-    got = dequantize_nf4(packed, qs, backend="torch", out=torch.empty_like(ref))
-    assert torch.equal(got, ref), _mismatch(got, ref)
+    if variant == VARIANTS[0]:  # the public paths once: auto (the Triton kernel's defaults) and the reference
+        got = dequantize_nf4(packed, qs)
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        assert torch.equal(got, ref), _mismatch(got, ref)
+        got = dequantize_nf4(packed, qs, backend="torch", out=torch.empty_like(ref))
+        assert torch.equal(got, ref), _mismatch(got, ref)
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024, 4096])

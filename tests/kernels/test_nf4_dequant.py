@@ -8,15 +8,26 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
+import turbotune.kernels.nf4_dequant as nd  # noqa: E402
+from turbotune.kernels._dispatch import interpret_mode  # noqa: E402
 from turbotune.kernels.nf4_dequant import dequantize_nf4_into, dequantize_nf4_reference  # noqa: E402
-from turbotune.quant import (NF4_CODE, clear_dequant_buffers, dequant_buffer, dequant_buffers_nbytes,  # noqa: E402
-                             dequantize_nf4, nf4_code, nf4_storage)
+from turbotune.quant import (  # noqa: E402
+    NF4_CODE,
+    clear_dequant_buffers,
+    dequant_buffer,
+    dequant_buffers_nbytes,
+    dequantize_nf4,
+    nf4_code,
+    nf4_storage,
+)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # 33 x 130: blocks of 64 straddle rows and the last block is partial (4290 = 67 * 64 + 2).
 # 33 x 33: odd numel (the last byte's low nibble is padding) and an odd row (bitsandbytes' generic CPU path).
 SHAPES = [(64, 64), (96, 80), (33, 130), (1, 64), (33, 33)]
 BACKENDS = ["triton", "torch"]
+# Kernel tuning variants (bytes_per_program, num_warps, pair_table); the first is the default.
+VARIANTS = [(1024, 4, False), (1024, 4, True), (4096, 8, True), (512, 2, False)]
 
 
 def _bnb_dequant(packed, qs, dtype=None):
@@ -57,6 +68,47 @@ def test_bit_identical_to_bitsandbytes(shape, dtype, nested):
     ref = _bnb_dequant(packed, qs)
     for backend in BACKENDS:
         _same_bits(dequantize_nf4(packed, qs, out=torch.empty(shape, dtype=dtype), backend=backend), ref)
+
+
+def _triton_variant(packed, qs, out, variant):
+    """dequantize_nf4_triton with the tuning knobs of `variant` into `out`."""
+    st = nf4_storage(packed, qs)
+    bpp, warps, pair = variant
+    return nd.dequantize_nf4_triton(st.packed, st.absmax, nf4_code("cpu"), st.blocksize, out, absmax2=st.absmax2,
+                                    code2=st.code2, blocksize2=st.blocksize2, offset=st.offset,
+                                    bytes_per_program=bpp, num_warps=warps, pair_table=pair)
+
+
+@pytest.mark.skipif(not interpret_mode(), reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py on CPU)")
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "bpp{}-w{}-{}".format(*v[:2], "pair" if v[2] else "2x16"))
+def test_variants_bit_identical(variant, nested):
+    """Every tuning variant against bitsandbytes: partial last block, odd numel, one block, blocks larger than
+    a program's bytes (4096), in each output dtype; plus a fp32-quantised weight rounded once into bf16 / fp16."""
+    cases = [((33, 130), 64), ((33, 33), 64), ((1, 64), 64), ((96, 80), 128), ((17, 48), 256), ((96, 80), 4096)]
+    for shape, bs in cases:
+        for dtype in DTYPES:
+            packed, qs = _quantize(shape, dtype, nested, blocksize=bs)
+            _same_bits(_triton_variant(packed, qs, torch.empty(shape, dtype=dtype), variant), _bnb_dequant(packed, qs))
+    packed, qs = _quantize((33, 130), torch.float32, nested, seed=5)
+    for dtype in DTYPES[:2]:
+        _same_bits(_triton_variant(packed, qs, torch.empty(33, 130, dtype=dtype), variant),
+                   _bnb_dequant(packed, qs, dtype))
+
+
+def test_pair_table_and_knob_errors():
+    code = nf4_code("cpu")
+    t = nd._pair_table(code)
+    assert nd._pair_table(code) is t and t.dtype == torch.int64 and t.numel() == 256  # cached
+    pairs = t.view(torch.float32).view(256, 2)
+    b = torch.arange(256)
+    assert torch.equal(pairs[:, 0], code[b >> 4]) and torch.equal(pairs[:, 1], code[b & 15])
+    packed, qs = _quantize((64, 64), torch.bfloat16, False)
+    out = torch.empty(64, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bytes_per_program"):
+        _triton_variant(packed, qs, out, (1000, 4, False))
+    with pytest.raises(ValueError, match="num_warps"):
+        _triton_variant(packed, qs, out, (1024, 3, False))
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 4096])

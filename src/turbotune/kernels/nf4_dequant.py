@@ -34,8 +34,12 @@ Kernel layout: one program owns ROWS consecutive quantisation blocks (a [ROWS, b
 ~1 KiB), loads each block's scale once, looks the two nibbles up in the 16-entry table (64 bytes, one L1 line,
 so a warp's gather is a single wavefront), interleaves high/low into [ROWS, bs] and stores it contiguously
 (16-byte vector stores in bf16). Bytes are read once and the output written once: the kernel moves 2.5 bytes
-per bf16 element, which is all a dequantisation can move. (Tile size and warps are a first choice, not yet
-timed on a GPU: tests/gpu/test_nf4_gpu.py prints the comparison with bitsandbytes.)
+per bf16 element, which is all a dequantisation can move.
+
+Tuning knobs of `dequantize_nf4_triton` (all variants give the same bits; bench/nf4_dequant.py times them):
+bytes_per_program (tile size), num_warps, and pair_table: instead of two 16-entry gathers per byte, ONE 8-byte
+gather from a 256-entry table of (code[b >> 4], code[b & 15]) pairs (2 KiB, built once per code tensor), split
+into its two fp32 halves; the multiply and the rounding are unchanged.
 
 `dequantize_nf4_reference` is the plain-PyTorch equivalent (the CPU path of `backend="auto"`).
 """
@@ -50,10 +54,16 @@ __all__ = ["dequantize_nf4_reference", "dequantize_nf4_triton", "dequantize_nf4_
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Bytes per program (rounded to whole quantisation blocks): 1 KiB in, 2048 outputs (4 KiB of bf16) out, i.e.
-# 8 bytes in and 16 outputs per thread with 4 warps -- two 16-byte stores per thread in bf16.
+# Defaults of the tuning knobs. Bytes per program (rounded to whole quantisation blocks): 1 KiB in, 2048 outputs
+# (4 KiB of bf16) out, i.e. 8 bytes in and 16 outputs per thread with 4 warps -- two 16-byte stores per thread in
+# bf16. Not yet the timed best: bench/nf4_dequant.py picks them on a GPU.
 _BYTES_PER_PROGRAM = 1024
 _NUM_WARPS = 4
+_PAIR_TABLE = False
+
+# (code.data_ptr(), device, dtype) -> (code, int64 [256] pair table). Holding `code` pins its address, so a key
+# cannot be reused by another tensor; code tables are constants (quant.nf4_code: one per device).
+_PAIR_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _check_args(packed, absmax, blocksize, numel, out, absmax2, code2, blocksize2, offset):
@@ -127,13 +137,30 @@ def dequantize_nf4_reference(packed: torch.Tensor, absmax: torch.Tensor, code: t
 
 
 # --------------------------------------------------------------------------------------------- Triton
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: entry b holds fp32 code[b >> 4] in its low 32 bits and code[b & 15] in its high 32 bits."""
+    key = (code.data_ptr(), code.device, code.dtype)
+    hit = _PAIR_TABLES.get(key)
+    if hit is not None:
+        return hit[1]
+    b = torch.arange(256, device=code.device)
+    c = code.reshape(-1).float()
+    table = torch.stack((c[b >> 4], c[b & 15]), 1).contiguous().view(torch.int64).reshape(-1)  # little-endian
+    # Built during CUDA-graph capture its values exist only on replay: use it, but do not keep it.
+    if not (code.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if len(_PAIR_TABLES) >= 16:  # callers passing fresh code tensors each time: stay small
+            _PAIR_TABLES.clear()
+        _PAIR_TABLES[key] = (code, table)
+    return table
+
+
 if HAS_TRITON:
 
     @triton.jit
     def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                             n_bytes, numel, n_blocks,
                             HALF_BS: tl.constexpr, ROWS: tl.constexpr, BS2: tl.constexpr,
-                            NESTED: tl.constexpr, OUT_KIND: tl.constexpr):
+                            NESTED: tl.constexpr, OUT_KIND: tl.constexpr, PAIR: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)        # quantisation-block indices
         row_ok = rows < n_blocks
@@ -145,8 +172,13 @@ if HAS_TRITON:
             scale = tl.load(absmax_ptr + rows, mask=row_ok, other=0.0)
         byte = rows[:, None] * HALF_BS + tl.arange(0, HALF_BS)[None, :]
         b = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
-        hi = tl.load(code_ptr + (b >> 4)) * scale[:, None]          # element 2i: high nibble
-        lo = tl.load(code_ptr + (b & 15)) * scale[:, None]          # element 2i + 1: low nibble
+        if PAIR:  # code_ptr is the int64 pair table: one gather per byte, then its two fp32 halves
+            pair = tl.load(code_ptr + b)
+            hi = pair.to(tl.uint32).to(tl.float32, bitcast=True) * scale[:, None]
+            lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale[:, None]
+        else:
+            hi = tl.load(code_ptr + (b >> 4)) * scale[:, None]      # element 2i: high nibble
+            lo = tl.load(code_ptr + (b & 15)) * scale[:, None]      # element 2i + 1: low nibble
         vals = tl.interleave(hi, lo)                                # [ROWS, 2 * HALF_BS], element order
         idx = rows[:, None] * (2 * HALF_BS) + tl.arange(0, 2 * HALF_BS)[None, :]
         if OUT_KIND == 0:    # bf16, round-to-nearest-even with integer ops (exact; see module docstring)
@@ -167,26 +199,35 @@ _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                           out: torch.Tensor, *, absmax2: torch.Tensor | None = None,
                           code2: torch.Tensor | None = None, blocksize2: int | None = None,
-                          offset: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernel: dequantise into `out` (contiguous, bf16 / fp16 / fp32; its numel is the weight's)."""
+                          offset: torch.Tensor | None = None, bytes_per_program: int = _BYTES_PER_PROGRAM,
+                          num_warps: int = _NUM_WARPS, pair_table: bool = _PAIR_TABLE) -> torch.Tensor:
+    """The Triton kernel: dequantise into `out` (contiguous, bf16 / fp16 / fp32; its numel is the weight's).
+
+    Tuning knobs (same bits whatever they are): bytes_per_program, a power of two (at least one whole
+    quantisation block per program); num_warps; pair_table, one gather per byte from a 256-entry pair table.
+    """
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("triton is not installed")
+    if bytes_per_program < 1 or bytes_per_program & (bytes_per_program - 1):
+        raise ValueError(f"bytes_per_program must be a power of two, got {bytes_per_program}")
+    if num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     numel = out.numel()
     n_blocks, nested = _check_args(packed, absmax, blocksize, numel, out, absmax2, code2, blocksize2, offset)
     if numel == 0:
         return out
     half = blocksize // 2
-    rows = max(1, _BYTES_PER_PROGRAM // half)
+    rows = max(1, bytes_per_program // half)
     grid = (triton.cdiv(n_blocks, rows),)
     if nested:
         extra = (absmax2, code2, offset)
     else:  # unused pointers (NESTED=False never reads them)
         extra = (absmax, absmax, absmax)
     _nf4_dequant_kernel[grid](
-        packed, absmax, code, *extra, out,
+        packed, absmax, _pair_table(code) if pair_table else code, *extra, out,
         (numel + 1) // 2, numel, n_blocks,
         HALF_BS=half, ROWS=rows, BS2=int(blocksize2) if nested else 1, NESTED=nested,
-        OUT_KIND=_OUT_KIND[out.dtype], num_warps=_NUM_WARPS,
+        OUT_KIND=_OUT_KIND[out.dtype], PAIR=bool(pair_table), num_warps=num_warps,
         enable_fp_fusion=False,  # absmax = code2 * absmax2 + offset must round twice, as bitsandbytes does
     )
     return out
