@@ -80,6 +80,17 @@ def _grads_after_one_pass(m, ids):
     return [p.grad.float().clone() for p in m.parameters() if p.requires_grad]
 
 
+def test_qlora_recompute_held_weights_match_no_checkpointing(tiny_dir):
+    """On the GPU (Triton dequantisation, bf16): the recompute's kept gate/up weights give the gradients of the
+    step without checkpointing, which dequantises everything in the backward."""
+    pytest.importorskip("bitsandbytes")
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    ref = _grads_after_one_pass(_model(tiny_dir, torch.bfloat16, False, qlora=True), ids)
+    got = _grads_after_one_pass(_model(tiny_dir, torch.bfloat16, True, qlora=True), ids)
+    worst = max(((a - b).norm() / b.norm().clamp(min=1e-12)).item() for a, b in zip(got, ref))
+    assert worst < 1e-2, worst
+
+
 def test_input_precision_close_to_peft(tiny_dir):
     """bf16 adapter math ("input") differs from PEFT's fp32 adapter math by rounding only: the same losses to
     bf16 precision and the same gradients to ~1% (norm-relative). Compared on gradients, not on weights after
