@@ -3,7 +3,8 @@
 # root (carry .whl). Each argument is one stage, "label:extra bench arguments", run in order while time is left:
 #   PRESET=qwen2-1.5b TESTS="tests/gpu/test_x.py" bash bench/gpu_profile.sh \
 #     "lora:--methods hf,turbotune,unsloth" "qlora:--qlora --methods hf,turbotune"
-# TESTS (pytest paths) run first. Logs, JSON and one archive of the profile reports land under $OUT.
+# TESTS (pytest paths) run first, then SCRIPTS (python files taking --json PATH). Logs, JSON and one archive
+# of the profile reports land under $OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; T0=$(date +%s); BUDGET=${BUDGET:-570}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -16,6 +17,10 @@ if [ -n "${TESTS-}" ]; then
   timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q --maxfail=3 -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed|Error" "$OUT/gpu_tests.txt" | tail -6
 fi
+for script in ${SCRIPTS-}; do  # standalone GPU scripts (e.g. bench/nf4_dequant.py), after the tests
+  echo "== $script"; name=$(basename "$script" .py)
+  timeout ${SCRIPT_LIMIT:-150} python3 "$script" --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1; tail -${SCRIPT_TAIL:-12} "$OUT/$name.txt"
+done
 for stage in "$@"; do
   label=${stage%%:*}; extra=${stage#*:}
   [ $(left) -lt 90 ] && { echo "== $label: skipped, $(left) s left"; continue; }
