@@ -276,6 +276,36 @@ def test_bf16_base_fp32_adapters_without_fp32_copies(backend, monkeypatch):
         assert err < (1e-2 if g.dtype == torch.bfloat16 else 1e-5), err  # x's grad is bf16; adapters' fp32
 
 
+def test_adapters_sharing_x_share_one_gemm(monkeypatch):
+    """bf16x3 way: q/k/v's x A^T come from one GEMM with the A's stacked, and their dA from one GEMM with the
+    u's side by side (x read once); each equals its own product to fp32 rounding."""
+    from turbotune.kernels import lora_parts
+    torch.manual_seed(0)
+    _, attn, _ = _wrap(LlamaForCausalLM(_config()).to(torch.bfloat16))
+    parts = [lora_part(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    x2 = _x(torch.bfloat16, requires_grad=False).reshape(-1, 64)
+    xc = lora_parts.CastCache(x2)
+    lds = [torch.float32] * 3
+    prev = lora_parts.set_fp32_adapter_backend("bf16x3")
+    calls = []
+    wide_mm = lora_parts.bf16x3.wide_mm_fp32
+    monkeypatch.setattr(lora_parts.bf16x3, "wide_mm_fp32", lambda w, s: calls.append(s.shape) or wide_mm(w, s))
+    try:
+        joint = lora_parts.adapter_products(x2, xc, parts, lds)
+        assert calls == [(64, 24)]  # one GEMM: [in, 3 r]
+        us = [torch.randn(10, 8, generator=torch.Generator().manual_seed(j)) for j in range(3)]
+        d_as = lora_parts.joint_a_grads(us, x2, parts)
+        assert calls[1:] == [(10, 24)]
+        for j, p in enumerate(parts):
+            torch.testing.assert_close(joint[j], lora_parts.adapter_product(x2, xc, p, torch.float32),
+                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(d_as[j], lora_parts._a_grad(us[j], x2, None, p, "bf16x3"),
+                                       rtol=1e-6, atol=1e-6)
+            assert d_as[j].shape == p.A.shape and d_as[j].is_contiguous()
+    finally:
+        lora_parts.set_fp32_adapter_backend(prev)
+
+
 def test_fp32_adapter_backend_is_validated():
     from turbotune.kernels import lora_parts
     with pytest.raises(ValueError):

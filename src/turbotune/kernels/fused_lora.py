@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import torch
 
-from .lora_parts import (CastCache, LoRAPart, adapter_grads, adapter_product, autocast_dtype, dense_weight,
-                         down_adapter_grad, fused_lora_unsupported_reason, grad_to, input_grad_into, is_nf4,
-                         lora_dtype, lora_part, no_autocast, project)
+from .lora_parts import (CastCache, LoRAPart, adapter_grads, adapter_product, adapter_products, autocast_dtype,
+                         dense_weight, down_adapter_grad, fused_lora_unsupported_reason, grad_to, input_grad_into,
+                         is_nf4, joint_a_grads, joint_a_route, lora_dtype, lora_part, no_autocast, project)
 from .swiglu import act_mul_backward, act_mul_forward
 
 __all__ = ["LoRAPart", "lora_part", "fused_lora_unsupported_reason", "dense_weight",
@@ -61,17 +61,25 @@ def _multi_backward(dys, parts, lds, xc, xas, ctx, first_a_index, need_x, ws=Non
     """
     dx = None
     grads = []
+    joint = []  # (j, u_j) whose dA comes from one shared GEMM below (lora_parts.joint_a_grads)
     ws = ws or [None] * len(parts)
     for j, (dy, part, ld, xa, w) in enumerate(zip(dys, parts, lds, xas, ws)):
         u = None
         need_a, need_b = _needs(ctx, first_a_index + 2 * j)
         if part.has_lora and (need_a or need_b or need_x):
-            u, d_a, d_b = adapter_grads(CastCache(dy), xc, xa, part, ld, need_a, need_b)
+            later = need_a and joint_a_route(xc, ld, part)
+            u, d_a, d_b = adapter_grads(CastCache(dy), xc, xa, part, ld, need_a and not later, need_b)
+            if later:
+                joint.append((j, u))
             grads += [grad_to(d_a, part.A), grad_to(d_b, part.B)]
         else:
             grads += [None, None]
         if need_x:
             dx = input_grad_into(dx, dy, part, u, w)
+    if joint:
+        d_as = joint_a_grads([u for _, u in joint], xc.t, [parts[j] for j, _ in joint])
+        for (j, _), d_a in zip(joint, d_as):
+            grads[2 * j] = grad_to(d_a, parts[j].A)
     return dx, grads
 
 
@@ -124,8 +132,9 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2 = _flat(x)
         xc = CastCache(x2)
         outs, xas = [], []
+        xa_all = adapter_products(x2, xc, parts, lds)
         for j, (part, ld) in enumerate(zip(parts, lds)):
-            out, xa = project(x2, xc, part, ld)
+            out, xa = project(x2, xc, part, ld, xa=xa_all[j])
             # Returned flat: views returned by a multi-output Function could not be modified in place
             # later (RoPE rotates q and k in place); lora_qkv reshapes outside the Function.
             outs.append(out)
@@ -189,8 +198,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         xc = CastCache(x2)
         keep = checkpoint_phase is not None and is_nf4(gate_p) and is_nf4(up_p)
         held = _held_weights(parts, x2.dtype) if keep and checkpoint_phase == "recompute" else None
-        e, xa_g = project(x2, xc, gate_p, lds[0], held[0] if held else None)
-        g, xa_u = project(x2, xc, up_p, lds[1], held[1] if held else None)
+        xa_g, xa_u = adapter_products(x2, xc, parts[:2], lds[:2])
+        e, xa_g = project(x2, xc, gate_p, lds[0], held[0] if held else None, xa=xa_g)
+        g, xa_u = project(x2, xc, up_p, lds[1], held[1] if held else None, xa=xa_u)
         del xc
         h = act_mul_forward(e, g, act, backend)
         nig = ctx.needs_input_grad

@@ -319,11 +319,15 @@ class CastCache:
         return self._c[dtype]
 
 
-def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype, w: torch.Tensor | None = None):
+_COMPUTE = object()  # project's xa default: compute x A^T here
+
+
+def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype, w: torch.Tensor | None = None,
+            xa=_COMPUTE):
     """out = x W^T + b + s (x A^T) B^T in x's dtype; returns (out, xa) with xa = x A^T [N, r] in ld (or None).
 
     W is dequantised/cast for this call only and released before returning, unless the caller passes it as `w`
-    (the dense weight in x's dtype).
+    (the dense weight in x's dtype). `xa`: x A^T when the caller has it already (adapter_products).
     """
     cd = x2.dtype
     w = dense_weight(part, cd) if w is None else w
@@ -332,7 +336,8 @@ def project(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.dtype, w:
     else:
         out = torch.mm(x2, w.t())
     del w
-    xa = adapter_product(x2, xc, part, ld)
+    if xa is _COMPUTE:
+        xa = adapter_product(x2, xc, part, ld)
     if xa is not None:
         out.addmm_(xa.to(cd), part.B.to(cd).t(), alpha=part.scaling)
     return out, xa
@@ -348,6 +353,33 @@ def adapter_product(x2: torch.Tensor, xc: CastCache, part: LoRAPart, ld: torch.d
     if route == "triton":
         return skinny_mm_t(x2, part.A, backend="triton")
     return torch.mm(xc(ld), part.A.to(ld).t())
+
+
+def adapter_products(x2: torch.Tensor, xc: CastCache, parts, lds) -> list:
+    """x A_j^T for adapters that read the same x (q, k, v; gate, up), each as adapter_product computes it,
+    except that the ones going the bf16x3 way share ONE GEMM ([A_1; A_2; ..] stacked): these products are
+    bound by reading x (r is tiny next to x's width), so x is read once instead of once per adapter."""
+    joint = [j for j, (p, ld) in enumerate(zip(parts, lds)) if p.A is not None and _route(x2, ld, p) == "bf16x3"]
+    out = [None] * len(parts)
+    if len(joint) > 1:
+        xa = bf16x3.wide_mm_fp32(x2, torch.cat([parts[j].A for j in joint]).t())
+        for j, piece in zip(joint, xa.split([parts[j].A.shape[0] for j in joint], dim=1)):
+            out[j] = piece
+    return [o if o is not None else adapter_product(x2, xc, p, ld) for o, p, ld in zip(out, parts, lds)]
+
+
+def joint_a_grads(us, x2: torch.Tensor, parts) -> list:
+    """dA_j = s_j u_j^T x for adapters that read the same x and go the bf16x3 way: one GEMM with the u_j side
+    by side, for the same reason as adapter_products."""
+    if len(us) == 1:
+        return [_a_grad(us[0], x2, None, parts[0], "bf16x3")]
+    g = bf16x3.wide_mm_fp32(x2.t(), torch.cat(us, dim=1))  # [in, sum r]
+    return [piece.t().contiguous().mul_(p.scaling) for piece, p in zip(g.split([u.shape[1] for u in us], 1), parts)]
+
+
+def joint_a_route(xc: CastCache | None, ld: torch.dtype, part: LoRAPart) -> bool:
+    """Whether this adapter's dA can join joint_a_grads (its x goes the bf16x3 way)."""
+    return xc is not None and _route(xc.t, ld, part) == "bf16x3"
 
 
 def adapter_grads(dy: CastCache, xc: CastCache | None, xa: torch.Tensor | None, part: LoRAPart,
