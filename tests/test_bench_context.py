@@ -73,6 +73,19 @@ def test_max_context_runs_on_cpu(tmp_path, capsys):
     assert "--max-context" in capsys.readouterr().out
 
 
+def test_confirm_at_a_chosen_length(tmp_path):
+    """--confirm-at: the confirming step at a given length (the target), not the predicted longest."""
+    out = tmp_path / "ctx.json"
+    rc = bench.main(["--preset", "tiny", "--device", "cpu", "--max-context", "--lengths", "32,64", "--confirm",
+                     "--confirm-at", "48", "--methods", "turbotune", "--cache-dir", str(tmp_path / "cache"),
+                     "--json", str(out)])
+    assert rc == 0
+    confirm = json.loads(out.read_text())["methods"][0]["context"]["confirm"]
+    assert confirm["seq_len"] == 48 and confirm["status"] == "ok"
+
+
 def test_max_context_flags_need_the_mode(capsys):
     assert bench.main(["--preset", "tiny", "--device", "cpu", "--confirm"]) == 2
     assert "--max-context" in capsys.readouterr().err
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--max-context", "--confirm-at", "1k"]) == 2
+    assert "--confirm-at goes with --confirm" in capsys.readouterr().err

@@ -95,6 +95,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="comma-separated sequence lengths, '8k' allowed (default 2k,8k,16k,32k,64k on CUDA; "
                         "64,128,256 on CPU)")
     g.add_argument("--confirm", action="store_true", help="run one full step at the predicted longest length")
+    g.add_argument("--confirm-at", default=None, metavar="LENGTH",
+                   help="with --confirm: run that step at this length instead (e.g. 350000: a target below the "
+                        "prediction, when the longest would need more host memory than this machine has)")
     g.add_argument("--card-memory", default=None,
                    help="predict for a card of this size, e.g. 80GB (default: this GPU's memory)")
     g = parser.add_argument_group("packing (--packing)")
@@ -179,24 +182,28 @@ def validate(args) -> dict:
     if not 0 <= args.warmup < args.steps:
         raise BenchError(f"--warmup ({args.warmup}) must be at least 0 and below --steps ({args.steps}), "
                          "so that at least one step is timed")
-    lengths = None
+    lengths = confirm_at = None
     if args.max_context:
         from .bench_context import parse_lengths, parse_memory
         try:
             lengths = parse_lengths(args.lengths or ("2k,8k,16k,32k,64k" if device == "cuda" else "64,128,256"))
             card = parse_memory(args.card_memory) if args.card_memory else None
+            confirm_at = parse_lengths(args.confirm_at)[0] if args.confirm_at else None
         except ValueError as exc:
-            raise BenchError(f"--lengths / --card-memory: {exc}") from None
+            raise BenchError(f"--lengths / --card-memory / --confirm-at: {exc}") from None
     if args.packing and args.max_context:
         raise BenchError("--packing and --max-context are separate benchmarks; run one at a time")
     if args.packing and (args.samples_per_step < 1 or args.padded_micro_batch < 1):
         raise BenchError("--samples-per-step and --padded-micro-batch must be at least 1")
     if not args.max_context and (args.lengths or args.confirm or args.card_memory):
         raise BenchError("--lengths, --confirm and --card-memory go with --max-context")
+    if args.confirm_at is not None and not args.confirm:
+        raise BenchError("--confirm-at goes with --confirm")
     dtype = {"auto": "bfloat16" if device == "cuda" else "float32", "bf16": "bfloat16", "fp16": "float16",
              "fp32": "float32"}[args.dtype]
     return {"device": device, "preset": preset, "dtype": dtype, "lengths": lengths,
             "card_memory_bytes": card if args.max_context else None,
+            "confirm_at": confirm_at if args.max_context else None,
             "methods": resolve_methods(args.methods, device),
             "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_r}
 
@@ -542,7 +549,8 @@ def run_bench(args) -> int:
             "mode": "max_context" if args.max_context else "packing" if args.packing else "throughput",
             "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,
             "padded_micro_batch": args.padded_micro_batch,
-            "confirm": bool(args.confirm), "card_memory_bytes": settings["card_memory_bytes"],
+            "confirm": bool(args.confirm), "confirm_at": settings["confirm_at"],
+            "card_memory_bytes": settings["card_memory_bytes"],
             "profile_dir": str(Path(args.profile).expanduser().resolve()) if args.profile else None}
     results = []
     with tempfile.TemporaryDirectory(prefix="turbotune-bench-") as tmp:

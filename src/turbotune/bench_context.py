@@ -163,9 +163,10 @@ def run_max_context(model, spec: dict, result: dict, log) -> None:
     ctx["fit"] = {"intercept_bytes": fit[0], "slope_bytes_per_token": fit[1]} if fit else None
     ctx["predicted_max_tokens"] = predict_max_tokens(fit, card) if card else None
     pred = ctx["predicted_max_tokens"]
-    if spec.get("confirm") and pred:
-        length = max(CONFIRM_ROUND, pred // CONFIRM_ROUND * CONFIRM_ROUND)
-        log(method, f"confirming: one full step at {length:,} tokens")
+    if spec.get("confirm") and (pred or spec.get("confirm_at")):
+        length = spec.get("confirm_at") or max(CONFIRM_ROUND, pred // CONFIRM_ROUND * CONFIRM_ROUND)
+        log(method, f"confirming: one full step at {length:,} tokens"
+            + (f" (--confirm-at; predicted longest {pred:,})" if spec.get("confirm_at") and pred else ""))
         ctx["confirm"] = attempt(length)
 
 
