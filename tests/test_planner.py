@@ -272,6 +272,24 @@ def test_cli_table_and_json():
     assert doc["fits"] == (plan.total_bytes <= 8 * GiB)
 
 
+def test_offload_host_memory():
+    """Offload's pinned host buffers: (layers - 1) layer inputs; the CLI caps the longest sequence by the host's
+    RAM (HOST_FRACTION of --host-memory) and says when the step's own buffers would not fit it."""
+    from turbotune.plan_cli import HOST_FRACTION, host_max_seq_len
+    L, H = QWEN["num_hidden_layers"], QWEN["hidden_size"]
+    plan = predict_peak(QWEN, 4096, 2, checkpointing="offload")
+    assert plan.host_bytes == (L - 1) * 4096 * 2 * H * 2
+    assert predict_peak(QWEN, 4096, 2, checkpointing="recompute").host_bytes == 0
+    host = 16 * GiB
+    longest = host_max_seq_len(plan, host)
+    assert (L - 1) * longest * 2 * H * 2 <= HOST_FRACTION * host < (L - 1) * (longest + 1) * 2 * H * 2
+    rc, out, err = _run(["--model", "qwen2-1.5b", "--seq-len", "65536", "--batch-size", "1", "--gpu-memory", "80GB",
+                         "--checkpointing", "offload", "--host-memory", "2GB"])
+    assert rc == 0, err
+    assert "pinned host memory for the offloaded layer inputs" in out and "MORE than 80% of it" in out
+    assert "(host RAM: up to" in out
+
+
 def test_unknown_model_is_a_clear_error(tmp_path):
     rc, out, err = _run(["--model", "no-such-model"])
     assert rc == 2 and out == ""

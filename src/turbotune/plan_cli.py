@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -46,8 +47,28 @@ def _g(nbytes: int) -> str:
     return f"{nbytes / GiB:.2f}"
 
 
+HOST_FRACTION = 0.8  # of the host's RAM that pinned (unswappable) offload buffers may take
+
+
+def host_memory_bytes() -> int | None:
+    """This machine's physical RAM, or None where the OS doesn't say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def host_max_seq_len(plan: Plan, host_bytes: int | None) -> int | None:
+    """The longest sequence (at the plan's batch) whose offloaded layer inputs fit HOST_FRACTION of the host's
+    RAM; None when nothing is offloaded or the RAM is unknown."""
+    if not plan.host_bytes or not host_bytes:
+        return None
+    per_token = plan.host_bytes / (plan.seq_len * plan.batch_size)
+    return int(HOST_FRACTION * host_bytes / (per_token * plan.batch_size))
+
+
 def format_plan(plan: Plan, budget_bytes: int | None = None, fits_table: list[dict] | None = None,
-                other: Plan | None = None) -> str:
+                other: Plan | None = None, host_bytes: int | None = None) -> str:
     """The table `turbotune plan` prints."""
     quant = ("QLoRA 4-bit NF4" + ("" if plan.double_quant else " (no double quant)")) if plan.qlora \
         else f"LoRA, {plan.dtype} base"
@@ -72,6 +93,11 @@ def format_plan(plan: Plan, budget_bytes: int | None = None, fits_table: list[di
     if budget_bytes is not None:
         verdict = f"  fits {_g(budget_bytes)} GiB: {'yes' if plan.total_bytes <= budget_bytes else 'NO'}"
     lines.append(f"{'= total':<{width}}{_g(plan.total_bytes):>8}{verdict}")
+    if plan.host_bytes:
+        lines.append(f"+ pinned host memory for the offloaded layer inputs: {_g(plan.host_bytes)} GiB"
+                     + (f" of this machine's {_g(host_bytes)} GiB RAM"
+                        + ("" if plan.host_bytes <= HOST_FRACTION * host_bytes else
+                           f": MORE than {HOST_FRACTION:.0%} of it") if host_bytes else ""))
     if other is not None:
         lines.append(f"(the same step with method {other.method}: {_g(other.total_bytes)} GiB total, "
                      f"{_g(other.allocated_bytes)} GiB allocated)")
@@ -84,9 +110,15 @@ def format_plan(plan: Plan, budget_bytes: int | None = None, fits_table: list[di
                 f"{'≥ ' if row['seq_capped'] else ''}{row['max_seq_len']:,}"
             bat = "none fits" if row["max_batch_size"] == 0 else \
                 f"{'≥ ' if row['batch_capped'] else ''}{row['max_batch_size']:,}"
-            lines.append(f"  {row['checkpointing']:<14}{seq:>22}{bat:>24}")
+            host = row.get("host_max_seq_len")
+            note = f"  (host RAM: up to {host:,})" if host is not None and host < row["max_seq_len"] else ""
+            lines.append(f"  {row['checkpointing']:<14}{seq:>22}{bat:>24}{note}")
         if any(r["seq_capped"] for r in fits_table):
             lines.append("  (≥: the search stops at the model's max_position_embeddings)")
+        if any(r.get("host_max_seq_len") is not None and r["host_max_seq_len"] < r["max_seq_len"]
+               for r in fits_table):
+            lines.append(f"  (host RAM: the longest whose offloaded inputs fit {HOST_FRACTION:.0%} of this "
+                         "machine's RAM, pinned; --host-memory to plan for another)")
     return "\n".join(lines)
 
 
@@ -95,7 +127,10 @@ def prediction_line(plan: Plan) -> str:
     return (f"[turbotune] predicted peak GPU memory: {_g(plan.allocated_bytes)} GiB allocated, "
             f"{_g(plan.total_bytes)} GiB with CUDA context and fragmentation (seq {plan.seq_len} × batch "
             f"{plan.batch_size}, {plan.checkpointing} checkpointing, {'QLoRA' if plan.qlora else 'LoRA'} "
-            f"r={plan.lora_r}; `turbotune plan` itemises it)")
+            f"r={plan.lora_r}"
+            + (f"; {_g(plan.host_bytes)} GiB of pinned host memory for the offloaded layer inputs"
+               if plan.host_bytes else "")
+            + "; `turbotune plan` itemises it)")
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -118,6 +153,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--method", choices=METHODS, default="turbotune",
                         help="turbotune's fused path (default) or transformers + PEFT (hf)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="compute dtype (default bf16)")
+    parser.add_argument("--host-memory", default=None,
+                        help="host RAM for offloaded checkpointing's pinned buffers, e.g. 128GB (default: this "
+                             "machine's)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -126,6 +164,7 @@ def _plan_document(args) -> tuple[dict, str]:
     name, config = resolve_config(args.model)
     shape = model_shape(config)
     budget = parse_memory(args.gpu_memory)
+    host = parse_memory(args.host_memory) if getattr(args, "host_memory", None) else host_memory_bytes()
     kw = dict(qlora=args.qlora, lora_r=args.lora_r, method=args.method, dtype=args.dtype,
               double_quant=args.double_quant)
     plan = predict_peak(shape, args.seq_len, args.batch_size, checkpointing=args.checkpointing, name=name, **kw)
@@ -139,14 +178,15 @@ def _plan_document(args) -> tuple[dict, str]:
         at_given = predict_peak(shape, args.seq_len, args.batch_size, checkpointing=mode, **kw)
         rows.append({"checkpointing": mode, "max_seq_len": seq, "seq_capped": seq_capped,
                      "max_batch_size": bat, "batch_capped": bat_capped,
-                     "total_bytes_at_given": at_given.total_bytes})
+                     "total_bytes_at_given": at_given.total_bytes,
+                     "host_max_seq_len": host_max_seq_len(at_given, host)})
     doc = plan.to_dict()
-    doc.update(gpu_memory_bytes=budget, fits=plan.total_bytes <= budget, max_fit=rows,
+    doc.update(gpu_memory_bytes=budget, host_memory_bytes=host, fits=plan.total_bytes <= budget, max_fit=rows,
                other_method={"method": other_method, "allocated_bytes": other.allocated_bytes,
                              "total_bytes": other.total_bytes},
                constants={"cuda_context_bytes": CUDA_CONTEXT_BYTES, "fragmentation": FRAGMENTATION,
                           "cublas_workspace_bytes": CUBLAS_WORKSPACE_BYTES, "adapter_bytes": ADAPTER_BYTES})
-    return doc, format_plan(plan, budget, rows, other)
+    return doc, format_plan(plan, budget, rows, other, host)
 
 
 def run_plan(args) -> int:

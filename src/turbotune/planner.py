@@ -412,6 +412,7 @@ class Plan:
     chunk_size: int | None = None
     per_layer_saved: dict = field(default_factory=dict)   # bytes per token, by term
     checkpointed_layers: int | None = None                # recompute: layers checkpointed (None: all)
+    host_bytes: int = 0                                   # offload: pinned host memory for the layer inputs
 
     def item(self, key: str) -> int:
         return sum(i.bytes for i in self.items if i.key == key)
@@ -511,6 +512,7 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
     else:
         add("act_layer_inputs", "activations: last layer's input (the others on the host)", x_in, "kept",
             f"{L - 1} layer inputs ({(L - 1) * x_in / GiB:.2f} GiB) offloaded to CPU memory")
+    host = (L - 1) * x_in if checkpointing == "offload" else 0
     last_hidden = N * H * (4 if method == "hf" else b) + 4 * N
     add("act_last_hidden", "activations: final norm's saved input"
         + (" (fp32 copy)" if method == "hf" and b != 4 else ""), last_hidden, "kept")
@@ -557,4 +559,4 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
                 checkpointing=checkpointing, items=items, peak_phase=peak_phase, allocated_bytes=int(allocated),
                 total_bytes=int(total), base_params=shape.total_params(), lora_params=p, chunk_size=chunk,
                 per_layer_saved=per_layer,
-                checkpointed_layers=(k if checkpointing == "recompute" and k < L else None))
+                checkpointed_layers=(k if checkpointing == "recompute" and k < L else None), host_bytes=host)
