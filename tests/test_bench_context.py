@@ -62,6 +62,20 @@ def test_tables_and_planner_column():
     assert "The planner" in text and "| turbotune | 32,768 | recompute | 9.00 |" in text
 
 
+def test_offloaded_bytes_table():
+    """An offloading row's measured host bytes per step sit beside the planner's (L - 1) layer inputs."""
+    mm = _fake("turbotune-min-memory", [(2048, 3 * GiB), (8192, 4 * GiB)])
+    for p in mm["context"]["points"]:
+        p["checkpointing"] = "offload"
+        p["host_offloaded_bytes"] = 27 * p["seq_len"] * 1536 * 2  # qwen2-1.5b: 27 of 28 layer inputs, bf16
+    add_planner_predictions([mm], preset_config("qwen2-1.5b"), qlora=False, lora_r=16)
+    assert [p["planner_host_bytes"] for p in mm["context"]["points"]] == \
+        [p["host_offloaded_bytes"] for p in mm["context"]["points"]]
+    text = format_context_tables([mm], [2048, 8192])
+    assert "pinned host memory" in text
+    assert f"| turbotune-min-memory | 8,192 | {27 * 8192 * 1536 * 2 / GiB:.2f} | " in text
+
+
 def test_max_context_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "ctx.json"
     rc = bench.main(["--preset", "tiny", "--device", "cpu", "--max-context", "--lengths", "32,64",

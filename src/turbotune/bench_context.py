@@ -122,6 +122,9 @@ def run_max_context(model, spec: dict, result: dict, log) -> None:
     ctx = {"points": points, "card_memory_bytes": card}
     result["context"] = ctx
 
+    from .checkpointing import get_offloaded_checkpointing
+    offloader = get_offloaded_checkpointing(model)  # None unless the method offloads
+
     def attempt(length: int) -> dict:
         mode = layers = None
         if method == "turbotune-auto":
@@ -134,6 +137,7 @@ def run_max_context(model, spec: dict, result: dict, log) -> None:
             mode = "recompute"
         ids = make_batches(spec["seed"], 1, 1, length, spec["vocab_size"])[0].to(device)
         _free(cuda)
+        host_before = offloader.stats["offloaded_bytes"] if offloader is not None else None
         try:
             loss, dt, peak = _one_step(model, opt, ids, cuda)
         except torch.OutOfMemoryError as exc:
@@ -144,9 +148,10 @@ def run_max_context(model, spec: dict, result: dict, log) -> None:
                     "error": str(exc).splitlines()[0][:200]}
         log(method, f"seq {length:,}: peak {peak / GiB if peak else float('nan'):.2f} GiB, {dt:.2f} s, "
                     f"loss {loss:.4f}")
+        host = offloader.stats["offloaded_bytes"] - host_before if offloader is not None else None
         return {"seq_len": length, "status": "ok", "checkpointing": mode, "checkpointed_layers": layers,
                 "peak_alloc_bytes": peak, "step_s": dt,
-                "loss": loss, "tokens_per_s": length / dt}
+                "loss": loss, "tokens_per_s": length / dt, "host_offloaded_bytes": host}
 
     for length in spec["lengths"]:
         p = attempt(length)
@@ -194,6 +199,7 @@ def add_planner_predictions(results: list[dict], model_cfg: dict, qlora: bool, l
             except (PlanError, KeyError, TypeError, ValueError):
                 continue
             p["planner_alloc_bytes"] = plan.allocated_bytes
+            p["planner_host_bytes"] = plan.host_bytes
 
 
 def _gib(v) -> str:
@@ -206,7 +212,7 @@ def format_context_tables(results: list[dict], lengths: list[int]) -> str:
                                                      f"predicted max tokens ({_gib(card)} GiB card)", "confirm"]
     lines = ["Peak allocated GiB for one step at micro-batch 1:", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    planner = []
+    planner, host = [], []
     for r in results:
         if r.get("status") != "ok" or not r.get("context"):
             why = r.get("reason") or r.get("error") or r.get("status")
@@ -235,8 +241,14 @@ def format_context_tables(results: list[dict], lengths: list[int]) -> str:
                                            else "")
                 planner.append(f"| {r['method']} | {p['seq_len']:,} | {ck} | "
                                f"{_gib(p['peak_alloc_bytes'])} | {_gib(p['planner_alloc_bytes'])} | {err:+.1%} |")
+            if p.get("host_offloaded_bytes"):
+                host.append(f"| {r['method']} | {p['seq_len']:,} | {_gib(p['host_offloaded_bytes'])} | "
+                            f"{_gib(p.get('planner_host_bytes'))} |")
     if planner:
         lines += ["", "The planner (`turbotune plan`) against the measured peaks:", "",
                   "| method | seq | checkpointing | measured GiB | predicted GiB | error |",
                   "|---|---:|---|---:|---:|---:|"] + planner
+    if host:
+        lines += ["", "Layer inputs offloaded to pinned host memory in the step (all held at the end of the "
+                  "forward):", "", "| method | seq | measured GiB | planner GiB |", "|---|---:|---:|---:|"] + host
     return "\n".join(lines)
