@@ -261,15 +261,19 @@ def _gate_slot(parts):
 
 
 def _held_weights(parts, dtype: torch.dtype):
-    """(Wg, Wu) dequantised by a recompute and kept for its backward; up in a buffer of its own."""
+    """(Wg, Wu) dequantised by a recompute and kept for its backward; up in a buffer of its own.
+
+    Assumes one fused MLP per checkpointed layer (every registered family): two same-shaped MLPs in one
+    checkpointed region would share these buffers between their recompute and their backward."""
     gate_p, up_p, _ = parts
     return (dense_weight(gate_p, dtype, slot=_gate_slot(parts)), dense_weight(up_p, dtype, slot=_UP_SLOT))
 
 
 def _stand_ins(parts, dtype: torch.dtype):
-    """Tensors of the held weights' shapes and dtype for a first run to save (nothing is dequantised)."""
-    from ..quant import dequant_buffer
-    return tuple(dequant_buffer(p.weight.quant_state.shape, dtype, p.weight.device) for p in parts[:2])
+    """What a first run saves where the recompute saves the held weights: their shape, dtype and device (all a
+    non-reentrant checkpoint records), one element broadcast, so nothing is dequantised and no buffer aliased."""
+    return tuple(torch.zeros((), dtype=dtype, device=p.weight.device).expand(tuple(p.weight.quant_state.shape))
+                 for p in parts[:2])
 
 
 def _usable(held, parts, dtype: torch.dtype):
