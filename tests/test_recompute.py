@@ -24,25 +24,39 @@ def test_second_call_of_the_checkpointed_function_is_the_recompute():
     assert not recomputing()
 
 
-def _loss_grads(folder, checkpointing, monkeypatch):
-    import turbotune.models.llama_like as ll
-    from turbotune.kernels.fused_lora import lora_mlp as real
-    flags = []
+def _spy(monkeypatch, module, name, record):
+    """Replace module.name by a wrapper that calls record(kwargs) first; returns the list it appends to."""
+    seen = []
+    real = getattr(module, name)
+    real = getattr(real, "__wrapped__", real)  # not an earlier call's spy
 
     def spy(*args, **kwargs):
-        flags.append(kwargs.get("output_unused", False))
+        seen.append(record(kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ll, "lora_mlp", spy)
-    m, _ = FastModel.from_pretrained(str(folder), dtype=torch.float32, verbose=False)
+    spy.__wrapped__ = real
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def _one_step(folder, checkpointing, seen, **load):
+    """Loss and LoRA grads of one fp32 step of a tiny Llama (what `seen` recorded is cleared first)."""
+    m, _ = FastModel.from_pretrained(str(folder), dtype=torch.float32, verbose=False, **load)
     m = FastModel.get_peft_model(m, r=4, use_gradient_checkpointing=checkpointing, verbose=False, random_state=0)
     nonzero_lora_b(m)
     m.train()
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    seen.clear()  # count the training step only
     loss = m(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, flags, m.config.num_hidden_layers
+    return loss.detach(), grads, seen, m.config.num_hidden_layers
+
+
+def _loss_grads(folder, checkpointing, monkeypatch):
+    import turbotune.models.llama_like as ll
+    flags = _spy(monkeypatch, ll, "lora_mlp", lambda kw: kw.get("output_unused", False))
+    return _one_step(folder, checkpointing, flags)
 
 
 @pytest.mark.parametrize("checkpointing", [True, "offload"])
@@ -57,28 +71,11 @@ def test_recompute_skips_the_down_projection_with_equal_gradients(tiny_llama_dir
 
 
 def _qlora_loss_grads(folder, checkpointing, monkeypatch):
-    """4-bit tiny Llama (fp32 compute): loss, LoRA grads and the number of NF4 dequantisations of one step."""
+    """4-bit tiny Llama (fp32 compute): loss, LoRA grads and the NF4 dequantisations (their slots) of one step."""
     pytest.importorskip("bitsandbytes")
     import turbotune.quant as quant
-    calls = []
-    real = getattr(quant.dequantize_nf4, "__wrapped__", quant.dequantize_nf4)  # not an earlier call's spy
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("slot"))
-        return real(*args, **kwargs)
-
-    spy.__wrapped__ = real
-    monkeypatch.setattr(quant, "dequantize_nf4", spy)
-    m, _ = FastModel.from_pretrained(str(folder), load_in_4bit=True, dtype=torch.float32, verbose=False)
-    m = FastModel.get_peft_model(m, r=4, use_gradient_checkpointing=checkpointing, verbose=False, random_state=0)
-    nonzero_lora_b(m)
-    m.train()
-    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
-    calls.clear()  # count the training step only
-    loss = m(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, calls, m.config.num_hidden_layers
+    calls = _spy(monkeypatch, quant, "dequantize_nf4", lambda kw: kw.get("slot"))
+    return _one_step(folder, checkpointing, calls, load_in_4bit=True)
 
 
 @pytest.mark.parametrize("checkpointing", [True, "offload"])
