@@ -169,10 +169,14 @@ _BUFFERS: dict[tuple, torch.Tensor] = {}
 _LOCK = threading.Lock()
 
 
+def _buffer_key(shape, dtype: torch.dtype, device, slot) -> tuple:
+    return (tuple(shape), dtype, torch.device(device), slot)
+
+
 def dequant_buffer(shape, dtype: torch.dtype, device, slot=None) -> torch.Tensor:
     """The shared output buffer for (shape, dtype, device[, slot]), allocated once (see the aliasing contract in
     the module docstring)."""
-    key = (tuple(shape), dtype, torch.device(device), slot)
+    key = _buffer_key(shape, dtype, device, slot)
     buf = _BUFFERS.get(key)
     if buf is None:
         with _LOCK:
@@ -185,7 +189,7 @@ def dequant_buffer(shape, dtype: torch.dtype, device, slot=None) -> torch.Tensor
 
 def existing_dequant_buffer(shape, dtype: torch.dtype, device, slot=None) -> torch.Tensor | None:
     """The buffer dequant_buffer would return, if it was allocated already (never allocates)."""
-    return _BUFFERS.get((tuple(shape), dtype, torch.device(device), slot))
+    return _BUFFERS.get(_buffer_key(shape, dtype, device, slot))
 
 
 def clear_dequant_buffers() -> None:
