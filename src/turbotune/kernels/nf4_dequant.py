@@ -54,12 +54,13 @@ __all__ = ["dequantize_nf4_reference", "dequantize_nf4_triton", "dequantize_nf4_
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Defaults of the tuning knobs. Bytes per program (rounded to whole quantisation blocks): 1 KiB in, 2048 outputs
-# (4 KiB of bf16) out, i.e. 8 bytes in and 16 outputs per thread with 4 warps -- two 16-byte stores per thread in
-# bf16. Not yet the timed best: bench/nf4_dequant.py picks them on a GPU.
-_BYTES_PER_PROGRAM = 1024
+# Defaults of the tuning knobs, the timed best of bench/nf4_dequant.py on an H200 (2026-11-28, llama3-8b's seven
+# projection shapes): 2 KiB of packed bytes per program (4096 outputs), 4 warps, codes looked up two at a time from
+# the 256-entry pair table. 211 us per llama layer against 242 us for the earlier 1 KiB / single-code default and
+# 370 us for bitsandbytes (bench/results/nf4_dequant-8318d9e.txt).
+_BYTES_PER_PROGRAM = 2048
 _NUM_WARPS = 4
-_PAIR_TABLE = False
+_PAIR_TABLE = True
 
 # (code.data_ptr(), device, dtype) -> (code, int64 [256] pair table). Holding `code` pins its address, so a key
 # cannot be reused by another tensor; code tables are constants (quant.nf4_code: one per device).
