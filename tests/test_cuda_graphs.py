@@ -54,6 +54,20 @@ def test_why_not_graphable_reasons(tiny_llama_dir):
     assert why_not_graphable(m, []) is not None
 
 
+def test_recheck_switches_off_and_never_back_on(tiny_llama_dir):
+    from turbotune.checkpointing import get_offloaded_checkpointing
+    m = _model(tiny_llama_dir, use_gradient_checkpointing="offload")
+    step = GraphedMicroStep(m, list(m.parameters()))
+    # CPU parameters: the offload's host buffers are left as they were (static ones are for graph capture only)
+    assert not get_offloaded_checkpointing(m).config.static_host_buffers
+    step.disabled_reason = None  # pretend it was capturable; the model on the CPU is not
+    step.recheck()
+    assert "CUDA" in step.disabled_reason
+    step.disable("shapes change")
+    step.recheck()
+    assert step.disabled_reason == "shapes change"
+
+
 def test_shape_key(tiny_llama_dir):
     m = _model(tiny_llama_dir)
     step = GraphedMicroStep(m, list(m.parameters()))

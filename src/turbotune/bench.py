@@ -114,9 +114,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--matmul-size", type=int, default=None, help="n of the n³ matmuls timed for MFU "
                                                                  "(default 8192 on CUDA, 1024 on CPU)")
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds one method may run (default 3600)")
-    g.add_argument("--graph-offload", action="store_true",
+    g.add_argument("--graph-offload", dest="graph_offload", action="store_true", default=True,
                    help="turbotune methods with offloaded checkpointing (turbotune-min-memory) capture it in the "
-                        "CUDA graphs too (static pinned host buffers; experimental until checked on a GPU)")
+                        "CUDA graphs too, on static pinned host buffers (the default)")
+    g.add_argument("--eager-offload", dest="graph_offload", action="store_false",
+                   help="run the micro-steps of offloading methods eagerly instead (the earlier default)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="turbotune methods run their micro-steps eagerly instead of replaying CUDA graphs")
     g.add_argument("--adapter-precision", choices=["peft", "input"], default=None,

@@ -209,7 +209,7 @@ def _graphed_step(model, params, spec):
     """turbotune's micro-step with CUDA graphs where they apply, as the bench's switches set them."""
     from turbotune.cuda_graphs import GraphedMicroStep
     return GraphedMicroStep(model, params, enabled=spec.get("cuda_graphs", True),
-                            capture_offload=spec.get("graph_offload", False))
+                            capture_offload=spec.get("graph_offload", True))
 
 
 def train(model, spec, result) -> None:

@@ -34,7 +34,7 @@ import torch
 
 class GraphedMicroStep:
     def __init__(self, model, params, enabled: bool = True, warmup: int = 2, max_graphs: int = 4,
-                 verbose: bool = True, capture_offload: bool = False):
+                 verbose: bool = True, capture_offload: bool = True):
         self.model = model
         self.params = [p for p in params if p.requires_grad]
         self.warmup = warmup
@@ -48,17 +48,26 @@ class GraphedMicroStep:
         self._pool = None
         self.replays = 0
         self.captures = 0
-        if enabled and capture_offload:
-            # Offloaded checkpointing in a graph: pinned host buffers made in the eager warm-ups, reused by the
-            # replays (host_buffers.py). Opt-in until it has been checked on a GPU (tests/gpu).
-            from .checkpointing import get_offloaded_checkpointing
-            oc = get_offloaded_checkpointing(model)
-            if oc is not None:
-                oc.config.static_host_buffers = True
+        self.capture_offload = capture_offload
         if enabled:
-            self.disabled_reason = why_not_graphable(model, self.params)
+            self.recheck()
 
     # ------------------------------------------------------------------ public
+    def recheck(self) -> None:
+        """Check again that the model's step can be captured (e.g. after its checkpointing plan changed) and
+        switch graphs off, saying why, if not. Never switches them back on."""
+        if self.capture_offload and self.params and self.params[0].is_cuda:
+            # Offloaded checkpointing in a graph: pinned host buffers made in the eager warm-ups, reused by the
+            # replays (host_buffers.py). On by default since its H200 check: replay equals eager (tests/gpu) and
+            # the offloading row keeps the speed of the recompute-only one (bench/NOTES.md, fifth session).
+            from .checkpointing import get_offloaded_checkpointing
+            oc = get_offloaded_checkpointing(self.model)
+            if oc is not None:
+                oc.config.static_host_buffers = True
+        reason = why_not_graphable(self.model, self.params)
+        if reason and self.active:
+            self.disable(reason)
+
     @property
     def active(self) -> bool:
         return self.disabled_reason is None

@@ -291,13 +291,12 @@ class Trainer:
         else:
             choice = None
         self._print_prediction(choice)
-        from .cuda_graphs import why_not_graphable
-        reason = why_not_graphable(self.model, self.params) if self.micro.active else None
-        if reason:  # e.g. the plan chose offload
-            self.micro.disable(reason)
+        if self.micro.active:  # the plan may have switched to offloading, which the graphs then hold too
+            self.micro.recheck()
         if self.device.type == "cuda":
-            self._say("CUDA graphs: " + ("on (each micro-step shape replays after two eager steps; --no-cuda-graphs "
-                                         "to turn off)" if self.micro.active else f"off ({self.micro.disabled_reason})"))
+            state = ("on (each micro-step shape replays after two eager steps; --no-cuda-graphs to turn off)"
+                     if self.micro.active else f"off ({self.micro.disabled_reason})")
+            self._say("CUDA graphs: " + state)
         if self.cfg.resume:
             if resume_path is None:
                 self._say(f"--resume: no checkpoint in {self.out} yet, starting from step 0")
