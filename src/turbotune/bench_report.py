@@ -10,6 +10,7 @@ GiB = 1024 ** 3
 COLUMNS = ["method", "tokens/s", "s/step", "peak alloc GiB", "peak reserved GiB", "MFU", "first loss",
            "last loss", "cost", "× hf speed", "× hf memory", "max loss diff"]
 
+
 def summarise(results: list[dict], header: dict, flops: dict | None, matmul_rate: float | None) -> None:
     """Adds tokens/s, s/step, MFU, cost and the ratios vs hf to each ok result, in place."""
     wl = header["workload"]
