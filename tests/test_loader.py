@@ -1,4 +1,6 @@
 """Loading: folders in fp32 and 4-bit, dtype choice, clear errors, safetensors by default."""
+import math
+
 import pytest
 import torch
 
@@ -36,6 +38,38 @@ def test_prequantized_folder_loads(tiny_llama_dir, tmp_path):
     tok.save_pretrained(str(tmp_path / "bnb-4bit"))
     again, _ = FastModel.from_pretrained(str(tmp_path / "bnb-4bit"), verbose=False)
     assert again.model.layers[0].mlp.up_proj.__class__.__name__ == "Linear4bit"
+
+
+def test_transformers_bnb_4bit_checkpoint_loads_and_trains(tiny_llama_dir, tmp_path):
+    """A `*-bnb-4bit` folder as the hub has them: quantised by transformers + bitsandbytes (NF4, double quant),
+    saved, then loaded here without load_in_4bit; LoRA on it trains and the base stays 4-bit and frozen."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    folder = tmp_path / "tiny-bnb-4bit"
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), quantization_config=cfg).save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(tiny_llama_dir)).save_pretrained(str(folder))
+
+    model, tok = FastModel.from_pretrained(str(folder), verbose=False)
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, bnb.nn.Linear4bit) and up.weight.quant_state.nested
+    packed = up.weight.data.clone()
+    torch.manual_seed(0)  # LoRA's A init
+    model = FastModel.get_peft_model(model, r=4, verbose=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert torch.equal(model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.data, packed)
 
 
 def test_dtype_choice():
