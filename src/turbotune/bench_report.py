@@ -129,5 +129,6 @@ def format_header(header: dict) -> str:
                      "- fit: least squares through the longest three measured peaks; usable card memory = "
                      "(total − 1.5 GiB) × 0.95"]
     if header.get("alloc_conf"):  # the allocator's settings change peak reserved memory (bench/NOTES.md)
-        lines.insert(6, f"- environment: PYTORCH_CUDA_ALLOC_CONF={header['alloc_conf']}")
+        after = next(i for i, line in enumerate(lines) if line.startswith("- command:")) + 1
+        lines.insert(after, f"- environment: PYTORCH_CUDA_ALLOC_CONF={header['alloc_conf']}")
     return "\n".join(lines)
