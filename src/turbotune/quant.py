@@ -236,3 +236,36 @@ def dequantize_nf4(weight, quant_state=None, out: torch.Tensor | None = None, dt
     return dequantize_nf4_into(st.packed, st.absmax, nf4_code(st.device), st.blocksize, out,
                                absmax2=st.absmax2, code2=st.code2, blocksize2=st.blocksize2, offset=st.offset,
                                backend=backend)
+
+
+# --------------------------------------------------------------------------------------------- bitsandbytes itself
+def bnb_dequantize_flat(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """bitsandbytes' own dequantisation of a 4-bit weight, asked for over the flattened tensor, then reshaped.
+
+    bitsandbytes defines its blocks over the flattened weight (block b holds elements b*blocksize ...). Its
+    AVX-512 CPU kernel (0.50.x) instead looks the scale up per row (`absmax[row * (cols // blocksize) + col //
+    blocksize]`), which is wrong whenever a row's length is not a multiple of the block size. Asked for a
+    one-row shape, that kernel's two indexings agree, so this is bitsandbytes' arithmetic (the fp32 product
+    code * absmax, rounded once to `dtype`) with the layout bitsandbytes itself defines, on every backend.
+    """
+    import bitsandbytes.functional as bnbF
+
+    qs = quant_state
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    flat = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax.float(), qs.blocksize, qs.quant_type,
+                                                  (qs.shape.numel(),), dtype or qs.dtype)
+    return flat.view(qs.shape)
+
+
+def bnb_cpu_dequant_misreads_rows() -> bool:
+    """True when this machine's bitsandbytes dequantises a 4-bit weight on the CPU differently from its own
+    block layout (`bnb_dequantize_flat`): the AVX-512 kernel's per-row scale lookup. A 32 x 96 weight with
+    64-element blocks has rows that straddle blocks, which that kernel gets wrong."""
+    import bitsandbytes.functional as bnbF
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 96, generator=g) * torch.linspace(0.5, 4.0, 32).unsqueeze(1)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    return not torch.equal(bnbF.dequantize_4bit(packed, qs), bnb_dequantize_flat(packed, qs))

@@ -126,6 +126,7 @@ def test_input_without_grad(llama_fp32):
 
 
 # --------------------------------------------------------------------------------------------- 4-bit
+@pytest.mark.usefixtures("bnb_flat_dequant")
 def test_4bit_qkv_o_mlp(llama_4bit):
     _, attn, mlp = llama_4bit
     assert attn.q_proj.get_base_layer().weight.quant_state is not None
@@ -135,6 +136,7 @@ def test_4bit_qkv_o_mlp(llama_4bit):
     _check_mlp(mlp, x, 1e-4)
 
 
+@pytest.mark.usefixtures("bnb_flat_dequant")
 @pytest.mark.parametrize("phase", ["forward", "recompute"])
 def test_4bit_mlp_checkpoint_phases(llama_4bit, phase, monkeypatch):
     """"recompute": the dequantised gate/up weights are saved and the backward uses them instead of
@@ -188,6 +190,7 @@ def test_partial_targets_rslora_and_gelu():
 
 
 # --------------------------------------------------------------------------------------------- what is saved
+@pytest.mark.usefixtures("bnb_flat_dequant")
 def test_mlp_saves_no_h_and_no_dense_weight(llama_4bit):
     _, _, mlp = llama_4bit
     mods = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]

@@ -13,6 +13,8 @@ from turbotune.kernels._dispatch import interpret_mode  # noqa: E402
 from turbotune.kernels.nf4_dequant import dequantize_nf4_into, dequantize_nf4_reference  # noqa: E402
 from turbotune.quant import (  # noqa: E402
     NF4_CODE,
+    bnb_cpu_dequant_misreads_rows,
+    bnb_dequantize_flat,
     clear_dequant_buffers,
     dequant_buffer,
     dequant_buffers_nbytes,
@@ -31,15 +33,11 @@ VARIANTS = [(1024, 4, False), (1024, 4, True), (4096, 8, True), (512, 2, False)]
 
 
 def _bnb_dequant(packed, qs, dtype=None):
-    """bitsandbytes' own result. force_eager: its generic CPU path (odd rows) is torch.compile'd, which would
-    cost ~8 s per shape here for the same arithmetic."""
+    """bitsandbytes' own result, over the flattened weight (the layout its blocks are defined on; its AVX-512
+    CPU kernel misreads rows that straddle blocks, see quant.bnb_dequantize_flat). force_eager: its generic
+    CPU path (odd numel) is torch.compile'd, which would cost ~8 s per shape here for the same arithmetic."""
     with torch.compiler.set_stance("force_eager"):
-        if dtype is None:
-            return bnbF.dequantize_4bit(packed, qs)
-        absmax = qs.absmax
-        if qs.nested:
-            absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-        return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, qs.blocksize, "nf4", qs.shape, dtype)
+        return bnb_dequantize_flat(packed, qs, dtype)
 
 
 def _quantize(shape, dtype, nested, blocksize=64, seed=0, **kw):
@@ -56,6 +54,30 @@ def _same_bits(got, ref):
 def test_nf4_code_is_bitsandbytes_table():
     assert torch.equal(nf4_code("cpu"), bnbF.get_4bit_type("nf4", device="cpu").float())
     assert len(NF4_CODE) == 16
+
+
+# --------------------------------------------------------------------------------------------- bitsandbytes' layout
+def _per_row_blocks(packed, qs):
+    """What bitsandbytes 0.50's AVX-512 CPU kernel computes: each row restarts the block count."""
+    flat = bnb_dequantize_flat(packed, qs, torch.float32).view(qs.shape)
+    rows, cols = qs.shape
+    absmax = flat.new_tensor(qs.absmax if not qs.nested else bnbF.dequantize_blockwise(qs.absmax, qs.state2)
+                             + qs.offset)
+    col_block = torch.arange(cols) // qs.blocksize
+    wrong = absmax[torch.arange(rows).unsqueeze(1) * (cols // qs.blocksize) + col_block]
+    right = absmax[(torch.arange(rows).unsqueeze(1) * cols + torch.arange(cols)) // qs.blocksize]
+    return (flat / right * wrong).to(qs.dtype)
+
+
+def test_probe_tells_a_per_row_block_kernel(monkeypatch):
+    """bnb_cpu_dequant_misreads_rows: False for a dequantisation in bitsandbytes' own layout, True for the per-row
+    lookup; and the flat helper equals our reference on a straddling shape whatever this CPU's kernel does."""
+    packed, qs = _quantize((32, 96), torch.float32, False)
+    assert torch.equal(bnb_dequantize_flat(packed, qs), dequantize_nf4(packed, qs, backend="torch").clone())
+    monkeypatch.setattr(bnbF, "dequantize_4bit", lambda p, q: bnb_dequantize_flat(p, q))
+    assert not bnb_cpu_dequant_misreads_rows()
+    monkeypatch.setattr(bnbF, "dequantize_4bit", _per_row_blocks)
+    assert bnb_cpu_dequant_misreads_rows()
 
 
 # --------------------------------------------------------------------------------------------- bit identity
@@ -280,6 +302,7 @@ def _close(ref, got, tol=1e-4):
         assert ((g - r).abs().max() / r.abs().max()).item() < tol
 
 
+@pytest.mark.usefixtures("bnb_flat_dequant")
 def test_fused_lora_4bit_matches_peft(monkeypatch):
     """Fused MLP (gate and up share one [160, 64] buffer) and qkv (k and v share one [32, 64] buffer) on a 4-bit
     tiny Llama, through dense_weight -> dequantize_nf4 with the reference and with the Triton kernel forced,
