@@ -90,6 +90,10 @@ def test_json_passes_with_env_and_self_test(passing_json):
     assert st["variants"]["turbotune"]["patched"] and not st["variants"]["stock"]["patched"]
     assert isinstance(st["memory_ratio"], (int, float)) and isinstance(st["time_ratio"], (int, float))
     assert {c["name"] for c in st["checks"]} >= {"loss matches stock", "LoRA gradients match stock"}
+    if "note_4bit" not in st:  # bitsandbytes installed: the QLoRA pair ran and its dequantisation was checked
+        assert {c["name"] for c in st["checks"]} >= {"4-bit loss matches stock 4-bit",
+                                                     "4-bit dequantisation matches bitsandbytes"}
+        assert st["variants"]["turbotune-4bit"]["nf4_checked"] == 14  # 7 projections x 2 layers
 
 
 # ---------------------------------------------------------------- forced failures
@@ -120,6 +124,32 @@ def test_nan_loss_fails(monkeypatch):
     assert "loss matches stock" in failed or "turbotune step runs" in failed
 
 
+def test_broken_nf4_dequantisation_fails(monkeypatch):
+    """A dequantisation that is off (here: every weight 6% too large) fails the 4-bit checks, the 16-bit pair
+    still passes, and the report names the check."""
+    pytest.importorskip("bitsandbytes")
+    import turbotune.quant as tq
+    real = tq.dequantize_nf4_into
+    monkeypatch.setattr(tq, "dequantize_nf4_into", lambda *a, **kw: real(*a, **kw).mul_(1.0625))
+    rc, data = _check_json()
+    assert rc == 1 and data["status"] == "FAIL"
+    checks = {c["name"]: c["ok"] for c in data["self_test"]["checks"]}
+    assert checks["4-bit dequantisation matches bitsandbytes"] is False
+    assert checks["4-bit loss matches stock 4-bit"] is False
+    assert checks["loss matches stock"] and checks["LoRA gradients match stock"]
+    assert "NF4 weights dequantised by turbotune" in data["reason"]
+
+
+def test_bitsandbytes_cpu_row_bug_is_a_warning(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import turbotune.quant as tq
+    monkeypatch.setattr(tq, "bnb_cpu_dequant_misreads_rows", lambda: True)
+    (w,) = health.check_bitsandbytes(gpu=False)
+    assert w.kind == "warning" and w.name == "bitsandbytes-cpu-4bit" and "not affected" in w.message
+    monkeypatch.setattr(tq, "bnb_cpu_dequant_misreads_rows", lambda: False)
+    assert health.check_bitsandbytes(gpu=False) == []
+
+
 def test_crashing_check_is_a_problem_not_a_traceback(monkeypatch):
     def boom():
         raise ValueError("metadata is unreadable\nsecond line")
@@ -141,7 +171,8 @@ def test_driver_vs_torch_end_to_end(monkeypatch):
 
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only torch on a machine with a driver: slow, not broken
     rc, data = _check_json(self_test=False)
-    assert rc == 0 and [w["name"] for w in data["warnings"]] == ["torch-cpu-only"]
+    names = [w["name"] for w in data["warnings"] if w["name"] != "bitsandbytes-cpu-4bit"]  # this CPU's, maybe
+    assert rc == 0 and names == ["torch-cpu-only"]
 
 
 def test_gpu_inspection_crash_is_a_problem(monkeypatch):

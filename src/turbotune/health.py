@@ -174,7 +174,7 @@ def check_bitsandbytes(gpu: bool) -> list[Finding]:
     except Exception as e:  # noqa: BLE001
         return [problem("bitsandbytes-broken", f"bitsandbytes fails to import: {_one_line(e)}", fix)]
     if not gpu:
-        return []
+        return _bitsandbytes_cpu_layout()
     try:
         import torch
         from bitsandbytes import functional as bnbf
@@ -186,6 +186,20 @@ def check_bitsandbytes(gpu: bool) -> list[Finding]:
     except Exception as e:  # noqa: BLE001
         return [problem("bitsandbytes-broken", f"bitsandbytes cannot run a 4-bit op on the GPU: {_one_line(e)}", fix)]
     return []
+
+
+def _bitsandbytes_cpu_layout() -> list[Finding]:
+    """bitsandbytes 0.50's AVX-512 CPU kernel reads 4-bit scales per row: wrong for rows that straddle blocks."""
+    from .quant import bnb_cpu_dequant_misreads_rows
+    if not bnb_cpu_dequant_misreads_rows():
+        return []
+    return [warning("bitsandbytes-cpu-4bit", f"bitsandbytes {_version('bitsandbytes')} dequantises 4-bit weights "
+                    "wrongly on this CPU when a weight's row length is not a multiple of the quantisation block "
+                    "size (its AVX-512 kernel looks the scales up per row). turbotune's own 4-bit path is not "
+                    "affected; stock bitsandbytes layers on the CPU (patch=False, CPU inference) are, for such "
+                    "weights (rare: real models' rows are multiples of 64)",
+                    "nothing to do for training with turbotune; for stock bitsandbytes CPU inference, use a "
+                    "bitsandbytes release that fixes its AVX-512 dequantisation")]
 
 
 def check_gpu_features(env: dict) -> list[Finding]:
@@ -336,16 +350,18 @@ def _fmt_self_test(st: dict) -> list[str]:
         lines.append(f"  {st['model']}; LoRA r={st['lora_r']}; batch {b[0]}x{b[1]}; 1 step of AdamW")
     if st.get("error"):
         return lines + [f"  error: {st['error']}"]
-    lines.append(f"  {'variant':<10}  {'loss':>10}  {'peak memory':>12}  {'time':>9}")
+    lines.append(f"  {'variant':<14}  {'loss':>10}  {'peak memory':>12}  {'time':>9}")
     for name, v in st.get("variants", {}).items():
         if "error" in v:
-            lines.append(f"  {name:<10}  failed (see below)")
+            lines.append(f"  {name:<14}  failed (see below)")
         else:
-            lines.append(f"  {name:<10}  {v['loss']:>10.6f}  {v['peak_memory_mb']:>9.2f} MB  {v['time_s']:>7.3f} s")
+            lines.append(f"  {name:<14}  {v['loss']:>10.6f}  {v['peak_memory_mb']:>9.2f} MB  {v['time_s']:>7.3f} s")
     if st.get("memory_ratio") is not None or st.get("time_ratio") is not None:
         mem, t = (f"{r:.2f}x" if r is not None else "n/a" for r in (st.get("memory_ratio"), st.get("time_ratio")))
         lines.append(f"  turbotune / stock: memory {mem}, time {t}")
     lines.append(f"  peak memory = {st.get('memory_measure')}")
+    if st.get("note_4bit"):
+        lines.append(f"  note: {st['note_4bit']}")
     for c in st.get("checks", []):
         lines.append(f"  [{'ok' if c['ok'] else 'FAILED'}] {c['detail']}")
     return lines

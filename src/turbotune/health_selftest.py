@@ -3,7 +3,10 @@
 A tiny Llama is written to a temporary folder (config + safetensors + a small tokenizer built in memory), so
 the real loading code runs with no hub and no network. It is loaded twice, `patch=False` (stock forwards) and
 `patch=True` (turbotune's fused forwards); each gets LoRA r=8 and trains one step (forward, backward, AdamW)
-on the same random batch. Before the measured step each variant runs one unmeasured forward + backward, so
+on the same random batch. Where bitsandbytes is installed, the same pair runs again in 4-bit (QLoRA: the
+weights quantised to NF4 by bitsandbytes at load), and every 4-bit weight of the patched model, dequantised
+by turbotune (the Triton kernel on a GPU, its reference on the CPU), must equal bitsandbytes' own
+dequantisation bit for bit. Before the measured step each variant runs one unmeasured forward + backward, so
 one-time costs (Triton compilation, cuBLAS set-up) do not land in the timing; the optimizer has not stepped
 then, so the measured loss is still the loss of the initial weights and both variants must agree on it.
 
@@ -34,7 +37,10 @@ GPU_BATCH = (4, 512)
 # Relative tolerances, turbotune vs stock: loss, and the norm of the LoRA gradients.
 LOSS_RTOL = {"fp32": 1e-4, "half": 2e-2}
 GRAD_RTOL = {"fp32": 1e-3, "half": 5e-2}
-VARIANTS = (("stock", False), ("turbotune", True))  # (name, patch)
+# (name, patch, load_in_4bit); the 4-bit pair runs where bitsandbytes imports.
+VARIANTS = (("stock", False, False), ("turbotune", True, False),
+            ("stock-4bit", False, True), ("turbotune-4bit", True, True))
+PAIRS = (("turbotune", "stock", ""), ("turbotune-4bit", "stock-4bit", "4-bit "))  # (ours, reference, label)
 _TOKENIZER_SPECIALS = ("<unk>", "<s>", "</s>")
 
 
@@ -137,15 +143,35 @@ def _lora_params(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
 
 
-def run_variant(folder: str, patch: bool, dtype, device, batch) -> dict:
+def nf4_mismatches(model) -> tuple[int, list[str]]:
+    """(NF4 weights checked, names of those whose turbotune dequantisation differs from bitsandbytes')."""
+    import torch
+
+    from .quant import bnb_dequantize_flat, dequantize_nf4
+
+    checked, bad = 0, []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is None or qs.quant_type != "nf4":
+            continue
+        checked += 1
+        if not torch.equal(dequantize_nf4(w), bnb_dequantize_flat(w.data, qs)):
+            bad.append(name.replace("base_model.model.", ""))
+    return checked, bad
+
+
+def run_variant(folder: str, patch: bool, dtype, device, batch, load_in_4bit: bool = False) -> dict:
     """Load, add LoRA, warm up, then one measured forward + backward + AdamW step. Returns the measurements."""
     import torch
 
     from .fast_model import FastModel
 
     cuda = device.type == "cuda"
-    model, _tok = FastModel.from_pretrained(folder, dtype=dtype, patch=patch, verbose=False)
+    model, _tok = FastModel.from_pretrained(folder, dtype=dtype, patch=patch, load_in_4bit=load_in_4bit,
+                                            verbose=False)
     patched = _is_patched(model)
+    nf4 = nf4_mismatches(model) if load_in_4bit and patch else None
     model = FastModel.get_peft_model(model, r=LORA_R, lora_alpha=2 * LORA_R, use_gradient_checkpointing=True,
                                      verbose=False)
     model.train()
@@ -192,6 +218,8 @@ def run_variant(folder: str, patch: bool, dtype, device, batch) -> dict:
         "peak_memory_mb": round(peak / 2**20, 2),
         "time_s": round(elapsed, 4),
     }
+    if nf4 is not None:
+        result["nf4_checked"], result["nf4_mismatched"] = nf4
     del model, opt, lora, watched, loss
     gc.collect()
     if cuda:
@@ -288,9 +316,12 @@ def run_self_test() -> dict:
             gen = torch.Generator().manual_seed(1234)
             batch = torch.randint(len(_TOKENIZER_SPECIALS), model_kwargs["vocab_size"], (bsz, seq), generator=gen)
             batch = batch.to(device)
-            for name, patch in VARIANTS:
+            for name, patch, four_bit in VARIANTS:
+                if four_bit and not _bitsandbytes_imports():
+                    out["note_4bit"] = "bitsandbytes is not installed: the 4-bit (QLoRA) pair was not run"
+                    continue
                 try:
-                    out["variants"][name] = run_variant(folder, patch, dtype, device, batch)
+                    out["variants"][name] = run_variant(folder, patch, dtype, device, batch, four_bit)
                 except Exception as e:  # noqa: BLE001 - reported as a failed check
                     out["variants"][name] = {"error": _one_line(e)}
                     if cuda:
@@ -310,14 +341,24 @@ def run_self_test() -> dict:
     return out
 
 
+def _bitsandbytes_imports() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - not installed or broken: check_bitsandbytes says which
+        return False
+
+
 def _checks(variants: dict, kind: str) -> list[dict]:
     checks = []
 
     def add(name, ok, detail):
         checks.append({"name": name, "ok": bool(ok), "detail": detail})
 
-    for name, patch in VARIANTS:
-        v = variants.get(name, {})
+    for name, patch, _ in VARIANTS:
+        if name not in variants:
+            continue
+        v = variants[name]
         if "error" in v:
             add(f"{name} step runs", False, f"the {name} training step failed: {v['error']}")
             continue
@@ -330,18 +371,32 @@ def _checks(variants: dict, kind: str) -> list[dict]:
         add(f"{name} LoRA weights changed", v["lora_changed"],
             f"{name}: LoRA weight {short} " + ("changed" if v["lora_changed"] else "did not change") +
             " in the optimizer step")
-    ours, stock = variants.get("turbotune", {}), variants.get("stock", {})
-    if "loss" in ours and "loss" in stock:
-        tol = LOSS_RTOL[kind]
-        d = _rel_diff(ours["loss"], stock["loss"])
-        add("loss matches stock", d <= tol,
-            f"turbotune loss {ours['loss']:.6f} vs stock {stock['loss']:.6f}: rel diff {d:.1e} (tolerance {tol:.0e})")
-        tol = GRAD_RTOL[kind]
-        d = _rel_diff(ours["lora_grad_norm"], stock["lora_grad_norm"])
-        add("LoRA gradients match stock", d <= tol,
-            f"LoRA gradient norm {ours['lora_grad_norm']:.6g} vs stock {stock['lora_grad_norm']:.6g}: "
-            f"rel diff {d:.1e} (tolerance {tol:.0e})")
+    nf4 = variants.get("turbotune-4bit", {})
+    if "nf4_checked" in nf4:
+        bad = nf4["nf4_mismatched"]
+        add("4-bit dequantisation matches bitsandbytes", nf4["nf4_checked"] > 0 and not bad,
+            f"4-bit: {nf4['nf4_checked'] - len(bad)} of {nf4['nf4_checked']} NF4 weights dequantised by turbotune "
+            "equal bitsandbytes' own dequantisation bit for bit" + (f" (differ: {', '.join(bad[:3])})" if bad else ""))
+    for ours_name, ref_name, label in PAIRS:
+        _compare_pair(add, variants.get(ours_name, {}), variants.get(ref_name, {}), kind, label)
     return checks
+
+
+def _compare_pair(add, ours: dict, stock: dict, kind: str, label: str) -> None:
+    """Loss and LoRA gradient norm of turbotune's step against the stock step (`label`: "" or "4-bit ")."""
+    if "loss" not in ours or "loss" not in stock:
+        return
+    ref = f"stock {label}".strip()
+    tol = LOSS_RTOL[kind]
+    d = _rel_diff(ours["loss"], stock["loss"])
+    add(f"{label}loss matches {ref}", d <= tol,
+        f"{label}turbotune loss {ours['loss']:.6f} vs {ref} {stock['loss']:.6f}: rel diff {d:.1e} "
+        f"(tolerance {tol:.0e})")
+    tol = GRAD_RTOL[kind]
+    d = _rel_diff(ours["lora_grad_norm"], stock["lora_grad_norm"])
+    add(f"{label}LoRA gradients match {ref}", d <= tol,
+        f"{label}LoRA gradient norm {ours['lora_grad_norm']:.6g} vs {ref} {stock['lora_grad_norm']:.6g}: "
+        f"rel diff {d:.1e} (tolerance {tol:.0e})")
 
 
 if __name__ == "__main__":  # pragma: no cover - handy when working on the self-test alone
