@@ -13,15 +13,27 @@ from functools import lru_cache
 
 from packaging.version import Version
 
-# Ranges we test. CI runs the newest releases on CPU; the GPU machine runs torch 2.11 / transformers 5.17.
+# Where turbotune works at all: pyproject.toml allows these ranges, and outside them `turbotune check` FAILs.
 TESTED_RANGES: dict[str, tuple[str, str]] = {
-    "torch": ("2.4", "2.15"),
+    "torch": ("2.4", "3.0"),
     "transformers": ("4.57", "6.0"),
-    "peft": ("0.17", "0.30"),
+    "peft": ("0.17", "1.0"),
     "trl": ("0.20", "2.0"),
     "accelerate": ("1.0", "2.0"),
-    "bitsandbytes": ("0.45", "0.60"),
+    "bitsandbytes": ("0.45", "1.0"),
     "triton": ("3.0", "4.0"),
+}
+# The releases (major.minor, both ends included) the tests ran on: CI's pinned stack (constraints.txt, checked
+# by tests/test_compat.py) and the GPU machine's (torch 2.11, transformers 5.17, TRL 1.15). Outside this window
+# `turbotune check` warns: it likely works, but nobody has run the tests on it.
+TESTED_VERSIONS: dict[str, tuple[str, str]] = {
+    "torch": ("2.11", "2.13"),
+    "transformers": ("5.17", "5.25"),
+    "peft": ("0.21", "0.21"),
+    "trl": ("1.15", "1.16"),
+    "accelerate": ("1.15", "1.16"),
+    "bitsandbytes": ("0.50", "0.50"),
+    "triton": ("3.6", "3.9"),
 }
 
 
@@ -57,6 +69,23 @@ def out_of_range(packages=None) -> list[RangeProblem]:
         if not (Version(low) <= base < Version(high)):
             problems.append(RangeProblem(name, v, low, high))
     return problems
+
+
+def _minor(version: str) -> tuple[int, int]:
+    release = Version(version).release + (0,)
+    return release[0], release[1]
+
+
+def untested(packages=None) -> list[tuple[str, str, str, str]]:
+    """(package, installed version, oldest, newest tested major.minor) for installed packages outside
+    TESTED_VERSIONS."""
+    found = []
+    for name in packages or TESTED_VERSIONS:
+        low, high = TESTED_VERSIONS[name]
+        v = package_version(name)
+        if v is not None and not (_minor(low) <= _minor(v) <= _minor(high)):
+            found.append((name, v, low, high))
+    return found
 
 
 def is_available(module: str) -> bool:

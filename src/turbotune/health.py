@@ -134,11 +134,21 @@ def check_cuda_driver(torch_cuda: str | None, driver_cuda: str | None, driver: s
 
 
 def check_versions() -> list[Finding]:
-    from ._compat import out_of_range
+    from ._compat import out_of_range, untested
     return [problem("version-out-of-range",
                     f"{r.package} {r.version} is outside the range turbotune is tested with (>={r.low},<{r.high})",
                     f"pip install '{r.package}>={r.low},<{r.high}'")
-            for r in out_of_range()]
+            for r in out_of_range()] + [
+        warning("version-untested", f"{name} {v} is outside the releases turbotune's tests ran on ({low} to {high}): "
+                "it likely works, but if something breaks, this is the first suspect",
+                f"pip install '{name}>={low},<{_next_minor(high)}' (or install turbotune with its repo's "
+                "constraints.txt: pip install -c constraints.txt ...)")
+        for name, v, low, high in untested()]
+
+
+def _next_minor(version: str) -> str:
+    major, minor = (version.split(".") + ["0"])[:2]
+    return f"{major}.{int(minor) + 1}"
 
 
 def check_imports(names=REQUIRED_IMPORTS) -> list[Finding]:
