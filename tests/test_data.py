@@ -334,3 +334,21 @@ def test_sample_copywriting_data(tok):
     samples, tok_report = tokenize_examples(rows, tok, max_seq_length=256)
     assert tok_report.samples == len(rows) and tok_report.truncated == 0
     assert max(len(s["input_ids"]) for s in samples) < 256
+
+
+def test_json_error_wording(tmp_path):
+    """json's "Unterminated string starting at" already ends in "at": no "at at column"."""
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS["alpaca"], '{"instruction": "a", "output": "b'])
+    with pytest.raises(DataError) as err:
+        load_rows(path)
+    assert str(err.value) == f"{path}:2: invalid JSON (Unterminated string starting at column 32)"
+    listed = tmp_path / "d.json"
+    listed.write_text('[{"instruction": "a",\n "output": "b}]')
+    with pytest.raises(DataError) as err:
+        load_rows(listed)
+    assert str(err.value) == (f"{listed}:2: invalid JSON (Unterminated string starting at column 12); "
+                              "a .json file must hold one list of rows")
+    path.write_text('{"instruction": "a" "output": "b"}\n')
+    with pytest.raises(DataError) as err:
+        load_rows(path)
+    assert str(err.value) == f"{path}:1: invalid JSON (Expecting ',' delimiter at column 21)"

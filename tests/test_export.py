@@ -1,4 +1,5 @@
-"""Export: merged 16-bit weights equal base + adapter; the adapter copy is a plain PEFT adapter."""
+"""Export: merged weights equal base + adapter, written 16-bit by default; the adapter copy is a plain PEFT adapter."""
+import pytest
 import torch
 
 from turbotune.export import export
@@ -6,16 +7,31 @@ from turbotune.run_config import TrainConfig
 from turbotune.runner import run_training
 
 
-def test_merge_and_copy(tiny_llama_dir, tmp_path):
+@pytest.fixture(scope="module")
+def adapter(tiny_llama_dir, tmp_path_factory):
+    """An adapter trained for two steps on the fp32-saved tiny model."""
+    out = tmp_path_factory.mktemp("export-run")
+    cfg = TrainConfig(model=str(tiny_llama_dir), output_dir=str(out / "run"), max_steps=2, batch_size=2,
+                      grad_accum=1, max_seq_length=64, lora_r=4, lr=1e-2)
+    run_training(cfg, progress=False)
+    return out / "run" / "last_checkpoint"
+
+
+def _saved_dtypes(folder) -> set:
+    from safetensors import safe_open
+
+    dtypes = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
+    return dtypes
+
+
+def test_merge_and_copy(tiny_llama_dir, adapter, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = TrainConfig(model=str(tiny_llama_dir), output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2,
-                      grad_accum=1, max_seq_length=64, lora_r=4, lr=1e-2)
-    run_training(cfg, progress=False)
-    adapter = tmp_path / "run" / "last_checkpoint"
-
-    merged_dir = export(adapter, tmp_path / "merged", how="merged")
+    merged_dir = export(adapter, tmp_path / "merged", how="merged", dtype="fp32")  # fp32: comparable at 1e-4
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
     assert not any("lora" in n for n, _ in merged.named_parameters())
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), str(adapter))
@@ -27,3 +43,32 @@ def test_merge_and_copy(tiny_llama_dir, tmp_path):
     copy_dir = export(adapter, tmp_path / "copy", how="adapter")
     assert (copy_dir / "adapter_model.safetensors").is_file()
     assert not (copy_dir / "trainer_state.pt").exists()
+
+
+@pytest.mark.parametrize("saved,written,why", [
+    (None, "BF16", "the base checkpoint is stored in float32; bf16 halves the size"),
+    (torch.bfloat16, "BF16", "the base checkpoint's own dtype"),
+    (torch.float16, "F16", "the base checkpoint's own dtype"),
+])
+def test_merged_export_is_16_bit(tiny_llama_dir, adapter, tmp_path, capsys, saved, written, why):
+    """fp32 base → bf16; a 16-bit base keeps its dtype; a line says which and why; the merge itself is fp32."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny_llama_dir
+    if saved is not None:  # the same weights, saved in 16 bits
+        base = tmp_path / "base"
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).to(saved).save_pretrained(str(base))
+        AutoTokenizer.from_pretrained(str(tiny_llama_dir)).save_pretrained(str(base))
+    out = export(adapter, tmp_path / "merged", base=str(base))
+    assert _saved_dtypes(out) == {written}
+    name = {"BF16": "bfloat16", "F16": "float16"}[written]
+    assert f"[turbotune] merged weights written in {name} ({why}" in capsys.readouterr().out
+
+    # Rounded once: the 16-bit weights are the fp32 merge of the same base, cast.
+    full = export(adapter, tmp_path / "full", base=str(base), dtype="fp32")
+    assert "merged weights written in float32 (as --dtype asked)" in capsys.readouterr().out
+    assert _saved_dtypes(full) == {"F32"}
+    low, high = load_file(str(out / "model.safetensors")), load_file(str(full / "model.safetensors"))
+    for key, tensor in low.items():
+        assert torch.equal(tensor, high[key].to(tensor.dtype)), key

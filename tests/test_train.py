@@ -107,3 +107,63 @@ def test_packing_default_is_auto(tiny_llama_dir, monkeypatch):
     m.config._attn_implementation = "paged|sdpa"
     on, why = auto_packing(m, torch.device("cuda"))
     assert not on and "paged" in why
+
+
+class _ModelLoaded(Exception):
+    pass
+
+
+def _record_model_loads(monkeypatch) -> list:
+    """Replace the model loader with one that records the call and stops the run there."""
+    calls = []
+
+    def loader(*args, **kwargs):
+        calls.append(args)
+        raise _ModelLoaded
+
+    monkeypatch.setattr(FastModel, "from_pretrained", loader)
+    return calls
+
+
+def test_bad_row_is_reported_before_the_model_loads(tmp_path, monkeypatch):
+    from turbotune.data import DataError
+
+    calls = _record_model_loads(monkeypatch)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(_rows(1)[0]) + "\n" + json.dumps({"instruction": "a"}) + "\n")
+    cfg = TrainConfig(model="some/large-model", data=str(data), output_dir=str(tmp_path / "o"), max_steps=1)
+    with pytest.raises(DataError) as err:
+        run_training(cfg, progress=False)
+    assert str(err.value) == f"{data}:2: missing field 'output' (alpaca format)"
+    assert calls == []
+    # With --skip-bad-rows the row is only counted, and the run goes on to load the model.
+    cfg.skip_bad_rows = True
+    with pytest.raises(_ModelLoaded):
+        run_training(cfg, progress=False)
+    assert len(calls) == 1
+
+
+def test_max_steps_zero_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from turbotune.errors import ConfigError
+
+    calls = _record_model_loads(monkeypatch)
+    for steps in (0, -1):
+        with pytest.raises(ConfigError, match=f"'max_steps' must be positive, got {steps}; to train by epochs"):
+            run_training(TrainConfig(output_dir=str(tmp_path / "o"), max_steps=steps), progress=False)
+    assert calls == []
+
+
+def test_max_steps_none_trains_by_epochs(tiny_llama_dir, tmp_path):
+    from turbotune.errors import ConfigError
+
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, verbose=False)
+    data, _ = prepare_dataset(_rows(8), tok, max_seq_length=64)
+    cfg = TrainConfig(output_dir=str(tmp_path / "e"), batch_size=2, grad_accum=2, epochs=1.5, packing=False)
+    assert cfg.max_steps is None
+    assert Trainer(cfg, model, tok, data, progress=False).total_steps == 3  # ceil(1.5 * 4 micro-batches / 2)
+    cfg.max_steps = 5
+    assert Trainer(cfg, model, tok, data, progress=False).total_steps == 5
+    cfg.max_steps = 0  # a config built in code, past build_config: the Trainer refuses it too
+    with pytest.raises(ConfigError, match="'max_steps' must be positive"):
+        Trainer(cfg, model, tok, data, progress=False)

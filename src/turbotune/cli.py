@@ -24,19 +24,20 @@ _TRAIN_FLAGS = [
                                help="4-bit without double quantisation of the scales")),
     ("--dtype", dict(choices=["bf16", "fp16", "fp32"], help="compute dtype (default: bf16 where supported)")),
     ("--max-seq-length", dict(type=int, help="truncate samples to this many tokens (default 2048)")),
-    ("--max-steps", dict(type=int, help="optimizer steps (overrides --epochs)")),
+    ("--max-steps", dict(type=int, help="optimizer steps, > 0 (overrides --epochs; default: train by epochs)")),
     ("--epochs", dict(type=float, help="passes over the data (default 1)")),
     ("--batch-size", dict(type=int, help="micro-batch size (default 2)")),
     ("--grad-accum", dict(type=int, help="micro-batches per optimizer step (default 4)")),
     ("--lr", dict(type=float, help="peak learning rate (default 2e-4)")),
     ("--warmup-steps", dict(type=int, help="linear warm-up steps (default 5)")),
-    ("--lr-scheduler", dict(choices=["linear", "cosine", "constant"])),
-    ("--weight-decay", dict(type=float)),
+    ("--lr-scheduler", dict(choices=["linear", "cosine", "constant"],
+                            help="learning-rate schedule after warm-up (default linear)")),
+    ("--weight-decay", dict(type=float, help="AdamW weight decay (default 0)")),
     ("--lora-r", dict(type=int, help="LoRA rank (default 16)")),
     ("--lora-alpha", dict(type=int, help="LoRA alpha (default = rank)")),
     ("--lora-dropout", dict(type=float, help="LoRA dropout (default 0; > 0 disables the fused LoRA path)")),
     ("--seed", dict(type=int, help="seed for LoRA init and data order (default 3407)")),
-    ("--logging-steps", dict(type=int)),
+    ("--logging-steps", dict(type=int, help="print a log row every N steps (default 1)")),
     ("--save-steps", dict(type=int, help="write a checkpoint every N steps (default: only at the end)")),
     ("--save-total-limit", dict(type=int, help="keep only the newest K checkpoints")),
     ("--train-on-all-tokens", dict(action="store_const", const=False, dest="train_on_responses_only",
@@ -49,7 +50,8 @@ _TRAIN_FLAGS = [
                        help="pack samples into rows of --max-seq-length: no compute spent on padding "
                             "(default: on for GPU runs where the model's attention supports it)")),
     ("--no-packing", dict(action="store_const", const=False, dest="packing", help="pad each micro-batch instead")),
-    ("--no-gradient-checkpointing", dict(action="store_const", const=False, dest="gradient_checkpointing")),
+    ("--no-gradient-checkpointing", dict(action="store_const", const=False, dest="gradient_checkpointing",
+                                         help="keep every activation instead of recomputing: faster, more memory")),
     ("--allow-pickle", dict(action="store_const", const=True, help="allow pickle (*.bin) weights: they can run code")),
     ("--trust-remote-code", dict(action="store_const", const=True, help="run the model repo's own Python code")),
     ("--no-patch", dict(action="store_const", const=False, dest="patch",
@@ -86,11 +88,13 @@ def _cmd_train(args) -> int:
 def _add_model_flags(p):
     p.add_argument("--model", default=None, help="base model folder or hub id (default: the adapter's base)")
     p.add_argument("--adapter", default=None, help="adapter folder written by `turbotune train`")
-    p.add_argument("--load-in-4bit", action="store_true")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit NF4 (less memory)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="compute dtype (default: bf16 where supported, fp32 on the CPU)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 = always the likeliest token (default: 0 for generate, 0.7 for chat)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (*.bin) weights: they can run code")
 
 
 def _cmd_generate(args) -> int:
@@ -130,8 +134,17 @@ def _cmd_demo(args) -> int:
     return run_demo(output_dir=args.output_dir, max_steps=args.max_steps)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: argparse would read `--r 8` as `--resume` and a stray 8, silently."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="turbotune", description="Fast LoRA / QLoRA fine-tuning of open LLMs.")
+    # Subcommand parsers are of the same class, so none of them takes abbreviations either.
+    parser = _Parser(prog="turbotune", description="Fast LoRA / QLoRA fine-tuning of open LLMs.")
     parser.add_argument("--version", action="version", version=f"turbotune {__version__}")
     sub = parser.add_subparsers(dest="command")
 
@@ -141,29 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M + sample data, before/after answers")
-    p.add_argument("--output-dir", default="outputs/demo")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--output-dir", default="outputs/demo", help="where the demo's run goes (default outputs/demo)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps, > 0 (default 20)")
     p.set_defaults(func=_cmd_demo)
 
     _add_train(sub).set_defaults(func=_cmd_train)
 
     p = sub.add_parser("generate", help="answer one prompt (chat template applied, streamed)")
     _add_model_flags(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--system", default=None)
+    p.add_argument("--prompt", required=True, help="the user message to answer")
+    p.add_argument("--system", default=None, help="system message put before the prompt")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with a model (+ adapter)")
     _add_model_flags(p)
-    p.add_argument("--system", default=None)
+    p.add_argument("--system", default=None, help="system message at the start of the chat (kept on /reset)")
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("export", help="save an adapter, or merge it into 16-bit base weights")
     p.add_argument("--adapter", required=True, help="adapter folder written by `turbotune train`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--how", choices=["adapter", "merged"], default="merged")
+    p.add_argument("--how", choices=["adapter", "merged"], default="merged",
+                   help="merged: base + adapter as one 16-bit model (default); adapter: copy the adapter only")
     p.add_argument("--model", default=None, help="base model (default: the adapter's base)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the merged weights (default: the base checkpoint's if 16-bit, else bf16)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plan", help="predict a training step's peak GPU memory from the model config")
@@ -186,12 +201,54 @@ def _fail(msg: str) -> int:
     return 1
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def suggest_flag(parser: argparse.ArgumentParser, flag: str) -> str | None:
+    """The flag of `parser` an unknown one most likely means: via the config aliases (--learning-rate ->
+    --lr), else the closest spelling."""
+    import difflib
+
+    from .run_config import ALIASES
+
+    options = {s: a.dest for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    field = ALIASES.get(flag.lstrip("-").replace("-", "_").lower())
+    if field:
+        same_dest = sorted((s for s, dest in options.items() if dest == field), key=lambda s: s.startswith("--no-"))
+        if same_dest:
+            return same_dest[0]
+    close = difflib.get_close_matches(flag, list(options), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_arguments_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+    if not flags:  # stray words, e.g. an unquoted prompt
+        return f"unexpected argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}"
+    parts = []
+    for flag in flags:
+        hint = suggest_flag(parser, flag)
+        parts.append(flag + (f" (did you mean {hint}?)" if hint else ""))
+    return f"unknown flag{'s' if len(flags) > 1 else ''} {', '.join(parts)}"
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but an unknown flag is named with the flag it most likely means. Exits 2 as argparse does."""
+    args, extras = parser.parse_known_args(argv)
+    if args.command is None:  # `turbotune [--json]` is `turbotune check [--json]`
+        args, extras = parser.parse_known_args(["check"] + argv)
+    if extras:
+        sub = _subcommand_parser(parser, args.command)
+        sub.error(unknown_arguments_message(sub, extras))
+    return args
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["check"] + (argv or sys.argv[1:]))
+    args = parse_arguments(parser, list(sys.argv[1:] if argv is None else argv))
     from .errors import TrainingStopped, TurbotuneError
     try:
         from .data import DataError

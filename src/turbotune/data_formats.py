@@ -220,7 +220,14 @@ def _read_file(path: str) -> Iterator[tuple[str, Any]]:
             hint = ""
             if lineno == 1 and line.strip() == "{":
                 hint = "; the file looks like pretty-printed JSON: use one object per line, or a JSON list"
-            yield where, _Bad(f"invalid JSON ({e.msg} at column {e.colno}){hint}")
+            yield where, _Bad(f"invalid JSON ({_json_problem(e)}){hint}")
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    """json's message with its column. Some messages already end in "at" ("Unterminated string starting
+    at"), which would read "at at column N"."""
+    msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg
+    return f"{msg} at column {e.colno}"
 
 
 def _read_json_list(path: str, data: bytes) -> Iterator[tuple[str, Any]]:
@@ -230,7 +237,7 @@ def _read_json_list(path: str, data: bytes) -> Iterator[tuple[str, Any]]:
         line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 text; save the file as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({_json_problem(e)}); "
                         "a .json file must hold one list of rows") from None
     for i, row in enumerate(rows, 1):
         yield f"{path}: row {i}", row

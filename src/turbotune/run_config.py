@@ -1,12 +1,16 @@
 """The settings of a training run: one dataclass shared by the CLI flags, the YAML file and the library.
 
 A YAML file holds the same keys as the flags (dashes or underscores); flags given on the command line
-override it. Unknown keys and wrong types are rejected, naming the key.
+override it. Unknown keys and wrong types are rejected, all of them in one error, each unknown key with the
+field it most likely means (`learning_rate` -> `lr`).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -25,7 +29,7 @@ class TrainConfig:
     double_quant: bool = True
     dtype: str | None = None            # bf16 | fp16 | fp32 | None (automatic)
     max_seq_length: int = 2048
-    max_steps: int = -1                 # > 0 overrides epochs
+    max_steps: int | None = None        # optimizer steps; None = train for `epochs`
     epochs: float = 1.0
     batch_size: int = 2
     grad_accum: int = 4
@@ -68,27 +72,90 @@ class TrainConfig:
         return {k: d[k] for k in self.IDENTITY}
 
 
+# Spellings of transformers' TrainingArguments, TRL, PEFT and Unsloth (and a few common variants) for our
+# fields: users bring configs from those tools, and difflib alone cannot see that `r` means `lora_r`.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "r": "lora_r", "rank": "lora_r", "lora_rank": "lora_r",
+    "alpha": "lora_alpha", "lr_scheduler_type": "lr_scheduler", "scheduler": "lr_scheduler",
+    "max_length": "max_seq_length", "max_seq_len": "max_seq_length", "seq_len": "max_seq_length",
+    "use_gradient_checkpointing": "gradient_checkpointing", "model_name": "model", "model_name_or_path": "model",
+    "dataset": "data", "dataset_path": "data", "data_path": "data", "train_file": "data",
+    "dataset_format": "format", "data_format": "format", "torch_dtype": "dtype", "bf16": "dtype", "fp16": "dtype",
+    "warmup_ratio": "warmup_steps", "num_warmup_steps": "warmup_steps", "random_state": "seed",
+    "bnb_4bit_use_double_quant": "double_quant", "use_double_quant": "double_quant",
+    "lora_target_modules": "target_modules", "resume_from_checkpoint": "resume",
+    "overwrite_output_dir": "overwrite",
+}
+
+# Decimal notation, as YAML 1.1 (PyYAML) leaves `1e-4` (no dot) and `1.5e3` (no exponent sign) as strings.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def suggest_field(key: str) -> str | None:
+    """The field an unknown key most likely means: a known alias, else the closest spelling."""
+    k = normalise_key(key).lower()
+    if k in ALIASES:
+        return ALIASES[k]
+    close = difflib.get_close_matches(k, field_names(), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _as_number(value):
+    """A YAML value as a finite float when it is a number in any notation ("1e-4" included), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _coerce(base, value):
+    """`value` as type `base`, or raise ValueError. Bools stay strict: 1 or "yes" is no bool."""
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _as_number(value)
+        if number is not None and number.is_integer():
+            return int(number)
+    elif base is float:
+        number = _as_number(value)
+        if number is not None:
+            return number
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    elif base is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    raise ValueError
+
+
 def _check_type(key: str, value):
-    """Validate (and gently coerce ints to floats) a YAML value against the field's type annotation."""
+    """Validate a value against the field's type annotation, reading numbers in any notation."""
     hint = typing.get_type_hints(TrainConfig)[key]
     origin = typing.get_origin(hint)
     allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
-    for t in allowed:
-        if t is type(None):
+    bases = [typing.get_origin(t) or t for t in allowed if t is not type(None)]
+    # An exact type match first, so "16" stays a string for a str | int field, should one appear.
+    for base in sorted(bases, key=lambda b: not isinstance(value, b)):
+        try:
+            return _coerce(base, value)
+        except ValueError:
             continue
-        base = typing.get_origin(t) or t
-        if base is bool and isinstance(value, bool):
-            return value
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if base is str and isinstance(value, str):
-            return value
-        if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
     names = " or ".join("null" if t is type(None) else getattr(typing.get_origin(t) or t, "__name__", str(t))
                         for t in allowed)
     raise ConfigError(f"config key '{key}' must be {names}, got {type(value).__name__} ({value!r})")
@@ -98,16 +165,30 @@ def normalise_key(key: str) -> str:
     return key.replace("-", "_")
 
 
+def _unknown_keys_message(keys: list[str]) -> str:
+    parts = []
+    for key in keys:
+        hint = suggest_field(key)
+        parts.append(f"'{key}'" + (f" (did you mean {hint}?)" if hint else ""))
+    return f"unknown key{'s' if len(keys) > 1 else ''} {', '.join(parts)}"
+
+
 def validate_mapping(raw: dict, source: str = "config") -> dict:
-    known = {f.name for f in fields(TrainConfig)}
-    out = {}
+    """Known keys with checked values; every unknown key and wrong type is reported in one ConfigError."""
+    known = set(field_names())
+    out, unknown, wrong = {}, [], []
     for key, value in raw.items():
         k = normalise_key(str(key))
         if k not in known:
-            close = [n for n in known if n.startswith(k[:4])]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
-        out[k] = _check_type(k, value)
+            unknown.append(str(key))
+            continue
+        try:
+            out[k] = _check_type(k, value)
+        except ConfigError as e:
+            wrong.append(str(e))
+    problems = ([_unknown_keys_message(unknown)] if unknown else []) + wrong
+    if problems:
+        raise ConfigError(f"{source}: {'; '.join(problems)}")
     return out
 
 
@@ -141,8 +222,12 @@ def check_values(cfg: TrainConfig) -> None:
             raise ConfigError(f"'{key}' must be positive, got {getattr(cfg, key)}")
     if cfg.lr <= 0:
         raise ConfigError(f"'lr' must be positive, got {cfg.lr}")
-    if cfg.max_steps <= 0 and cfg.epochs <= 0:
-        raise ConfigError("give max_steps > 0 or epochs > 0")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        # 0 and -1 once meant "use epochs" silently; now a step count is a step count.
+        raise ConfigError(f"'max_steps' must be positive, got {cfg.max_steps}; "
+                          "to train by epochs leave it out and pass --epochs")
+    if cfg.max_steps is None and cfg.epochs <= 0:
+        raise ConfigError(f"'epochs' must be positive, got {cfg.epochs} (or give max_steps)")
     if cfg.lr_scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"'lr_scheduler' must be linear, cosine or constant, got {cfg.lr_scheduler!r}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:

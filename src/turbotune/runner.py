@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from .run_config import TrainConfig
+from .run_config import TrainConfig, check_values
 
 # Not in the sample data: the demo asks them before and after fine-tuning. Both are English: after 20 CPU
 # steps the 135M model has picked up the house style (headline, body, "→" call to action) in English, while
@@ -16,21 +16,40 @@ DEMO_PROMPTS = [
 ]
 
 
+def read_training_rows(cfg: TrainConfig):
+    """(normalised rows, LoadReport): every row read and checked without a tokenizer, so a malformed row
+    is reported in seconds rather than after a model load that can take minutes."""
+    from .data import load_rows, sample_data_path
+
+    return load_rows(cfg.data or str(sample_data_path()), format=cfg.format, skip_bad_rows=cfg.skip_bad_rows)
+
+
+def check_model_path(cfg: TrainConfig) -> None:
+    """Fail on a missing model folder (a quick look, no load) before the data is read: both errors then
+    come before anything slow, the model's first as it is named first on the command line."""
+    from .default_model import is_default_alias
+    from .loader import resolve_model_path
+
+    if not is_default_alias(cfg.model):  # the embedded model may need converting: leave that to the loader
+        resolve_model_path(cfg.model)
+
+
 def load_everything(cfg: TrainConfig, stream=None):
     """(model with LoRA, tokenizer, tokenized dataset, data report)."""
-    from .data import prepare_dataset, sample_data_path
+    from .data import DataReport, tokenize_examples
     from .fast_model import FastModel
 
     stream = stream or sys.stdout
+    check_model_path(cfg)
+    rows, load_report = read_training_rows(cfg)
     model, tokenizer = FastModel.from_pretrained(
         cfg.model, max_seq_length=cfg.max_seq_length, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
         double_quant=cfg.double_quant, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
         patch=cfg.patch)
-    data_source = cfg.data or str(sample_data_path())
-    dataset, report = prepare_dataset(data_source, tokenizer, max_seq_length=cfg.max_seq_length, format=cfg.format,
-                                      train_on_responses_only=cfg.train_on_responses_only,
-                                      skip_bad_rows=cfg.skip_bad_rows)
-    print(f"[turbotune] data {data_source}: {report.summary()}", file=stream, flush=True)
+    dataset, tok_report = tokenize_examples(rows, tokenizer, max_seq_length=cfg.max_seq_length,
+                                            train_on_responses_only=cfg.train_on_responses_only)
+    report = DataReport(load=load_report, tokenize=tok_report)
+    print(f"[turbotune] data {load_report.source}: {report.summary()}", file=stream, flush=True)
     model = FastModel.get_peft_model(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha or cfg.lora_r,
                                      lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
                                      use_gradient_checkpointing=cfg.gradient_checkpointing, random_state=cfg.seed,
@@ -43,6 +62,7 @@ def run_training(cfg: TrainConfig, stream=None, progress=None):
 
     from .train import Trainer
 
+    check_values(cfg)  # before anything slow: a config built in code skips build_config's checks
     torch.manual_seed(cfg.seed)
     model, tokenizer, dataset, _ = load_everything(cfg, stream)
     trainer = Trainer(cfg, model, tokenizer, dataset, progress=progress, stream=stream)
@@ -57,7 +77,9 @@ def demo_config(output_dir="outputs/demo", **overrides) -> TrainConfig:
                   max_steps=20, lr=2e-3, warmup_steps=2, lora_r=16, lora_alpha=32, logging_steps=2,
                   gradient_checkpointing=False, packing=False, overwrite=True)
     values.update(overrides)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    check_values(cfg)
+    return cfg
 
 
 def run_demo(output_dir="outputs/demo", max_steps=None, stream=None, progress=None) -> int:
@@ -65,7 +87,7 @@ def run_demo(output_dir="outputs/demo", max_steps=None, stream=None, progress=No
 
     stream = stream or sys.stdout
     t0 = time.perf_counter()
-    overrides = {"max_steps": max_steps} if max_steps else {}
+    overrides = {"max_steps": max_steps} if max_steps is not None else {}
     cfg = demo_config(output_dir, **overrides)
     print("[turbotune] demo: LoRA fine-tune of SmolLM2-135M-Instruct on the packaged product-copywriting sample, "
           "on this machine's CPU/GPU, no hub needed", file=stream, flush=True)

@@ -23,7 +23,7 @@ import torch
 from . import checkpoints as ckpt
 from ._compat import unwrap_peft
 from .errors import ConfigError, TrainingStopped
-from .run_config import TrainConfig, dump
+from .run_config import TrainConfig, check_values, dump
 from .train_log import LogTable, memory_now, plot_losses, write_log
 
 
@@ -147,7 +147,8 @@ class Trainer:
             self.units = train_dataset
             self.collate = DataCollator(tokenizer)
         self.n_micro = math.ceil(len(self.units) / cfg.batch_size)
-        if cfg.max_steps > 0:
+        check_values(cfg)  # also for configs built in code: max_steps=0 or -1 must not mean "use epochs"
+        if cfg.max_steps is not None:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.epochs * self.n_micro / cfg.grad_accum))
