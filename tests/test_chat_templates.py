@@ -124,3 +124,49 @@ def test_ensure_keeps_the_models_own_template(tok):
     assert end_of_turn_token(tok) == tok.eos_token
     ensure_chat_template(tok, default="chatml")
     assert tok.chat_template == TEMPLATES["chatml"]
+
+
+# Unsloth's get_chat_template(tokenizer, chat_template=NAME) names that are the same rendering as ours.
+UNSLOTH_NAMES = {
+    "chatml": "chatml", "alpaca": "alpaca",
+    "qwen-2.5": "qwen2.5", "qwen2.5": "qwen2.5", "qwen25": "qwen2.5", "qwen-25": "qwen2.5",
+    "llama-3": "llama-3", "llama3": "llama-3",
+    "gemma": "gemma", "gemma2": "gemma", "gemma-3": "gemma", "gemma3": "gemma",
+    "phi-3": "phi-3", "phi3": "phi-3", "phi-3.5": "phi-3", "phi-35": "phi-3",
+}
+
+
+@pytest.mark.parametrize("unsloth_name", sorted(UNSLOTH_NAMES))
+def test_unsloth_keyword_and_names(tok, unsloth_name):
+    import turbotune
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert turbotune.get_chat_template(tok, chat_template=unsloth_name) is tok
+    assert tok.chat_template == TEMPLATES[UNSLOTH_NAMES[unsloth_name]]
+
+
+def test_chat_template_keyword_positional_and_old_name(tok):
+    get_chat_template(tok, "qwen-2.5")
+    assert tok.chat_template == TEMPLATES["qwen2.5"]
+    get_chat_template(tok, name="chatml")
+    assert tok.chat_template == TEMPLATES["chatml"]
+    get_chat_template(tok, chat_template="qwen-2.5")
+    get_chat_template(tok)  # the default stays ChatML
+    assert tok.chat_template == TEMPLATES["chatml"]
+    with pytest.raises(TypeError, match="both chat_template and name"):
+        get_chat_template(tok, chat_template="chatml", name="gemma")
+
+
+@pytest.mark.parametrize("name", ["llama-3.1", "Llama-3.2", "llama-33"])
+def test_llama31_names_are_refused_with_the_alternative(tok, name):
+    """Unsloth's llama-3.1/3.2/3.3 add a dated system block that ours does not: not the same template."""
+    saved = tok.chat_template
+    with pytest.raises(ValueError, match=r"Cutting Knowledge Date.*'llama-3'"):
+        get_chat_template(tok, chat_template=name)
+    assert tok.chat_template == saved
+
+
+def test_unknown_unsloth_name_lists_every_spelling(tok):
+    with pytest.raises(ValueError, match=r"unknown chat template 'zephyr'; choose one of: chatml, .*also spelled"
+                                         r".*qwen-2\.5"):
+        get_chat_template(tok, chat_template="zephyr")

@@ -1,6 +1,6 @@
 """Chat templates of the common model families, written out as our own Jinja strings.
 
-`get_chat_template(tokenizer, name)` installs one on a tokenizer; `ensure_chat_template` keeps a
+`get_chat_template(tokenizer, chat_template)` installs one on a tokenizer; `ensure_chat_template` keeps a
 model's own template and only fills in a default when there is none; `end_of_turn_token` says
 which token generation should stop at.
 
@@ -95,11 +95,26 @@ SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "alpaca": (),
 }
 
+# Other spellings of our names, Unsloth's among them (its get_chat_template(tokenizer, chat_template=...)),
+# where they name the same rendering. Gemma 1/2 have no system role; ours, like Gemma 3's, puts a system
+# message at the start of the first user turn.
 _ALIASES = {
-    "llama3": "llama-3", "llama-3.1": "llama-3", "llama3.1": "llama-3", "llama-3.2": "llama-3",
-    "qwen-2.5": "qwen2.5", "qwen25": "qwen2.5",
+    "llama3": "llama-3",
+    "qwen-2.5": "qwen2.5", "qwen25": "qwen2.5", "qwen-25": "qwen2.5",
     "gemma2": "gemma", "gemma-2": "gemma", "gemma3": "gemma", "gemma-3": "gemma",
-    "phi3": "phi-3", "phi-3.5": "phi-3", "phi3.5": "phi-3",
+    "phi3": "phi-3", "phi-3.5": "phi-3", "phi3.5": "phi-3", "phi-35": "phi-3",
+}
+
+# Names that Unsloth gives a different rendering than any of ours: refused with what to use instead.
+_NOT_OURS = {
+    **dict.fromkeys(
+        ("llama-3.1", "llama-31", "llama3.1", "llama-3.2", "llama-32", "llama3.2", "llama-3.3", "llama-33",
+         "llama3.3"),
+        "Llama 3.1+ templates open with a 'Cutting Knowledge Date / Today Date' system block that turbotune's "
+        "'llama-3' does not write. Keep the model's own template (Llama 3.1+ tokenizers ship it: don't call "
+        "get_chat_template), or pass 'llama-3' for the plain Llama 3 layout"),
+    "phi-4": "Phi-4 uses <|im_start|>/<|im_sep|> markers, which no template here writes; keep the model's own "
+             "template (don't call get_chat_template)",
 }
 
 # Most specific first: "<|end|>" must not be found inside the other markers.
@@ -113,15 +128,27 @@ def _template_text(tokenizer: Any) -> str:
     return template or ""
 
 
-def get_chat_template(tokenizer: Any, name: str = "chatml") -> Any:
-    """Set `tokenizer.chat_template` to our template for the family `name`; returns the tokenizer.
+def get_chat_template(tokenizer: Any, chat_template: str | None = None, *, name: str | None = None) -> Any:
+    """Set `tokenizer.chat_template` to our template for the family `chat_template` (default "chatml");
+    returns the tokenizer.
 
+    `chat_template` is also Unsloth's keyword, and its names are accepted where they are the same template
+    ("qwen-2.5", "llama3", "gemma-3", "phi-3.5", ...); `name=` is this function's older keyword.
     Warns when the template's special tokens are not single tokens of the vocabulary: they would
     then be split into pieces, which trains but wastes tokens and makes stopping unreliable.
     """
-    key = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
+    if name is not None:
+        if chat_template is not None:
+            raise TypeError("get_chat_template() got both chat_template and name (the same argument); pass one")
+        chat_template = name
+    if chat_template is None:
+        chat_template = "chatml"
+    key = _ALIASES.get(chat_template.lower(), chat_template.lower()) if isinstance(chat_template, str) else None
+    if key in _NOT_OURS:
+        raise ValueError(f"chat template {chat_template!r}: {_NOT_OURS[key]}")
     if key not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; choose one of: {', '.join(TEMPLATES)}")
+        raise ValueError(f"unknown chat template {chat_template!r}; choose one of: {', '.join(TEMPLATES)} "
+                         f"(also spelled {', '.join(sorted(_ALIASES))})")
     missing = [t for t in SPECIAL_TOKENS[key] if not _in_vocab(tokenizer, t)]
     if key == "alpaca" and getattr(tokenizer, "eos_token", None) is None:
         missing.append("eos_token (the tokenizer has none)")

