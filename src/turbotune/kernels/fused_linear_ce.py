@@ -120,16 +120,20 @@ if HAS_TRITON:
         return z, t
 
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, inv_denom_ptr, n_cols, ignore_index,
-                        scale, softcap, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                        BLOCK_V: tl.constexpr):
+    def _ce_rows_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, inv_denom_ptr, ent_ptr, top1_ptr, n_cols,
+                        ignore_index, scale, softcap, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        WRITE_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
         # One program per row. Sweep 1: online max m and sum-exp d over vocab tiles. Sweep 2: overwrite the
-        # row with g = scale * (1 - t^2) * (softmax - onehot) / D in the logits' dtype.
+        # row with g = scale * (1 - t^2) * (softmax - onehot) / D in the logits' dtype and, with WRITE_STATS,
+        # sum p * z for the entropy lse - sum p z; the target is top-1 when z_y reaches the row's max.
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * row_stride
         label = tl.load(labels_ptr + row).to(tl.int64)
         if label == ignore_index:
             tl.store(loss_ptr + row, 0.0)
+            if WRITE_STATS:
+                tl.store(ent_ptr + row, 0.0)
+                tl.store(top1_ptr + row, 0)
             if WRITE_GRAD:
                 for off in range(0, n_cols, BLOCK_V):
                     cols = off + tl.arange(0, BLOCK_V)
@@ -151,31 +155,41 @@ if HAS_TRITON:
         o_y = tl.load(ptr + label).to(tl.float32)
         z_y, _ = _capped(o_y, scale, softcap, HAS_SOFTCAP)
         tl.store(loss_ptr + row, lse - z_y)
-        if WRITE_GRAD:
+        if WRITE_GRAD or WRITE_STATS:
             coef = scale * tl.load(inv_denom_ptr)
+            pz = 0.0
             for off in range(0, n_cols, BLOCK_V):
                 cols = off + tl.arange(0, BLOCK_V)
                 mask = cols < n_cols
                 o = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
                 z, t = _capped(o, scale, softcap, HAS_SOFTCAP)
-                g = tl.exp(z - lse)
-                g = tl.where(cols == label, g - 1.0, g)
-                if HAS_SOFTCAP:
-                    g = g * (1.0 - t * t)
-                tl.store(ptr + cols, (g * coef).to(logits_ptr.dtype.element_ty), mask=mask)
+                p = tl.exp(z - lse)
+                if WRITE_STATS:
+                    pz += tl.sum(tl.where(mask, p * z, 0.0), axis=0)
+                if WRITE_GRAD:
+                    g = tl.where(cols == label, p - 1.0, p)
+                    if HAS_SOFTCAP:
+                        g = g * (1.0 - t * t)
+                    tl.store(ptr + cols, (g * coef).to(logits_ptr.dtype.element_ty), mask=mask)
+            if WRITE_STATS:
+                tl.store(ent_ptr + row, lse - pz)
+                tl.store(top1_ptr + row, (z_y >= m).to(tl.int8))
 
 
-def _ce_rows_triton(logits, labels, loss_rows, inv_denom, ignore_index, scale, softcap, write_grad):
+def _ce_rows_triton(logits, labels, loss_rows, inv_denom, ignore_index, scale, softcap, write_grad, stats=None):
     rows, n_cols = logits.shape
     block = min(CE_BLOCK_V, max(16, next_power_of_2(n_cols)))
+    ent, top1 = stats if stats is not None else (loss_rows, loss_rows)  # unused without WRITE_STATS
     _ce_rows_kernel[(rows,)](
-        logits, logits.stride(0), labels, loss_rows, inv_denom, n_cols, ignore_index,
+        logits, logits.stride(0), labels, loss_rows, inv_denom, ent, top1, n_cols, ignore_index,
         float(scale), float(softcap if softcap is not None else 1.0),
-        HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=CE_WARPS)
+        HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad, WRITE_STATS=stats is not None, BLOCK_V=block,
+        num_warps=CE_WARPS)
 
 
-def _ce_rows_torch(logits, labels, loss_rows, inv_denom, ignore_index, scale, softcap, write_grad):
-    """Same contract as the kernel, in PyTorch on one chunk: loss rows into `loss_rows`, g over `logits`."""
+def _ce_rows_torch(logits, labels, loss_rows, inv_denom, ignore_index, scale, softcap, write_grad, stats=None):
+    """Same contract as the kernel, in PyTorch on one chunk: loss rows into `loss_rows`, g over `logits`,
+    and with `stats` = (entropy, top1) the rows' entropies and whether each target is a top-1 logit."""
     z = logits.float()
     if scale != 1.0:
         z = z * scale
@@ -186,7 +200,13 @@ def _ce_rows_torch(logits, labels, loss_rows, inv_denom, ignore_index, scale, so
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
     lse = torch.logsumexp(z, dim=-1)
-    loss_rows.copy_(torch.where(valid, lse - z.gather(1, safe).squeeze(1), torch.zeros_like(lse)))
+    z_y = z.gather(1, safe).squeeze(1)
+    loss_rows.copy_(torch.where(valid, lse - z_y, torch.zeros_like(lse)))
+    if stats is not None:
+        ent, top1 = stats
+        p = torch.softmax(z, dim=-1)
+        ent.copy_(torch.where(valid, lse - (p * z).sum(-1), torch.zeros_like(lse)))
+        top1.copy_(valid & (z_y >= z.amax(-1)))
     if not write_grad:
         return
     g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the fp32 scratch
@@ -195,6 +215,43 @@ def _ce_rows_torch(logits, labels, loss_rows, inv_denom, ignore_index, scale, so
         g.mul_(1.0 - t * t)
     g.mul_((valid.to(g.dtype) * (inv_denom * scale)).unsqueeze(1))
     logits.copy_(g)
+
+
+# --------------------------------------------------------------------------------------------- the chunk loop
+def _chunked_rows(hidden, weight, bias, labels, ignore_index, inv_denom, softcap, logit_scale, chunk_size, backend,
+                  need_h, need_w, need_b, stats=None):
+    """Per-row losses l_n [N] fp32 and, as asked, dloss/dhidden [N, H], dloss/dW, dloss/db (loss = sum_n l_n *
+    inv_denom), `chunk_size` rows at a time through one reused [C, V] logits buffer. `stats` = (entropy [N]
+    fp32, top1 [N] int8) buffers to fill as well."""
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
+    c = chunk_size or default_chunk_size(n, vocab, hdim)
+    buf = torch.empty(min(c, n), vocab, dtype=hidden.dtype, device=hidden.device) if n else None
+    w_t = weight.t()
+    b = bias.to(hidden.dtype) if bias is not None else None
+    rows_fn = _ce_rows_triton if use_triton(hidden, backend) else _ce_rows_torch
+    for start in range(0, n, c):
+        end = min(start + c, n)
+        h = hidden[start:end]
+        logits = buf[: end - start]
+        if b is None:
+            torch.mm(h, w_t, out=logits)
+        else:
+            torch.addmm(b, h, w_t, out=logits)
+        chunk_stats = None if stats is None else (stats[0][start:end], stats[1][start:end])
+        rows_fn(logits, labels[start:end], loss_rows[start:end], inv_denom, ignore_index, logit_scale, softcap,
+                need_h or need_w or need_b, chunk_stats)
+        if need_h:
+            torch.mm(logits, weight, out=grad_h[start:end])
+        if need_w:
+            grad_w.addmm_(logits.t(), h)
+        if need_b:
+            grad_b += logits.sum(0, dtype=torch.float32)
+    return loss_rows, grad_h, grad_w, grad_b
 
 
 # --------------------------------------------------------------------------------------------- autograd
@@ -208,40 +265,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, num_items_in_batch, softcap, logit_scale,
                 chunk_size, backend):
-        n, hdim = hidden.shape
-        vocab = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        need_any = need_h or need_w or need_b
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        triton_rows = use_triton(hidden, backend)
         labels = labels.contiguous()
         inv_denom = (1.0 / _denominator(labels, ignore_index, num_items_in_batch)).reshape(1)
-        loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
-        c = chunk_size or default_chunk_size(n, vocab, hdim)
-        buf = torch.empty(min(c, n), vocab, dtype=hidden.dtype, device=hidden.device) if n else None
-        w_t = weight.t()
-        b = bias.to(hidden.dtype) if bias is not None else None
-        rows_fn = _ce_rows_triton if triton_rows else _ce_rows_torch
-        for start in range(0, n, c):
-            end = min(start + c, n)
-            h = hidden[start:end]
-            logits = buf[: end - start]
-            if b is None:
-                torch.mm(h, w_t, out=logits)
-            else:
-                torch.addmm(b, h, w_t, out=logits)
-            rows_fn(logits, labels[start:end], loss_rows[start:end], inv_denom, ignore_index, logit_scale, softcap,
-                    need_any)
-            if need_h:
-                torch.mm(logits, weight, out=grad_h[start:end])
-            if need_w:
-                grad_w.addmm_(logits.t(), h)
-            if need_b:
-                grad_b += logits.sum(0, dtype=torch.float32)
+        loss_rows, grad_h, grad_w, grad_b = _chunked_rows(hidden, weight, bias, labels, ignore_index, inv_denom,
+                                                          softcap, logit_scale, chunk_size, backend,
+                                                          need_h, need_w, need_b)
         ctx.grads = (grad_h, grad_w, grad_b)
         # A fresh 0-d tensor, not a view: trainers scale the loss in place (loss /= grad_accum).
         return loss_rows.sum() * inv_denom[0]
