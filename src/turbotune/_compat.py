@@ -88,6 +88,15 @@ def untested(packages=None) -> list[tuple[str, str, str, str]]:
     return found
 
 
+def trl_fused_output_class():
+    """The output class of TRL's fused LM head (`model(..., fused_lm_head=True)`, TRL >= 1.15), or None."""
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput
+    except Exception:  # noqa: BLE001 - no TRL, or one without the fused head
+        return None
+    return FusedCausalLMOutput
+
+
 def is_available(module: str) -> bool:
     """True when `module` can be imported (without importing it when a spec check suffices)."""
     return importlib.util.find_spec(module) is not None

@@ -116,6 +116,10 @@ def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=
         peft_model.__dict__["_turbotune_checkpointing"] = "auto"
     if use_gradient_checkpointing and hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
+    from .models import base_causal_lm, is_patched
+    if is_patched(base_causal_lm(peft_model)):
+        from .trainer_step import install
+        install(peft_model, verbose=verbose)  # the fast step when a Hugging Face trainer trains it
     reason = fused_lora_reason(peft_model)
     if reason and verbose:
         print(f"[turbotune] fused LoRA off ({reason}): the stock PEFT forward runs for these layers (slower); "

@@ -1,0 +1,76 @@
+"""Padding removal for the batches Hugging Face trainers feed: [B, L] padded rows -> one packed row of real tokens.
+
+A collator such as TRL's (with `packing=False`) pads every micro-batch to its longest sample and sends an
+`attention_mask`; a third of the compute can be padding. `remove_padding` turns such a batch into one row
+[1, T_b] that every training call can run instead, with the same numbers for every real token:
+
+* each sample keeps its own positions (the padded batch's `position_ids`, i.e. 0..len-1 for right padding),
+  and since positions restart at 0 for every sample, attention stays within each sample (packing.py explains
+  how transformers builds that mask from `position_ids`);
+* labels: the row is the samples' labels one after another, with the label of each sample's first token set
+  to -100. In the padded batch that label is never scored (the loss scores position t against labels[t + 1]);
+  in the packed row it would be scored by the previous sample's last token. So the targets, their count and
+  the loss's denominator are unchanged;
+* T real tokens are grown to a bucket length T_b (about four per octave, so at most 25% extra) by a tail
+  segment of its own (positions 0.., labels -100): shapes repeat, and CUDA graphs can be replayed.
+
+Only right-padded batches of the plain keys are rewritten (input_ids, attention_mask, labels, position_ids);
+anything else (left padding, per-token extras such as token_type_ids, pre-shifted labels) is returned as it
+came. An all-ones `attention_mask` is simply dropped: no padding, and no mask lets attention take its causal
+fast path. Deciding costs one host sync per call (the trainer's own metrics sync every micro-step anyway).
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+MIN_BUCKET = 256
+_PLAIN_KEYS = {"input_ids", "attention_mask", "labels", "position_ids", "num_items_in_batch"}
+
+
+def bucket_length(tokens: int) -> int:
+    """The smallest bucket >= tokens: multiples of a quarter of the octave below (256, 320, ..., 512, 640, ...)."""
+    if tokens <= MIN_BUCKET:
+        return MIN_BUCKET
+    step = 1 << max(0, (tokens - 1).bit_length() - 3)
+    return -(-tokens // step) * step
+
+
+def remove_padding(batch: dict, pad_id: int = 0) -> dict:
+    """The batch with its padding removed (see the module docstring), or unchanged where that does not apply."""
+    mask = batch.get("attention_mask")
+    ids = batch.get("input_ids")
+    if mask is None or ids is None or mask.dim() != 2 or ids.shape != mask.shape:
+        return batch
+    rows, length = mask.shape
+    lengths = mask.sum(-1)
+    prefix = torch.arange(length, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+    all_ones, right_padded = torch.stack([(mask != 0).all(), ((mask != 0) == prefix).all()]).tolist()
+    if all_ones:
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    if not right_padded or set(batch) - _PLAIN_KEYS or "labels" not in batch:
+        return batch
+    return _pack(batch, prefix, lengths, pad_id)
+
+
+def _pack(batch: dict, keep: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> dict:
+    ids, labels = batch["input_ids"], batch["labels"]
+    rows, length = ids.shape
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(length, device=ids.device).expand(rows, length)
+    first = torch.zeros_like(keep)
+    first[:, 0] = True  # right padding: every sample starts its row
+    packed_labels = labels.masked_fill(first, IGNORE_INDEX)[keep]
+    packed_ids, packed_pos = ids[keep], positions[keep]
+    total = packed_ids.shape[0]
+    tail = bucket_length(total) - total
+    if tail:
+        dev = ids.device
+        packed_ids = torch.cat([packed_ids, torch.full((tail,), pad_id, dtype=ids.dtype, device=dev)])
+        packed_labels = torch.cat([packed_labels, torch.full((tail,), IGNORE_INDEX, dtype=labels.dtype, device=dev)])
+        packed_pos = torch.cat([packed_pos, torch.arange(tail, dtype=packed_pos.dtype, device=dev)])
+    out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "position_ids")}
+    out.update(input_ids=packed_ids.unsqueeze(0), labels=packed_labels.unsqueeze(0),
+               position_ids=packed_pos.unsqueeze(0))
+    return out

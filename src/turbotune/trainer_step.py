@@ -1,0 +1,300 @@
+"""The fast step inside Hugging Face trainers: transformers' Trainer and TRL's SFTTrainer, as users write them.
+
+A trainer runs, per micro-batch, `outputs = model(**inputs)`, takes a loss from the outputs and calls
+`loss.backward()`. turbotune puts one hook on the PEFT wrapper's `forward` (`install`, from `get_peft_model`):
+the object every trainer calls, and not the one TRL replaces (TRL sets its fused head on the causal LM under
+it). Outside a training call (eval, `generate`, no grad, no labels) the hook is the original forward. In a
+training call it:
+
+1. **removes the padding** (`padding.py`): a padded batch becomes one packed row of its real tokens, each
+   sample attending only to itself, grown to one of a few bucket lengths so shapes repeat;
+2. **serves TRL's `fused_lm_head=True`** with turbotune's fused head (`kernels/fused_token_logprobs.py`):
+   per-token log-probs, entropies and top-1 hits, no `[tokens, vocab]` logits, nothing the host must wait for
+   (TRL's own head indexes the valid positions, a host sync that no CUDA graph can hold);
+3. **replays the call from CUDA graphs** (`GraphedCall`): once a shape has run `warmup` times eagerly, its
+   forward and its backward are captured as two graphs of one autograd callable, the LoRA parameters as its
+   inputs, so the trainer's loss scaling, accumulation, clipping and optimizer see ordinary `.grad`s.
+
+Each part keeps the math: packed rows give every real token what the padded batch gives it (same targets,
+same count), the fused head equals the materialising one (tests), and a replay equals the eager call it was
+captured from (GPU tests).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from ._compat import trl_fused_output_class, unwrap_peft
+
+WARMUP = 2       # eager calls of a shape before it is captured (lazy initialisation, Triton compilation)
+MAX_GRAPHS = 16  # shapes captured at most (bucketed lengths: about 4 per octave of tokens)
+
+
+def install(peft_model, verbose: bool = True) -> "TrainerStep":
+    """Put the hook on `peft_model.forward` (an instance attribute; `uninstall` removes it)."""
+    step = peft_model.__dict__.get("forward")
+    if isinstance(step, TrainerStep):
+        return step
+    step = TrainerStep(peft_model, verbose=verbose)
+    peft_model.forward = step
+    return step
+
+
+def uninstall(peft_model) -> None:
+    if isinstance(peft_model.__dict__.get("forward"), TrainerStep):
+        del peft_model.forward
+
+
+def trainer_step_of(model) -> "TrainerStep | None":
+    return model.__dict__.get("forward") if isinstance(model.__dict__.get("forward"), TrainerStep) else None
+
+
+class TrainerStep:
+    """The hook. Counters for tests and the start-of-training line: `.graphs.replays`, `.graphs.captures`."""
+
+    def __init__(self, peft_model, verbose: bool = True):
+        self.peft_model = peft_model
+        self.original = type(peft_model).forward.__get__(peft_model)
+        self.verbose = verbose
+        self.remove_padding = True
+        self.graphs = GraphedCall(self._model_call, peft_model)
+        self._announced = False
+
+    # ------------------------------------------------------------------ the hook
+    def __call__(self, *args, **kwargs):
+        if args or not self._training_call(kwargs):
+            return self.original(*args, **kwargs)
+        tensors, others = _split(kwargs)
+        if self.remove_padding:
+            from .padding import remove_padding
+            tensors = remove_padding(tensors, pad_id=self._pad_id())
+        if not self._announced:
+            self._announce(tensors, others)
+        return self.graphs(tensors, others)
+
+    def _training_call(self, kwargs) -> bool:
+        return (self.peft_model.training and torch.is_grad_enabled()
+                and (kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None))
+
+    def _pad_id(self) -> int:
+        cfg = unwrap_peft(self.peft_model).config
+        pad = getattr(cfg, "pad_token_id", None)
+        return int(pad) if isinstance(pad, int) and pad >= 0 else 0
+
+    def _model_call(self, **kwargs):
+        """One training call: the fused head for TRL's `fused_lm_head=True`, else the original forward."""
+        if kwargs.pop("fused_lm_head", False):
+            out = fused_head_forward(self.peft_model, **kwargs)
+            if out is not None:
+                return out
+            kwargs["fused_lm_head"] = True
+        return self.original(**kwargs)
+
+    def _announce(self, tensors, others) -> None:
+        self._announced = True
+        if not self.verbose:
+            return
+        on = []
+        if "position_ids" in tensors and "attention_mask" not in tensors:
+            on.append("padding removed (packed rows, bucketed lengths)")
+        if others.get("fused_lm_head"):
+            on.append("TRL's fused_lm_head served by turbotune's fused head")
+        graphs = self.graphs.why_off()
+        on.append("CUDA graphs " + ("on (each shape replayed after %d eager steps)" % self.graphs.warmup
+                                    if graphs is None else f"off ({graphs})"))
+        print(f"[turbotune] trainer step: {'; '.join(on)}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- TRL's fused head
+def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`, computed with turbotune's head.
+
+    None when this TRL's output class is unknown or the model is one we don't serve (trainable head, scaled or
+    tempered logits set up by TRL); the caller then runs TRL's own head."""
+    from .kernels.fused_token_logprobs import fused_linear_token_logprobs
+
+    output_cls = trl_fused_output_class()
+    causal_lm = unwrap_peft(peft_model)
+    head = causal_lm.get_output_embeddings()
+    cfg = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    if (output_cls is None or head is None or head.weight.requires_grad
+            or (head.bias is not None and head.bias.requires_grad) or kwargs.get("output_router_logits")
+            or getattr(cfg, "output_router_logits", False)):
+        return None
+    kwargs["use_cache"] = False
+    hidden = causal_lm.base_model(**kwargs).last_hidden_state
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    targets = targets.to(head.weight.device)
+    log_probs, entropy, is_top1 = fused_linear_token_logprobs(
+        hidden.to(head.weight.device), head.weight, targets, bias=head.bias,
+        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=_logit_scale(cfg))
+    mask = targets != -100
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return output_cls(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy, is_top1=is_top1,
+                      label_mask=mask)
+
+
+def _logit_scale(cfg) -> float:
+    scale = getattr(cfg, "logit_scale", None)
+    return 1.0 if scale is None else float(scale)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+def _split(kwargs: dict) -> tuple[dict, dict]:
+    tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+    others = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
+    if "num_items_in_batch" in others and isinstance(others["num_items_in_batch"], (int, float)):
+        # A count that changes every step would change the key: make it an input like the batch.
+        device = next(iter(tensors.values())).device
+        tensors["num_items_in_batch"] = torch.tensor(others.pop("num_items_in_batch"), device=device)
+    return tensors, others
+
+
+class GraphedCall:
+    """`fn(**tensors, **others)` per distinct shape: `warmup` eager calls, then a forward graph and a backward
+    graph (the `torch.cuda.make_graphed_callables` scheme) replayed through `_Replay`.
+
+    Replay equals the eager call because the same kernels run on the same (static) buffers: the batch is
+    copied into the captured input tensors, the outputs are copied out, the upstream gradients copied in
+    before the backward graph and the parameter gradients copied out after it. One memory pool serves every
+    graph: a trainer replays one forward, then its backward, never two forwards in between. Call `reset()`
+    after changing the model (adapters, checkpointing, patches)."""
+
+    def __init__(self, fn, model, enabled: bool = True, warmup: int = WARMUP, max_graphs: int = MAX_GRAPHS):
+        self.fn, self.model = fn, model
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self.disabled_reason = None if enabled else "turned off"
+        self.replays = self.captures = self.eager_calls = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._entries: dict = {}
+        self._seen: dict = {}
+        self._pool = None
+        self._params = None  # the trainable parameters, read once (not per micro-step)
+
+    def params(self) -> list[torch.Tensor]:
+        if self._params is None:
+            self._params = [p for p in self.model.parameters() if p.requires_grad]
+            if self.disabled_reason is None:
+                from .cuda_graphs import why_not_graphable
+                self.disabled_reason = why_not_graphable(self.model, self._params)
+        return self._params
+
+    def why_off(self) -> str | None:
+        self.params()
+        return self.disabled_reason
+
+    def __call__(self, tensors: dict, others: dict):
+        params = self.params()
+        key = self._key(tensors, others)
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None and key is not None:
+            seen = self._seen.get(key, 0)
+            if seen >= self.warmup and len(self._entries) < self.max_graphs:
+                entry = self._capture(key, tensors, others, params)
+            else:
+                self._seen[key] = seen + 1
+        if entry is None:
+            self.eager_calls += 1
+            return self.fn(**tensors, **others)
+        for k, buf in entry.inputs.items():
+            buf.copy_(tensors[k], non_blocking=True)
+        outs = _Replay.apply(entry, *entry.params)
+        self.replays += 1
+        return entry.rebuild(outs)
+
+    def _key(self, tensors, others):
+        if self.disabled_reason is not None:
+            return None
+        key = []
+        for k, v in sorted(tensors.items()):
+            if v.device.type != "cuda":
+                return None
+            key.append((k, tuple(v.shape), v.dtype))
+        for k, v in sorted(others.items()):
+            if v is not None and not isinstance(v, (bool, int, float, str)):
+                return None  # a cache object, a list: stay eager
+            key.append((k, v))
+        return tuple(key)
+
+    def _capture(self, key, tensors, others, params):
+        from .cuda_graphs import one_sequence_per_row
+        inputs = {k: v.clone() for k, v in tensors.items()}
+        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            torch.cuda.synchronize()
+            # thread_local: a trainer's data-loading threads may touch CUDA (pinned memory) meanwhile.
+            with torch.cuda.graph(fwd, pool=self._pool, capture_error_mode="thread_local"), \
+                    one_sequence_per_row(inputs):
+                out = self.fn(**inputs, **others)
+            entry = _Entry(out, inputs, params)
+            # The trainer runs its backward outside the forward's autocast (accelerate's bf16 wrapper): so here.
+            with torch.cuda.graph(bwd, pool=self._pool, capture_error_mode="thread_local"), \
+                    torch.autocast("cuda", enabled=False):
+                grads = torch.autograd.grad(entry.diff_outputs(), params, grad_outputs=entry.grad_inputs,
+                                            allow_unused=True)
+        except Exception as exc:  # noqa: BLE001 - eager from now on, said once
+            torch.cuda.synchronize()
+            self.disabled_reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            self.reset()
+            warnings.warn(f"turbotune: CUDA graphs off in the trainer step: {self.disabled_reason}", stacklevel=4)
+            return None
+        entry.fwd, entry.bwd, entry.grads = fwd, bwd, grads
+        entry.detach_outputs()
+        self._entries[key] = entry
+        self.captures += 1
+        return entry
+
+
+class _Entry:
+    """One captured shape: static inputs, the forward's outputs and gradient buffers, the two graphs."""
+
+    def __init__(self, out, inputs, params):
+        self.inputs, self.params = inputs, params
+        self.cls = type(out)
+        self.names = [k for k, v in out.items() if torch.is_tensor(v)]
+        self.outputs = [out[k] for k in self.names]
+        self.diff = [o.requires_grad for o in self.outputs]
+        self.grad_inputs = [torch.empty_like(o) for o, d in zip(self.outputs, self.diff) if d]
+        self.fwd = self.bwd = self.grads = None
+
+    def diff_outputs(self):
+        return [o for o, d in zip(self.outputs, self.diff) if d]
+
+    def detach_outputs(self):
+        self.outputs = [o.detach() for o in self.outputs]
+
+    def rebuild(self, outs):
+        return self.cls(**dict(zip(self.names, outs)))
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entry, *params):
+        entry.fwd.replay()
+        ctx.entry = entry
+        outs = tuple(o.clone() for o in entry.outputs)
+        ctx.mark_non_differentiable(*[o for o, d in zip(outs, entry.diff) if not d])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        entry = ctx.entry
+        bufs = iter(entry.grad_inputs)
+        for g, d in zip(grad_outs, entry.diff):
+            if d:
+                buf = next(bufs)
+                if g is None:
+                    buf.zero_()
+                else:
+                    buf.copy_(g)
+        entry.bwd.replay()
+        return (None, *[g.clone() if g is not None else None for g in entry.grads])

@@ -1,0 +1,93 @@
+"""The fast step under an unmodified SFTTrainer / transformers.Trainer on a GPU: after the warm-up each micro-step
+is replayed from CUDA graphs (counters), replayed steps equal eager ones, and padded batches of changing lengths
+reuse a bounded number of graphs.
+
+Run on a GPU: pytest tests/gpu/test_trainer_step_gpu.py -q
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from turbotune.health_selftest import write_tiny_model
+    folder = tmp_path_factory.mktemp("trainer-step")
+    write_tiny_model(str(folder), TINY)  # a Llama and a one-character-per-token tokenizer
+    return folder
+
+
+def _texts(lengths):
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    return [{"text": "".join(alphabet[(i + j) % 26] for j in range(n))} for i, n in enumerate(lengths)]
+
+
+def _model(folder):
+    from turbotune import FastModel
+    from turbotune.trainer_step import trainer_step_of
+    model, tok = FastModel.from_pretrained(str(folder), dtype=torch.bfloat16, max_seq_length=512, verbose=False)
+    model = FastModel.get_peft_model(model, r=8, random_state=1, verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+    return model, tok, trainer_step_of(model)
+
+
+def _sft(folder, tmp_path, rows, graphs=True, steps=6, batch=2):
+    model, tok, step = _model(folder)
+    if not graphs:
+        step.graphs.disabled_reason = "turned off"
+    args = trl.SFTConfig(output_dir=str(tmp_path / f"sft-{graphs}"), per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=2, max_steps=steps, learning_rate=1e-3, logging_steps=1,
+                         report_to=[], save_strategy="no", bf16=True, seed=3, max_length=200, packing=False,
+                         dataset_text_field="text")
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok)
+    trainer.train()
+    return step, [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_sfttrainer_replays_and_equals_eager(tiny_dir, tmp_path):
+    rows = _texts([150] * 40)  # one shape: the all-ones mask is dropped, every micro-step has one key
+    step, logs = _sft(tiny_dir, tmp_path, rows)
+    assert step.graphs.disabled_reason is None
+    assert step.graphs.captures == 1 and step.graphs.replays == 12 - step.graphs.warmup, vars(step.graphs)
+    eager, eager_logs = _sft(tiny_dir, tmp_path, rows, graphs=False)
+    assert eager.graphs.replays == 0
+    for a, b in zip(logs, eager_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
+
+
+def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path):
+    lengths = [17 + (i * 37) % 180 for i in range(80)]  # every micro-batch pads to another length
+    step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=10, batch=4)
+    assert step.graphs.disabled_reason is None
+    # 20 micro-batches of 4 rows: packed totals 4..800 tokens fall in a handful of buckets (256 .. 896)
+    assert 1 <= step.graphs.captures <= 7 and step.graphs.replays >= 6, vars(step.graphs)
+    eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=10, batch=4)
+    for a, b in zip(logs, eager_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
+
+
+def test_transformers_trainer_replays(tiny_dir, tmp_path):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    model, tok, step = _model(tiny_dir)
+    data = [tok(r["text"]) for r in _texts([100] * 24)]
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=5, learning_rate=1e-3, logging_steps=1,
+                             report_to=[], save_strategy="no", bf16=True)
+    Trainer(model=model, args=args, train_dataset=data,
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
+    assert step.graphs.disabled_reason is None and step.graphs.replays == 10 - step.graphs.warmup

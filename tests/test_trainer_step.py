@@ -1,0 +1,121 @@
+"""The fast step under Hugging Face trainers (trainer_step.py): an unmodified SFTTrainer / transformers.Trainer on
+a turbotune model logs the same per-step losses as on the stock transformers + PEFT model (fp32, CPU), for
+padded batches of mixed lengths, TRL's packing and its padding-free batches; padding is really removed and TRL's
+fused head really served by ours."""
+import pytest
+import torch
+
+from turbotune import FastModel
+from turbotune import padding as padding_mod
+from turbotune import trainer_step
+from turbotune.padding import bucket_length, remove_padding
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _rows(n=24):
+    rows = []
+    for i in range(n):  # answers of 2 to 20 words: batches pad to very different lengths
+        answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(2 + (i * 7) % 19))
+        rows.append({"messages": [{"role": "user", "content": f"Item {i}?"},
+                                  {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def _model(folder, patch):
+    model, tok = FastModel.from_pretrained(str(folder), max_seq_length=256, patch=patch, verbose=False)
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3407, verbose=False)
+    with torch.no_grad():  # B away from zero, so the first steps move every adapter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+    return model, tok
+
+
+def _sft(folder, tmp_path, patch, **config):
+    model, tok = _model(folder, patch)
+    args = trl.SFTConfig(output_dir=str(tmp_path / f"sft-{patch}"), per_device_train_batch_size=4,
+                         gradient_accumulation_steps=2, max_steps=4, learning_rate=5e-3, logging_steps=1,
+                         report_to=[], save_strategy="no", bf16=False, fp16=False, seed=7,
+                         **{"max_length": 128, **config})
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows()),
+                             processing_class=tok)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return model, logs
+
+
+@pytest.mark.parametrize("config", [dict(packing=False), dict(packing=True), dict(padding_free=True, max_length=None)],
+                         ids=["padded", "packing", "padding_free"])
+def test_sfttrainer_losses_equal_stock(tiny_llama_dir, tmp_path, monkeypatch, config):
+    served, packed = [], []
+    real_head, real_remove = trainer_step.fused_head_forward, padding_mod.remove_padding
+    monkeypatch.setattr(trainer_step, "fused_head_forward", lambda *a, **k: served.append(1) or real_head(*a, **k))
+    monkeypatch.setattr(padding_mod, "remove_padding",
+                        lambda b, **k: (lambda out: packed.append("attention_mask" in b and out is not b) or out)(
+                            real_remove(b, **k)))
+    model, ours = _sft(tiny_llama_dir, tmp_path, True, **config)
+    assert trainer_step.trainer_step_of(model) is not None and served
+    if config.get("packing") is False:
+        assert any(packed), "the padded batches were not packed"
+    stock_model, stock = _sft(tiny_llama_dir, tmp_path, False, **config)
+    assert trainer_step.trainer_step_of(stock_model) is None
+    assert len(ours) == len(stock) == 4
+    for a, b in zip(ours, stock):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (ours, stock)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["mean_token_accuracy"] == pytest.approx(b["mean_token_accuracy"], abs=1e-6)
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-4)
+
+
+def test_transformers_trainer_losses_equal_stock(tiny_llama_dir, tmp_path):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    def run(patch):
+        model, tok = _model(tiny_llama_dir, patch)
+        texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in _rows(16)]
+        data = [tok(t) for t in texts]
+        args = TrainingArguments(output_dir=str(tmp_path / f"hf-{patch}"), per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=2, max_steps=3, learning_rate=5e-3, logging_steps=1,
+                                 report_to=[], save_strategy="no", use_cpu=True, seed=7)
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    ours, stock = run(True), run(False)
+    assert len(ours) == 3 and ours == pytest.approx(stock, rel=1e-5)
+
+
+def test_remove_padding_packs_right_padded_rows():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])
+    out = remove_padding({"input_ids": ids, "attention_mask": mask, "labels": labels}, pad_id=0)
+    assert "attention_mask" not in out and out["input_ids"].shape == (1, 256)
+    assert out["input_ids"][0, :5].tolist() == [5, 6, 7, 8, 9]
+    assert out["position_ids"][0, :7].tolist() == [0, 1, 2, 0, 1, 0, 1]  # then the tail: a sample of its own
+    assert out["labels"][0, :5].tolist() == [-100, 6, 7, -100, 9]       # no position predicts across a boundary
+    assert (out["labels"][0, 5:] == -100).all()
+    # the targets the causal loss scores are the padded batch's
+    assert (out["labels"][0, 1:] != -100).sum() == (labels[:, 1:] != -100).sum()
+
+
+def test_remove_padding_leaves_what_it_cannot_pack():
+    ids = torch.tensor([[0, 6, 7], [8, 9, 4]])
+    left = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": ids}
+    assert remove_padding(left) is left                                     # left padding
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    assert set(remove_padding(full)) == {"input_ids", "labels"}             # no padding: the mask goes
+    extra = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]), "labels": ids,
+             "token_type_ids": ids}
+    assert remove_padding(extra) is extra
+
+
+@pytest.mark.parametrize("tokens,bucket", [(1, 256), (256, 256), (257, 320), (300, 320), (1000, 1024),
+                                           (1025, 1280), (4096, 4096), (4097, 5120)])
+def test_bucket_lengths(tokens, bucket):
+    assert bucket_length(tokens) == bucket and bucket - tokens <= max(256, tokens // 4)
