@@ -45,7 +45,7 @@ from .planner import model_shape
 
 SCHEMA = "turbotune.bench/1"
 VERSION_PACKAGES = ["torch", "transformers", "peft", "accelerate", "triton", "bitsandbytes", "turbotune",
-                    "unsloth", "liger-kernel"]
+                    "unsloth", "liger-kernel", "trl"]
 
 
 def _log(msg: str) -> None:
@@ -101,6 +101,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--samples-per-step", type=int, default=64, help="samples per optimizer step (default 64)")
     g.add_argument("--padded-micro-batch", type=int, default=8,
                    help="samples per padded micro-batch (default 8); packed micro-batches hold --micro-batch rows")
+    g = parser.add_argument_group("trainer (--trainer sft)")
+    g.add_argument("--trainer", choices=["loop", "sft"], default="loop",
+                   help="loop: the bench's own training loop (default); sft: every method trained by TRL's "
+                        "SFTTrainer as the tutorials write it, with --lengths fixed or mixed (a long-tailed mix, "
+                        "padded per batch by TRL); tokens/s counts real (non-padding) tokens")
     g = parser.add_argument_group("report")
     g.add_argument("--price", type=float, default=2.5, help="USD per GPU-hour (default 2.5)")
     g.add_argument("--cost-steps", type=int, default=1000, help="steps the cost column is quoted for")
@@ -191,8 +196,13 @@ def validate(args) -> dict:
         raise BenchError("--packing and --max-context are separate benchmarks; run one at a time")
     if args.packing and (args.samples_per_step < 1 or args.padded_micro_batch < 1):
         raise BenchError("--samples-per-step and --padded-micro-batch must be at least 1")
-    if not args.max_context and (args.lengths or args.confirm or args.card_memory):
-        raise BenchError("--lengths, --confirm and --card-memory go with --max-context")
+    if args.trainer == "sft":
+        if args.max_context or args.packing:
+            raise BenchError("--trainer sft is its own benchmark; run --max-context and --packing without it")
+        if args.lengths not in (None, "fixed", "mixed"):
+            raise BenchError("with --trainer sft, --lengths is fixed or mixed")
+    elif not args.max_context and (args.lengths or args.confirm or args.card_memory):
+        raise BenchError("--lengths, --confirm and --card-memory go with --max-context (or --trainer sft)")
     if args.confirm_at is not None and not args.confirm:
         raise BenchError("--confirm-at goes with --confirm")
     dtype = {"auto": "bfloat16" if device == "cuda" else "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -391,6 +401,9 @@ def run_bench(args) -> int:
     if args.max_context:
         header["mode"] = "max_context"
         header["lengths"] = settings["lengths"]
+    elif args.trainer == "sft":
+        header["mode"] = "sft"
+        header["sft"] = {"lengths": args.lengths or "fixed", "packing": False}
     elif args.packing:
         header["mode"] = "packing"
         header["packing"] = {"samples_per_step": args.samples_per_step, "padded_micro_batch": args.padded_micro_batch,
@@ -420,7 +433,9 @@ def run_bench(args) -> int:
             "cuda_graphs": args.cuda_graphs, "graph_offload": args.graph_offload,
             "adapter_precision": args.adapter_precision,
             "fp32_adapter_kernels": args.fp32_adapter_kernels,
-            "mode": "max_context" if args.max_context else "packing" if args.packing else "throughput",
+            "mode": ("max_context" if args.max_context else "packing" if args.packing
+                     else "sft" if args.trainer == "sft" else "throughput"),
+            "sft_lengths": args.lengths or "fixed",
             "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,
             "padded_micro_batch": args.padded_micro_batch,
             "confirm": bool(args.confirm), "confirm_at": settings["confirm_at"],

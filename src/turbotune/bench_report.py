@@ -19,7 +19,8 @@ def summarise(results: list[dict], header: dict, flops: dict | None, matmul_rate
             continue
         timed = r["step_times_s"][wl["warmup"]:]
         r["s_per_step"] = median(timed)
-        r["tokens_per_s"] = wl["tokens_per_step"] / r["s_per_step"]
+        # --trainer sft counts the real (non-padding) tokens the trainer fed; else every step has the same tokens
+        r["tokens_per_s"] = r.get("real_tokens_per_s") or wl["tokens_per_step"] / r["s_per_step"]
         r["first_loss"] = r["losses"][0] if r["losses"] else None
         r["last_loss"] = r["losses"][-1] if r["losses"] else None
         r["losses_finite"] = all(math.isfinite(x) for x in r["losses"])
@@ -121,6 +122,14 @@ def format_header(header: dict) -> str:
                      f"samples; each step's loss divided by its target count (the same in both modes); "
                      f"LoRA r {wl['lora_r']} α {wl['lora_alpha']}; "
                      f"seed {wl['seed']}"]
+    if header.get("mode") == "sft":
+        lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --trainer sft")
+        lines[7] = lines[7].replace("tokens/step;", "tokens/step at most;")
+        lines.insert(8, f"- trainer: TRL {v.get('trl') or '—'} SFTTrainer, SFTConfig defaults plus this workload, "
+                        f"packing=False; lengths {header['sft']['lengths']}"
+                        + (" (long-tailed: median ~150, 90th percentile ~600 tokens, padded per micro-batch by "
+                           "TRL's collator)" if header["sft"]["lengths"] == "mixed" else "")
+                        + "; tokens/s counts real (non-padding) tokens over the timed steps")
     if header.get("mode") == "max_context":  # a ladder of single steps: no throughput, MFU or cost
         lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --max-context")
         lines[7:] = [f"- workload: one forward + backward + AdamW step at micro-batch 1 per length "

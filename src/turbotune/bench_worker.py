@@ -378,6 +378,9 @@ def run_spec(spec: dict) -> dict:
             run_max_context(model, spec, result, _log)
         elif spec.get("mode") == "packing":
             run_packing(model, spec, result)
+        elif spec.get("mode") == "sft":
+            from turbotune.bench_sft import run_sft
+            run_sft(model, spec, result, _log)
         else:
             train(model, spec, result)
         result["status"] = "ok"

@@ -28,7 +28,8 @@ import torch
 
 from ._compat import trl_fused_output_class, unwrap_peft
 
-WARMUP = 2       # eager calls of a shape before it is captured (lazy initialisation, Triton compilation)
+WARMUP = 2       # eager calls of the first shape before it is captured (lazy initialisation, Triton compilation);
+                 # later shapes need one
 MAX_GRAPHS = 16  # shapes captured at most (bucketed lengths: about 4 per octave of tokens)
 
 
@@ -39,12 +40,21 @@ def install(peft_model, verbose: bool = True) -> "TrainerStep":
         return step
     step = TrainerStep(peft_model, verbose=verbose)
     peft_model.forward = step
+    # Trainers switch checkpointing on at train() (TRL's SFTConfig does by default), which would replace the
+    # mode chosen in get_peft_model (auto / offload / none) with plain recompute: that choice stays.
+    for name in _CHECKPOINTING_SWITCHES:
+        setattr(peft_model, name, step.keep_checkpointing)
     return step
+
+
+_CHECKPOINTING_SWITCHES = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
 
 
 def uninstall(peft_model) -> None:
     if isinstance(peft_model.__dict__.get("forward"), TrainerStep):
         del peft_model.forward
+        for name in _CHECKPOINTING_SWITCHES:
+            peft_model.__dict__.pop(name, None)
 
 
 def trainer_step_of(model) -> "TrainerStep | None":
@@ -61,6 +71,34 @@ class TrainerStep:
         self.remove_padding = True
         self.graphs = GraphedCall(self._model_call, peft_model)
         self._announced = False
+        self.trainer_checkpointing = None  # what a trainer asked for with its checkpointing switch, if it did
+
+    def keep_checkpointing(self, *args, **kwargs) -> None:
+        """Stands in for the model's checkpointing switch: get_peft_model's mode stays (said at the first step)."""
+        self.trainer_checkpointing = kwargs or True
+
+    def _checkpointing_line(self, tensors) -> str:
+        """Plans "auto" from the first batch the trainer feeds (its rows, the model's max_seq_length)."""
+        model = self.peft_model
+        mode = model.__dict__.get("_turbotune_checkpointing")
+        line = None
+        if mode == "auto":
+            from .auto_checkpointing import plan_checkpointing
+            rows = next(iter(tensors.values())).shape[0] if "position_ids" not in tensors else 1
+            seq = getattr(unwrap_peft(model), "max_seq_length", None) or tensors["input_ids"].shape[-1]
+            line = plan_checkpointing(model, int(seq), int(rows)).line()
+            self.graphs.reset()
+        elif mode is None:
+            from ._compat import is_checkpointing
+            from .checkpointing import get_offloaded_checkpointing
+            mode = ("offload" if get_offloaded_checkpointing(model) is not None
+                    else "recompute" if is_checkpointing(model) else "none")
+            line = f"gradient checkpointing: {mode}"
+        else:
+            line = f"gradient checkpointing: {mode}"
+        if self.trainer_checkpointing:
+            line += " (the trainer's gradient_checkpointing switch leaves get_peft_model's choice in place)"
+        return line
 
     # ------------------------------------------------------------------ the hook
     def __call__(self, *args, **kwargs):
@@ -71,7 +109,7 @@ class TrainerStep:
             from .padding import remove_padding
             tensors = remove_padding(tensors, pad_id=self._pad_id())
         if not self._announced:
-            self._announce(tensors, others)
+            self._announce(tensors, others, self._checkpointing_line(tensors))
         return self.graphs(tensors, others)
 
     def _training_call(self, kwargs) -> bool:
@@ -92,18 +130,18 @@ class TrainerStep:
             kwargs["fused_lm_head"] = True
         return self.original(**kwargs)
 
-    def _announce(self, tensors, others) -> None:
+    def _announce(self, tensors, others, checkpointing: str) -> None:
         self._announced = True
         if not self.verbose:
             return
-        on = []
+        on = [checkpointing]
         if "position_ids" in tensors and "attention_mask" not in tensors:
             on.append("padding removed (packed rows, bucketed lengths)")
         if others.get("fused_lm_head"):
             on.append("TRL's fused_lm_head served by turbotune's fused head")
         graphs = self.graphs.why_off()
-        on.append("CUDA graphs " + ("on (each shape replayed after %d eager steps)" % self.graphs.warmup
-                                    if graphs is None else f"off ({graphs})"))
+        warm = f"on (the first shape replayed after {self.graphs.warmup} eager calls, later ones after 1)"
+        on.append("CUDA graphs " + (warm if graphs is None else f"off ({graphs})"))
         print(f"[turbotune] trainer step: {'; '.join(on)}", file=sys.stderr, flush=True)
 
 
@@ -182,7 +220,11 @@ class GraphedCall:
         if self._params is None:
             self._params = [p for p in self.model.parameters() if p.requires_grad]
             if self.disabled_reason is None:
+                from .checkpointing import get_offloaded_checkpointing
                 from .cuda_graphs import why_not_graphable
+                offload = get_offloaded_checkpointing(self.model)
+                if offload is not None:  # captured offload: pinned host buffers reused by the replays
+                    offload.config.static_host_buffers = True
                 self.disabled_reason = why_not_graphable(self.model, self._params)
         return self._params
 
@@ -196,7 +238,10 @@ class GraphedCall:
         entry = self._entries.get(key) if key is not None else None
         if entry is None and key is not None:
             seen = self._seen.get(key, 0)
-            if seen >= self.warmup and len(self._entries) < self.max_graphs:
+            # After the first capture the code paths are warm: a new shape needs one eager call (for any Triton
+            # specialisation of its sizes), not `warmup`.
+            needed = self.warmup if not self._entries else min(self.warmup, 1)
+            if seen >= needed and len(self._entries) < self.max_graphs:
                 entry = self._capture(key, tensors, others, params)
             else:
                 self._seen[key] = seen + 1

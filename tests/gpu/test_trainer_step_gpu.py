@@ -75,7 +75,7 @@ def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path):
     step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=10, batch=4)
     assert step.graphs.disabled_reason is None
     # 20 micro-batches of 4 rows: packed totals 4..800 tokens fall in a handful of buckets (256 .. 896)
-    assert 1 <= step.graphs.captures <= 7 and step.graphs.replays >= 6, vars(step.graphs)
+    assert 1 <= step.graphs.captures <= 7 and step.graphs.replays >= 10, vars(step.graphs)
     eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=10, batch=4)
     for a, b in zip(logs, eager_logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
