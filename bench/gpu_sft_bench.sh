@@ -1,0 +1,24 @@
+#!/bin/bash
+# Issue 16 on the device, one call: TESTS (pytest paths) first, then `turbotune bench --trainer sft` once per
+# argument ("label:bench arguments") while time is left; logs and JSON under $OUT. From the repo root (carry .whl):
+#   TESTS=tests/gpu/test_trainer_step_gpu.py bash bench/gpu_sft_bench.sh "lora:--preset qwen2-1.5b --methods hf,turbotune"
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; T0=$(date +%s); BUDGET=${BUDGET:-575}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD/src:$PYTHONPATH || exit 1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ -n "${TESTS-}" ]; then
+  timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.txt" | tail -8
+fi
+for stage in "$@"; do
+  label=${stage%%:*}; extra=${stage#*:}
+  [ $(left) -lt 60 ] && { echo "== $label: skipped, $(left) s left"; continue; }
+  echo "== $label ($(left) s left)"
+  timeout $(( $(left) - 15 )) python3 -m turbotune bench --trainer sft --cache-dir /tmp/bench-cache \
+    --json "$OUT/sft-$label.json" $extra > "$OUT/sft-$label.txt" 2>&1
+  grep -E "^\| |^- (turbotune|unsloth|hf|liger)|Error|error:" "$OUT/sft-$label.txt" | grep -v -- "---|" | cut -c1-300 | tail -14
+done
+( cd "$OUT" && tar czf logs.tgz sft-*.txt 2>/dev/null && rm -f sft-*.txt )
