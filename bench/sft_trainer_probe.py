@@ -37,6 +37,18 @@ def _lengths(kind: str, n: int, max_len: int, rng: random.Random) -> list[int]:
     return [max(16, min(max_len, int(math.exp(rng.gauss(math.log(150), 1.08))))) for _ in range(n)]
 
 
+def _report(prof, wall_s: float, path: str) -> None:
+    from turbotune.bench_profile import _busy_us, _device_kernels
+    busy = _busy_us(_device_kernels(prof)) / 1e6
+    table = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(f"two steps: wall {wall_s * 1e3:.0f} ms, GPU busy {busy * 1e3:.0f} ms ({100 * busy / wall_s:.0f}%)\n\n")
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        f.write("\n")
+        f.write(table.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(f"profile: wall {wall_s * 1e3:.0f} ms, GPU busy {busy * 1e3:.0f} ms -> {path}", file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen2-1.5b")
@@ -50,6 +62,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cache-dir", default="/tmp/bench-cache")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="PATH",
+                    help="torch.profiler over the last two steps: wall vs GPU-busy time and the top ops, to PATH")
     args = ap.parse_args()
 
     import datasets
@@ -82,11 +96,23 @@ def main() -> int:
 
     class Clock(TrainerCallback):
         times = []
+        prof = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if args.profile and state.global_step == args.steps - 2:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t_prof = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
+            if self.prof is not None and state.global_step == args.steps:
+                self.prof.__exit__(None, None, None)
+                _report(self.prof, self.times[-1] - self.t_prof, args.profile)
 
     config = trl.SFTConfig(output_dir=str(tok_dir / "out"), per_device_train_batch_size=args.batch,
                            gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=2e-4,

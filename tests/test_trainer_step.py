@@ -119,3 +119,15 @@ def test_remove_padding_leaves_what_it_cannot_pack():
                                            (1025, 1280), (4096, 4096), (4097, 5120)])
 def test_bucket_lengths(tokens, bucket):
     assert bucket_length(tokens) == bucket and bucket - tokens <= max(256, tokens // 4)
+
+
+def test_floating_point_ops_equals_transformers_estimate(tiny_llama_dir):
+    """The Trainer's per-micro-step FLOP count, with the parameter count read once."""
+    from turbotune._compat import unwrap_peft
+    model, _ = _model(tiny_llama_dir, True)
+    base = unwrap_peft(model)
+    for n in (7, 31):
+        inputs = {"input_ids": torch.ones(2, n, dtype=torch.long)}
+        assert model.floating_point_ops(inputs) == type(base).floating_point_ops(base, inputs) > 0
+    trainer_step.uninstall(model)
+    assert trainer_step.trainer_step_of(model) is None and "floating_point_ops" not in model.__dict__

@@ -35,8 +35,8 @@ MAX_GRAPHS = 16  # shapes captured at most (bucketed lengths: about 4 per octave
 
 def install(peft_model, verbose: bool = True) -> "TrainerStep":
     """Put the hook on `peft_model.forward` (an instance attribute; `uninstall` removes it)."""
-    step = peft_model.__dict__.get("forward")
-    if isinstance(step, TrainerStep):
+    step = trainer_step_of(peft_model)
+    if step is not None:
         return step
     step = TrainerStep(peft_model, verbose=verbose)
     peft_model.forward = step
@@ -44,21 +44,25 @@ def install(peft_model, verbose: bool = True) -> "TrainerStep":
     # mode chosen in get_peft_model (auto / offload / none) with plain recompute: that choice stays.
     for name in _CHECKPOINTING_SWITCHES:
         setattr(peft_model, name, step.keep_checkpointing)
+    peft_model.floating_point_ops = step.floating_point_ops
     return step
 
 
 _CHECKPOINTING_SWITCHES = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+_INSTANCE_ATTRS = _CHECKPOINTING_SWITCHES + ("floating_point_ops",)
 
 
 def uninstall(peft_model) -> None:
-    if isinstance(peft_model.__dict__.get("forward"), TrainerStep):
-        del peft_model.forward
-        for name in _CHECKPOINTING_SWITCHES:
+    if trainer_step_of(peft_model) is not None:
+        peft_model.__dict__.pop("forward", None)
+        for name in _INSTANCE_ATTRS:
             peft_model.__dict__.pop(name, None)
 
 
 def trainer_step_of(model) -> "TrainerStep | None":
-    return model.__dict__.get("forward") if isinstance(model.__dict__.get("forward"), TrainerStep) else None
+    """The hook on `model` (also after accelerate wrapped its forward for autocast), or None."""
+    step = getattr(model.__dict__.get("floating_point_ops"), "__self__", None)
+    return step if isinstance(step, TrainerStep) else None
 
 
 class TrainerStep:
@@ -72,6 +76,16 @@ class TrainerStep:
         self.graphs = GraphedCall(self._model_call, peft_model)
         self._announced = False
         self.trainer_checkpointing = None  # what a trainer asked for with its checkpointing switch, if it did
+        self._param_counts: dict = {}
+
+    def floating_point_ops(self, inputs, exclude_embeddings: bool = True) -> int:
+        """transformers' estimate (6 x tokens x parameters) with the parameter count read once: the Trainer
+        asks every micro-step, and counting walks every parameter of the model each time."""
+        base = unwrap_peft(self.peft_model)
+        count = self._param_counts.get(exclude_embeddings)
+        if count is None:
+            count = self._param_counts[exclude_embeddings] = base.num_parameters(exclude_embeddings=exclude_embeddings)
+        return 6 * base.estimate_tokens(inputs) * count
 
     def keep_checkpointing(self, *args, **kwargs) -> None:
         """Stands in for the model's checkpointing switch: get_peft_model's mode stays (said at the first step)."""
