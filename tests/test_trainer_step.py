@@ -121,13 +121,16 @@ def test_bucket_lengths(tokens, bucket):
     assert bucket_length(tokens) == bucket and bucket - tokens <= max(256, tokens // 4)
 
 
-def test_floating_point_ops_equals_transformers_estimate(tiny_llama_dir):
-    """The Trainer's per-micro-step FLOP count, with the parameter count read once."""
+def test_parameter_count_read_once_equals_transformers(tiny_llama_dir):
+    """What the Trainer asks every micro-step (num_parameters, or floating_point_ops on older transformers) is the
+    base model's answer, counted once."""
     from turbotune._compat import unwrap_peft
     model, _ = _model(tiny_llama_dir, True)
     base = unwrap_peft(model)
-    for n in (7, 31):
-        inputs = {"input_ids": torch.ones(2, n, dtype=torch.long)}
-        assert model.floating_point_ops(inputs) == type(base).floating_point_ops(base, inputs) > 0
+    for kw in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+        assert model.num_parameters(**kw) == type(base).num_parameters(base, **kw) > 0
+    if hasattr(type(base), "floating_point_ops"):
+        inputs = {"input_ids": torch.ones(2, 7, dtype=torch.long)}
+        assert model.floating_point_ops(inputs) == type(base).floating_point_ops(base, inputs)
     trainer_step.uninstall(model)
-    assert trainer_step.trainer_step_of(model) is None and "floating_point_ops" not in model.__dict__
+    assert trainer_step.trainer_step_of(model) is None and "num_parameters" not in model.__dict__

@@ -44,12 +44,16 @@ def install(peft_model, verbose: bool = True) -> "TrainerStep":
     # mode chosen in get_peft_model (auto / offload / none) with plain recompute: that choice stays.
     for name in _CHECKPOINTING_SWITCHES:
         setattr(peft_model, name, step.keep_checkpointing)
-    peft_model.floating_point_ops = step.floating_point_ops
+    # The Trainer counts FLOPs every micro-step, from num_parameters (transformers 5.2x: Trainer.floating_point_ops)
+    # or the model's floating_point_ops (earlier); either walks every parameter. The count is read once here.
+    peft_model.num_parameters = step.num_parameters
+    if hasattr(type(unwrap_peft(peft_model)), "floating_point_ops"):
+        peft_model.floating_point_ops = step.floating_point_ops
     return step
 
 
 _CHECKPOINTING_SWITCHES = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
-_INSTANCE_ATTRS = _CHECKPOINTING_SWITCHES + ("floating_point_ops",)
+_INSTANCE_ATTRS = _CHECKPOINTING_SWITCHES + ("num_parameters", "floating_point_ops")
 
 
 def uninstall(peft_model) -> None:
@@ -61,7 +65,7 @@ def uninstall(peft_model) -> None:
 
 def trainer_step_of(model) -> "TrainerStep | None":
     """The hook on `model` (also after accelerate wrapped its forward for autocast), or None."""
-    step = getattr(model.__dict__.get("floating_point_ops"), "__self__", None)
+    step = getattr(model.__dict__.get("num_parameters"), "__self__", None)
     return step if isinstance(step, TrainerStep) else None
 
 
@@ -78,14 +82,20 @@ class TrainerStep:
         self.trainer_checkpointing = None  # what a trainer asked for with its checkpointing switch, if it did
         self._param_counts: dict = {}
 
-    def floating_point_ops(self, inputs, exclude_embeddings: bool = True) -> int:
-        """transformers' estimate (6 x tokens x parameters) with the parameter count read once: the Trainer
-        asks every micro-step, and counting walks every parameter of the model each time."""
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The base model's count; all parameters counted once (what trainers ask every micro-step)."""
         base = unwrap_peft(self.peft_model)
+        if only_trainable:  # requires_grad may change: count again
+            return base.num_parameters(only_trainable=True, exclude_embeddings=exclude_embeddings)
         count = self._param_counts.get(exclude_embeddings)
         if count is None:
             count = self._param_counts[exclude_embeddings] = base.num_parameters(exclude_embeddings=exclude_embeddings)
-        return 6 * base.estimate_tokens(inputs) * count
+        return count
+
+    def floating_point_ops(self, inputs, exclude_embeddings: bool = True) -> int:
+        """transformers' estimate (6 x tokens x parameters), with the count read once."""
+        base = unwrap_peft(self.peft_model)
+        return 6 * base.estimate_tokens(inputs) * self.num_parameters(exclude_embeddings=exclude_embeddings)
 
     def keep_checkpointing(self, *args, **kwargs) -> None:
         """Stands in for the model's checkpointing switch: get_peft_model's mode stays (said at the first step)."""
