@@ -246,10 +246,13 @@ class GraphedCall:
             if self.disabled_reason is None:
                 from .checkpointing import get_offloaded_checkpointing
                 from .cuda_graphs import why_not_graphable
-                offload = get_offloaded_checkpointing(self.model)
-                if offload is not None:  # captured offload: pinned host buffers reused by the replays
-                    offload.config.static_host_buffers = True
-                self.disabled_reason = why_not_graphable(self.model, self._params)
+                if get_offloaded_checkpointing(self.model) is not None:
+                    # Seen on an H100 (bench/NOTES.md, 2026-12-06): the capture fails, likely because the
+                    # offload's copy events would cross from the forward graph into the backward one.
+                    # cuda_graphs.GraphedMicroStep holds it in one graph; here it stays eager for now.
+                    self.disabled_reason = "offloaded checkpointing is not captured in the trainer step yet"
+                else:
+                    self.disabled_reason = why_not_graphable(self.model, self._params)
         return self._params
 
     def why_off(self) -> str | None:
