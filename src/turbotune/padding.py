@@ -61,16 +61,23 @@ def _pack(batch: dict, keep: torch.Tensor, lengths: torch.Tensor, pad_id: int) -
         positions = torch.arange(length, device=ids.device).expand(rows, length)
     first = torch.zeros_like(keep)
     first[:, 0] = True  # right padding: every sample starts its row
-    packed_labels = labels.masked_fill(first, IGNORE_INDEX)[keep]
-    packed_ids, packed_pos = ids[keep], positions[keep]
-    total = packed_ids.shape[0]
+    where = keep.reshape(-1).nonzero().squeeze(1)  # the real tokens, found once (one wait for the device)
+    total = where.numel()
     tail = bucket_length(total) - total
-    if tail:
-        dev = ids.device
-        packed_ids = torch.cat([packed_ids, torch.full((tail,), pad_id, dtype=ids.dtype, device=dev)])
-        packed_labels = torch.cat([packed_labels, torch.full((tail,), IGNORE_INDEX, dtype=labels.dtype, device=dev)])
-        packed_pos = torch.cat([packed_pos, torch.arange(tail, dtype=packed_pos.dtype, device=dev)])
+    packed_ids = _gather(ids, where, tail, pad_id)
+    packed_labels = _gather(labels.masked_fill(first, IGNORE_INDEX), where, tail, IGNORE_INDEX)
+    packed_pos = _gather(positions, where, tail, None)
     out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "position_ids")}
     out.update(input_ids=packed_ids.unsqueeze(0), labels=packed_labels.unsqueeze(0),
                position_ids=packed_pos.unsqueeze(0))
     return out
+
+
+def _gather(x: torch.Tensor, where: torch.Tensor, tail: int, fill) -> torch.Tensor:
+    """x's real tokens, then `tail` more: `fill`, or positions 0.. (fill None) so the tail is a sample of its own."""
+    out = x.reshape(-1).index_select(0, where)
+    if not tail:
+        return out
+    extra = (torch.arange(tail, dtype=x.dtype, device=x.device) if fill is None
+             else torch.full((tail,), fill, dtype=x.dtype, device=x.device))
+    return torch.cat([out, extra])
