@@ -88,3 +88,12 @@ def test_max_steps_zero_is_refused(monkeypatch, capsys):
         assert main(argv) == 1
         assert ("turbotune: error: 'max_steps' must be positive, got " + argv[-1] +
                 "; to train by epochs leave it out and pass --epochs") in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_mode_flag(monkeypatch):
+    """`--gradient-checkpointing auto` reaches the run's config as the planner's mode."""
+    import turbotune.runner as runner
+    seen = {}
+    monkeypatch.setattr(runner, "run_training", lambda cfg, *a, **k: seen.setdefault("cfg", cfg))
+    assert main(["train", "--model", "m", "--data", "d.jsonl", "--gradient-checkpointing", "auto"]) == 0
+    assert seen["cfg"].gradient_checkpointing == "auto"

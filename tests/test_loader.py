@@ -70,6 +70,15 @@ def test_transformers_bnb_4bit_checkpoint_loads_and_trains(tiny_llama_dir, tmp_p
         losses.append(loss.item())
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     assert torch.equal(model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.data, packed)
+    # Loaded without load_in_4bit, it is still a 4-bit model: memory predictions and OOM advice say so.
+    from turbotune.quant import is_4bit_model
+    from turbotune.run_config import TrainConfig
+    from turbotune.train import oom_message
+    assert is_4bit_model(model)
+    message = oom_message(TrainConfig(load_in_4bit=False), 1, 128, is_4bit_model(model))
+    assert "4-bit base: yes" in message and "--load-in-4bit" not in message
+    plain, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    assert not is_4bit_model(plain)
 
 
 def test_dtype_choice():

@@ -72,3 +72,12 @@ def test_note_when_fused_lora_cannot_apply(tiny_llama_dir, capsys):
     model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
     FastModel.get_peft_model(model, r=4)
     assert "fused LoRA off" not in capsys.readouterr().out
+
+
+def test_one_lora_alpha_default(tiny_llama_dir):
+    """Both entry points: lora_alpha left out means alpha = r (scale 1)."""
+    for r in (4, 8):
+        model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+        a = FastModel.get_peft_model(model, r=r, verbose=False)
+        b, _ = turbotune.get_peft_model(model_name=str(tiny_llama_dir), r=r, verbose=False)
+        assert a.peft_config["default"].lora_alpha == b.peft_config["default"].lora_alpha == r

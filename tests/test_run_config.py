@@ -117,3 +117,19 @@ def test_max_steps_must_be_positive(tmp_path):
     assert build_config(str(f)).max_steps is None
     with pytest.raises(ConfigError, match="'epochs' must be positive"):
         build_config(None, {"epochs": 0})
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("offload", "offload"), (True, True), (False, False),
+                                            ("true", True), ("none", False)])
+def test_yaml_gradient_checkpointing_modes(tmp_path, value, expected):
+    import yaml
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"gradient_checkpointing": value}))
+    assert build_config(str(path)).gradient_checkpointing == expected
+
+
+def test_gradient_checkpointing_bad_mode(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("gradient_checkpointing: sometimes\n")
+    with pytest.raises(ConfigError, match="true, false, offload or auto"):
+        build_config(str(path))

@@ -50,6 +50,10 @@ _TRAIN_FLAGS = [
                        help="pack samples into rows of --max-seq-length: no compute spent on padding "
                             "(default: on for GPU runs where the model's attention supports it)")),
     ("--no-packing", dict(action="store_const", const=False, dest="packing", help="pad each micro-batch instead")),
+    ("--gradient-checkpointing", dict(metavar="MODE", choices=["true", "false", "offload", "auto"],
+                                      help="true: recompute every layer (default); false; offload: recompute, each "
+                                           "layer's input in pinned host memory; auto: the cheapest that the memory "
+                                           "planner predicts will fit")),
     ("--no-gradient-checkpointing", dict(action="store_const", const=False, dest="gradient_checkpointing",
                                          help="keep every activation instead of recomputing: faster, more memory")),
     ("--allow-pickle", dict(action="store_const", const=True, help="allow pickle (*.bin) weights: they can run code")),

@@ -44,7 +44,7 @@ class FastModel:
             allow_pickle=allow_pickle, attn_implementation=attn_implementation, patch=patch, verbose=verbose)
 
     @staticmethod
-    def get_peft_model(model, r=16, lora_alpha=16, **kwargs):
+    def get_peft_model(model, r=16, lora_alpha=None, **kwargs):
         """Add LoRA adapters; see turbotune.lora.get_peft_model for every option.
 
         Takes Unsloth's keywords: bias="none", use_gradient_checkpointing="unsloth" (recompute each layer, as
@@ -80,7 +80,6 @@ def get_peft_model(model=None, model_name=None, max_seq_length=2048, dtype=None,
     get_peft_model(model, r=16, ...)                      -> PeftModel
     get_peft_model(model_name="org/name", load_in_4bit=True, r=16, ...) -> (PeftModel, tokenizer)
     """
-    lora_alpha = r if lora_alpha is None else lora_alpha
     if model is not None:
         return FastModel.get_peft_model(model, r=r, lora_alpha=lora_alpha, **kwargs)
     load_keys = {"token", "trust_remote_code", "device_map", "double_quant", "allow_pickle", "attn_implementation",

@@ -65,11 +65,12 @@ def fused_lora_reason(model) -> str | None:
     return None
 
 
-def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=None, bias="none",
+def get_peft_model(model, r=16, lora_alpha=None, lora_dropout=0.0, target_modules=None, bias="none",
                    use_gradient_checkpointing=True, random_state=3407, use_rslora=False, modules_to_save=None,
                    init_lora_weights=True, verbose=True, adapter_precision="peft", **lora_kwargs):
     """Wrap `model` with PEFT LoRA adapters and make it ready to train. Returns the PeftModel.
 
+    lora_alpha: None (the default of every entry point) means r: the adapters' scale alpha / r is 1.
     adapter_precision: where the fused path runs LoRA's rank-r products. "peft" (default): in the adapters'
     dtype, exactly as PEFT (fp32 adapters: x is upcast). "input": in the model's compute dtype, as Unsloth
     does; faster under bf16 (no fp32 copies of activations), results differ by bf16 rounding only."""
@@ -80,6 +81,7 @@ def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=
         raise ConfigError("this model already has LoRA adapters; call get_peft_model on the base model")
     if r <= 0:
         raise ConfigError(f"LoRA rank r must be positive, got {r}")
+    lora_alpha = r if lora_alpha is None else lora_alpha
     from .kernels.fused_lora import ADAPTER_PRECISIONS
     if adapter_precision not in ADAPTER_PRECISIONS:
         raise ConfigError(f"adapter_precision must be one of {ADAPTER_PRECISIONS}, got {adapter_precision!r}")

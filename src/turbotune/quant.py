@@ -238,6 +238,17 @@ def dequantize_nf4(weight, quant_state=None, out: torch.Tensor | None = None, dt
                                backend=backend)
 
 
+# --------------------------------------------------------------------------------------------- the model
+def is_4bit_model(model) -> bool:
+    """True when the (PEFT-wrapped or plain) model's base weights are bitsandbytes 4-bit: loaded with
+    load_in_4bit, or a pre-quantised `*-bnb-4bit` folder loaded as it is."""
+    from ._compat import unwrap_peft
+    base = unwrap_peft(model)
+    if getattr(base, "is_loaded_in_4bit", False):
+        return True
+    return any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in base.modules())
+
+
 # --------------------------------------------------------------------------------------------- bitsandbytes itself
 def bnb_dequantize_flat(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """bitsandbytes' own dequantisation of a 4-bit weight, asked for over the flattened tensor, then reshaped.

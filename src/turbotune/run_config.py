@@ -42,7 +42,7 @@ class TrainConfig:
     lora_alpha: int | None = None       # None = lora_r
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = True   # true (recompute) | false | "offload" | "auto" (planner)
     packing: bool | None = None         # pack samples into rows of max_seq_length (packing.py); None = auto:
                                         # on for GPU runs whose attention supports it, off on the CPU
     train_on_responses_only: bool = True
@@ -228,6 +228,14 @@ def check_values(cfg: TrainConfig) -> None:
                           "to train by epochs leave it out and pass --epochs")
     if cfg.max_steps is None and cfg.epochs <= 0:
         raise ConfigError(f"'epochs' must be positive, got {cfg.epochs} (or give max_steps)")
+    if isinstance(cfg.gradient_checkpointing, str):
+        mode = cfg.gradient_checkpointing.lower()
+        named = {"true": True, "recompute": True, "false": False, "none": False, "offload": "offload",
+                 "auto": "auto"}
+        if mode not in named:
+            raise ConfigError(f"'gradient_checkpointing' must be true, false, offload or auto, got "
+                              f"{cfg.gradient_checkpointing!r}")
+        cfg.gradient_checkpointing = named[mode]
     if cfg.lr_scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"'lr_scheduler' must be linear, cosine or constant, got {cfg.lr_scheduler!r}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:

@@ -23,6 +23,7 @@ import torch
 from . import checkpoints as ckpt
 from ._compat import unwrap_peft
 from .errors import ConfigError, TrainingStopped
+from .quant import is_4bit_model
 from .run_config import TrainConfig, check_values, dump
 from .train_log import LogTable, memory_now, plot_losses, write_log
 
@@ -52,16 +53,22 @@ def make_scheduler(optimizer, kind: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def oom_message(cfg: TrainConfig, step: int, longest: int) -> str:
+def oom_message(cfg: TrainConfig, step: int, longest: int, four_bit: bool | None = None) -> str:
+    """four_bit: whether the loaded base is 4-bit (a `*-bnb-4bit` folder is, without --load-in-4bit)."""
+    four_bit = cfg.load_in_4bit if four_bit is None else four_bit
     return (f"out of GPU memory at step {step}: micro-batch {cfg.batch_size} × sequence length up to "
             f"{cfg.max_seq_length} (longest in this batch: {longest}), 4-bit base: "
-            f"{'yes' if cfg.load_in_4bit else 'no'}, gradient checkpointing: "
-            f"{'on' if cfg.gradient_checkpointing else 'off'}. To fit, try (in this order): "
+            f"{'yes' if four_bit else 'no'}, gradient checkpointing: "
+            f"{checkpointing_label(cfg.gradient_checkpointing)}. To fit, try (in this order): "
             f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2} (same effective batch); "
             f"--max-seq-length {max(64, cfg.max_seq_length // 2)}; "
-            + ("" if cfg.load_in_4bit else "--load-in-4bit; ")
+            + ("" if four_bit else "--load-in-4bit; ")
             + ("" if cfg.gradient_checkpointing else "gradient checkpointing on; ")
             + "a smaller --lora-r. Checkpoints already written are intact; --resume continues from the last one.")
+
+
+def checkpointing_label(mode) -> str:
+    return ("on" if mode else "off") if isinstance(mode, bool) else str(mode)
 
 
 class _SignalGuard:
@@ -266,7 +273,7 @@ class Trainer:
         try:
             lm = unwrap_peft(self.model)
             mode = choice.mode if choice is not None else self.cfg.gradient_checkpointing
-            plan = predict_peak(lm.config, self.cfg.max_seq_length, self.cfg.batch_size, qlora=self.cfg.load_in_4bit,
+            plan = predict_peak(lm.config, self.cfg.max_seq_length, self.cfg.batch_size, qlora=is_4bit_model(lm),
                                 lora_r=self.cfg.lora_r, checkpointing=mode, dtype=lm.dtype,
                                 double_quant=self.cfg.double_quant,
                                 checkpointed_layers=choice.layers if choice is not None else None)
@@ -317,7 +324,8 @@ class Trainer:
                 except torch.OutOfMemoryError:
                     self._zero_grad()
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                    raise TrainingStopped(oom_message(self.cfg, self.step + 1, self.cfg.max_seq_length)) from None
+                    raise TrainingStopped(oom_message(self.cfg, self.step + 1, self.cfg.max_seq_length,
+                                                      is_4bit_model(self.model))) from None
                 if not math.isfinite(loss):
                     self._zero_grad()
                     if not self.cfg.skip_nonfinite:
