@@ -134,3 +134,13 @@ def test_parameter_count_read_once_equals_transformers(tiny_llama_dir):
         assert model.floating_point_ops(inputs) == type(base).floating_point_ops(base, inputs)
     trainer_step.uninstall(model)
     assert trainer_step.trainer_step_of(model) is None and "num_parameters" not in model.__dict__
+
+
+def test_packed_rows_grow_to_their_bucket():
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    batch = {"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 0, 1]]), "labels": ids.clone()}
+    out = remove_padding(batch)
+    assert out["input_ids"].shape == (1, 256) and out["input_ids"][0, :5].tolist() == [5, 6, 7, 8, 9]
+    assert out["position_ids"][0, :8].tolist() == [0, 1, 2, 0, 1, 0, 1, 2] and (out["labels"][0, 5:] == -100).all()
+    flash = dict(batch, cu_seq_lens_q=torch.tensor([0, 3, 5]))
+    assert remove_padding(flash) is flash  # its boundaries describe the row as it is

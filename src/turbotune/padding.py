@@ -14,7 +14,9 @@ A collator such as TRL's (with `packing=False`) pads every micro-batch to its lo
 * T real tokens are grown to a bucket length T_b (about four per octave, so at most 25% extra) by a tail
   segment of its own (positions 0.., labels -100): shapes repeat, and CUDA graphs can be replayed.
 
-Only right-padded batches of the plain keys are rewritten (input_ids, attention_mask, labels, position_ids);
+A row that comes packed already (TRL's packing or padding-free collator: position ids, no mask) is only grown to
+its bucket. Only right-padded batches of the plain keys are rewritten (input_ids, attention_mask, labels,
+position_ids);
 anything else (left padding, per-token extras such as token_type_ids, pre-shifted labels) is returned as it
 came. An all-ones `attention_mask` is simply dropped: no padding, and no mask lets attention take its causal
 fast path. Deciding costs one host sync per call (the trainer's own metrics sync every micro-step anyway).
@@ -40,6 +42,8 @@ def remove_padding(batch: dict, pad_id: int = 0) -> dict:
     """The batch with its padding removed (see the module docstring), or unchanged where that does not apply."""
     mask = batch.get("attention_mask")
     ids = batch.get("input_ids")
+    if mask is None and ids is not None:
+        return _grow_packed_row(batch, pad_id)
     if mask is None or ids is None or mask.dim() != 2 or ids.shape != mask.shape:
         return batch
     rows, length = mask.shape
@@ -51,6 +55,25 @@ def remove_padding(batch: dict, pad_id: int = 0) -> dict:
     if not right_padded or set(batch) - _PLAIN_KEYS or "labels" not in batch:
         return batch
     return _pack(batch, prefix, lengths, pad_id)
+
+
+def _grow_packed_row(batch: dict, pad_id: int) -> dict:
+    """A row that is already packed (TRL's `packing=True` / `padding_free=True`: one row, `position_ids` restarting
+    per sample, no mask) grown to its bucket length by a tail sample of its own, so its shape repeats."""
+    ids, positions, labels = batch["input_ids"], batch.get("position_ids"), batch.get("labels")
+    if (ids.dim() != 2 or ids.shape[0] != 1 or positions is None or labels is None
+            or positions.shape != ids.shape or labels.shape != ids.shape or set(batch) - _PLAIN_KEYS):
+        return batch  # flash-attention's cu_seq_lens and other extras describe the row as it is: leave it
+    total = ids.shape[1]
+    tail = bucket_length(total) - total
+    if not tail:
+        return batch
+    every = torch.arange(total, device=ids.device)
+    out = dict(batch)
+    out.update(input_ids=_gather(ids, every, tail, pad_id).unsqueeze(0),
+               labels=_gather(labels, every, tail, IGNORE_INDEX).unsqueeze(0),
+               position_ids=_gather(positions, every, tail, None).unsqueeze(0))
+    return out
 
 
 def _pack(batch: dict, keep: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> dict:
