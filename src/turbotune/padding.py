@@ -16,9 +16,8 @@ A collator such as TRL's (with `packing=False`) pads every micro-batch to its lo
 
 A row that comes packed already (TRL's packing or padding-free collator: position ids, no mask) is only grown to
 its bucket. Only right-padded batches of the plain keys are rewritten (input_ids, attention_mask, labels,
-position_ids);
-anything else (left padding, per-token extras such as token_type_ids, pre-shifted labels) is returned as it
-came. An all-ones `attention_mask` is simply dropped: no padding, and no mask lets attention take its causal
+position_ids); anything else (left padding, per-token extras such as token_type_ids, pre-shifted labels,
+flash-attention's cu_seq_lens) is returned as it came. An all-ones `attention_mask` is simply dropped: no padding, and no mask lets attention take its causal
 fast path. Deciding costs one host sync per call (the trainer's own metrics sync every micro-step anyway).
 """
 from __future__ import annotations
