@@ -347,3 +347,18 @@ def test_longest_sequence_search_crosses_the_mlp_tiling_dip():
     assert n >= t
     assert predict_peak(shape, n, 1, checkpointing="none").total_bytes <= at
     assert predict_peak(shape, n + 1, 1, checkpointing="none").total_bytes > at
+
+
+def test_planner_imports_nothing_of_the_bench():
+    """The planner reads model shapes and presets from model_shapes.py; the bench imports the planner, never the
+    other way round (no import circle)."""
+    import ast
+    from pathlib import Path
+    src = Path(__file__).resolve().parents[1] / "src" / "turbotune"
+    for name in ("model_shapes.py", "planner.py", "planner_layers.py", "plan_search.py"):
+        tree = ast.parse((src / name).read_text())
+        modules = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not [m for m in modules if m.startswith("bench")], (name, modules)
+    shapes = ast.parse((src / "model_shapes.py").read_text())
+    assert {n.module for n in ast.walk(shapes) if isinstance(n, ast.ImportFrom)} <= {"__future__", "dataclasses",
+                                                                                      "errors"}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The planner's ModelShape is the one config view, for FLOPs (here) as for memory (planner.py).
-from .planner import ModelShape
+from .model_shapes import PRESETS, ModelShape, preset_dict
 
 # The seven projections every method adapts with LoRA.
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,52 +32,6 @@ MARKER = "turbotune_bench_model.json"  # written last: its presence means the ca
 # ----------------------------------------------------------------------------------------------------------
 # Presets (public config facts; only what the architecture needs)
 # ----------------------------------------------------------------------------------------------------------
-PRESETS: dict[str, dict] = {
-    # CPU / CI: a 2-layer Llama small enough to train in seconds.
-    "tiny": {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "vocab_size": 512, "max_position_embeddings": 4096, "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
-        "attention_bias": False, "mlp_bias": False,
-    },
-    # HuggingFaceTB/SmolLM2-135M
-    "smollm2-135m": {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-        "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu",
-        "initializer_range": 0.041666666666666664, "bos_token_id": 1, "eos_token_id": 2,
-        "attention_bias": False, "mlp_bias": False,
-    },
-    # Qwen/Qwen2-1.5B-Instruct (q/k/v carry biases in the Qwen2 architecture itself)
-    "qwen2-1.5b": {
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-        "num_attention_heads": 12, "num_key_value_heads": 2,
-        "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": 151643, "eos_token_id": 151645,
-        "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21,
-    },
-    # meta-llama/Llama-3.1-8B
-    "llama3-8b": {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-        "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": 128000, "eos_token_id": 128001,
-        "attention_bias": False, "mlp_bias": False,
-    },
-}
-
-
 class BenchError(Exception):
     """A usage problem reported to the user as one clear line (exit code 2)."""
 
@@ -86,7 +40,7 @@ def preset_config(name: str) -> dict:
     if name not in PRESETS:
         raise BenchError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} "
                          "(or pass --model PATH for a local model folder)")
-    return json.loads(json.dumps(PRESETS[name]))
+    return preset_dict(name)
 
 
 # ----------------------------------------------------------------------------------------------------------

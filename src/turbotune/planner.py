@@ -151,7 +151,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import TurbotuneError
+from .model_shapes import METHODS, PRESETS, ModelShape, PlanError, model_shape, preset_dict
 from .planner_layers import (
     ADAPTER_BYTES,
     layer_saved_bytes_per_token,
@@ -166,7 +166,6 @@ __all__ = ["PlanError", "ModelShape", "PlanItem", "Plan", "predict_peak", "resol
 KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
 
 CHECKPOINTING_MODES = ("none", "recompute", "offload")
-METHODS = ("turbotune", "hf")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 NF4_BLOCKSIZE = 64                     # bitsandbytes 4-bit blocksize
 NF4_NESTED_BLOCKSIZE = 256             # double quantisation: one fp32 absmax per 256 first-level blocks
@@ -177,120 +176,14 @@ SEQ_SEARCH_CAP = 1 << 20               # max-seq search stops here when the conf
 BATCH_SEARCH_CAP = 1 << 16
 
 
-class PlanError(TurbotuneError):
-    """A planner input we can't use (unknown model, unsupported architecture, bad size); one clear line."""
-
-
-# --------------------------------------------------------------------------------------------- model shape
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory arithmetic needs from a dense decoder-only config."""
-    model_type: str
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    max_positions: int | None = None
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of the seven per-layer projections."""
-        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
-
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    def norm_params(self) -> int:
-        return (2 * self.layers + 1) * self.hidden
-
-    def bias_params(self) -> int:
-        per = 0
-        if self.qkv_bias:
-            per += self.q_dim + 2 * self.kv_dim
-        if self.o_bias:
-            per += self.hidden
-        if self.mlp_bias:
-            per += 2 * self.intermediate + self.hidden
-        return self.layers * per
-
-    def total_params(self) -> int:
-        return self.linear_params() + self.embedding_params() + self.norm_params() + self.bias_params()
-
-
-def _config_dict(config) -> dict:
-    if isinstance(config, dict):
-        cfg = dict(config)
-    elif hasattr(config, "to_dict"):
-        cfg = config.to_dict()
-    else:
-        raise PlanError(f"expected a config dict or a transformers config, got {type(config).__name__}")
-    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper
-        inner = dict(cfg["text_config"])
-        inner.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings"))
-        cfg = inner
-    return cfg
-
-
-def model_shape(config) -> ModelShape:
-    """ModelShape of a config dict, a transformers PretrainedConfig, or a ModelShape (returned as is)."""
-    if isinstance(config, ModelShape):
-        return config
-    cfg = _config_dict(config)
-    mtype = str(cfg.get("model_type") or "?")
-    for moe_key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if cfg.get(moe_key):
-            raise PlanError(f"model type {mtype!r} is a mixture-of-experts model ({moe_key}={cfg[moe_key]}); "
-                            "the planner handles dense decoder-only models only")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                           "vocab_size") if not cfg.get(k)]
-    if missing:
-        raise PlanError(f"model type {mtype!r}: the config lacks {', '.join(missing)}; the planner needs a dense "
-                        "decoder-only (Llama-shaped) config")
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    head_dim = cfg.get("head_dim") or hidden // heads
-    attention_bias = bool(cfg.get("attention_bias", False))
-    qwen2_like = mtype in ("qwen2",)  # Qwen2 puts biases on q, k, v in the architecture itself
-    tied = cfg.get("tie_word_embeddings")
-    max_pos = cfg.get("max_position_embeddings")
-    return ModelShape(model_type=mtype, layers=int(cfg["num_hidden_layers"]), hidden=hidden,
-                      intermediate=int(cfg["intermediate_size"]), heads=heads,
-                      kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(head_dim),
-                      vocab=int(cfg["vocab_size"]), tied=bool(tied) if tied is not None else False,
-                      qkv_bias=qwen2_like or attention_bias, o_bias=attention_bias and not qwen2_like,
-                      mlp_bias=bool(cfg.get("mlp_bias", False)),
-                      max_positions=int(max_pos) if max_pos else None)
-
-
 def resolve_config(model: str):
     """(display name, config) for a bench preset name, a local model folder, or a cached hub id.
 
     Nothing is loaded but the config: AutoConfig.from_pretrained for folders and hub ids (offline: only the local
     cache), the preset's dict for preset names.
     """
-    from .bench_presets import PRESETS, preset_config
-
     if model in PRESETS:
-        return model, preset_config(model)
+        return model, preset_dict(model)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

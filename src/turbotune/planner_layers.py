@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .planner import ModelShape
+    from .model_shapes import ModelShape
 
 ADAPTER_BYTES = 4                      # PEFT keeps LoRA A / B in fp32 (autocast_adapter_dtype)
 
@@ -55,7 +55,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, method: str = "turbotune", r:
                 "mlp_x": 2 * H * a if cast else H * b, "mlp_gate_act_up": 3 * I * b,
                 "down_x": I * a if cast else I * b, "mlp_xa": 3 * r * a}
     # imported here, not at the top: planner imports this module
-    from .planner import METHODS, PlanError
+    from .model_shapes import METHODS, PlanError
     raise PlanError(f"method must be one of {METHODS}, got {method!r}")
 
 
