@@ -5,13 +5,7 @@
 #     "lora:--methods hf,turbotune,unsloth" "qlora:--qlora --methods hf,turbotune"
 # TESTS (pytest paths) run first, then SCRIPTS (python files taking --json PATH). Logs, JSON and one archive
 # of the profile reports land under $OUT.
-set -o pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; T0=$(date +%s); BUDGET=${BUDGET:-570}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD/src:$PYTHONPATH || exit 1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+BUDGET=${BUDGET:-570}; . "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-}" ]; then
   echo "== gpu tests: $TESTS"
   timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q --maxfail=3 -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1

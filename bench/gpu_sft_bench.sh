@@ -2,13 +2,7 @@
 # Issue 16 on the device, one call: TESTS (pytest paths) first, then `turbotune bench --trainer sft` once per
 # argument ("label:bench arguments") while time is left; logs and JSON under $OUT. From the repo root (carry .whl):
 #   TESTS=tests/gpu/test_trainer_step_gpu.py bash bench/gpu_sft_bench.sh "lora:--preset qwen2-1.5b --methods hf,turbotune"
-set -o pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; T0=$(date +%s); BUDGET=${BUDGET:-575}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD/src:$PYTHONPATH || exit 1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+BUDGET=${BUDGET:-575}; . "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-}" ]; then
   timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.txt" | tail -8

@@ -2,13 +2,7 @@
 # Issue 16 on the device, one call: the trainer-step GPU tests, then bench/sft_trainer_probe.py once per argument
 # ("method:extra probe arguments"), each in its own process, while time is left. Run from the repo root (carry .whl):
 #   bash bench/gpu_trainer_step.sh "stock:" "turbotune:--lengths mixed"
-set -o pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; T0=$(date +%s); BUDGET=${BUDGET:-570}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD/src:$PYTHONPATH || exit 1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+BUDGET=${BUDGET:-570}; . "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-tests/gpu/test_trainer_step_gpu.py}" ]; then
   timeout ${TEST_LIMIT:-240} python3 -m pytest ${TESTS-tests/gpu/test_trainer_step_gpu.py} -q -p no:cacheprovider \
     > "$OUT/gpu_tests.txt" 2>&1; grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.txt" | tail -12

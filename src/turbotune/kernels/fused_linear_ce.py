@@ -301,6 +301,16 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     non-ignored tokens / num_items_in_batch (or / their count here). Returns a 0-dim fp32 tensor.
     Under autocast, hidden / weight / bias are cast to the autocast dtype first (as lm_head would be).
     """
+    h2, weight, bias, y, softcap, no_autocast = head_inputs(hidden, weight, bias, labels, softcap)
+    with no_autocast:
+        return FusedLinearCrossEntropyFunction.apply(h2, weight, bias, y, ignore_index, num_items_in_batch, softcap,
+                                                     float(logit_scale), chunk_size, backend)
+
+
+def head_inputs(hidden, weight, bias, labels, softcap):
+    """The head's inputs as the chunk loop takes them: hidden [N, H] contiguous, labels [N] on its device, the
+    weight (and bias) in hidden's dtype or, under autocast, everything in the autocast dtype as lm_head would
+    run, with a context that switches autocast off for the loop itself; softcap <= 0 read as none."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h2.device)
     if y.shape[0] != h2.shape[0]:
@@ -315,9 +325,6 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         bias = bias.to(amp) if bias is not None else None
     elif weight.dtype != h2.dtype:
         weight = weight.to(h2.dtype)
-    ctx_mgr = torch.autocast(h2.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
-    with ctx_mgr:
-        return FusedLinearCrossEntropyFunction.apply(h2.contiguous(), weight, bias, y, ignore_index,
-                                                     num_items_in_batch, softcap, float(logit_scale), chunk_size,
-                                                     backend)
+    no_autocast = torch.autocast(h2.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
+    return h2.contiguous(), weight, bias, y, softcap, no_autocast
 

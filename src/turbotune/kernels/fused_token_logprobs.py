@@ -20,13 +20,10 @@ gradient would need G in the forward.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-from .._compat import autocast_dtype
-from .fused_linear_ce import _chunked_rows
+from .fused_linear_ce import _chunked_rows, head_inputs
 
 __all__ = ["fused_linear_token_logprobs", "linear_token_logprobs_reference", "FusedLinearTokenLogProbsFunction"]
 
@@ -87,20 +84,8 @@ def fused_linear_token_logprobs(hidden, weight, labels, bias=None, ignore_index=
     hidden [..., H] with as many rows as labels has elements (labels already shifted: row n predicts y_n).
     Ignored positions give 0, 0, False. Under autocast, hidden and the head are cast as lm_head would be.
     """
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1).to(h2.device)
-    if y.shape[0] != h2.shape[0]:
-        raise ValueError(f"labels have {y.shape[0]} elements but hidden has {h2.shape[0]} rows")
-    if softcap is not None and softcap <= 0:
-        softcap = None
-    amp = autocast_dtype(h2.device.type)
-    if amp is not None:
-        h2, weight = h2.to(amp), weight.to(amp)
-        bias = bias.to(amp) if bias is not None else None
-    elif weight.dtype != h2.dtype:
-        weight = weight.to(h2.dtype)
-    ctx_mgr = torch.autocast(h2.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
-    with ctx_mgr:
-        logp, ent, top1 = FusedLinearTokenLogProbsFunction.apply(h2.contiguous(), weight, bias, y, ignore_index,
-                                                                 softcap, float(logit_scale), chunk_size, backend)
+    h2, weight, bias, y, softcap, no_autocast = head_inputs(hidden, weight, bias, labels, softcap)
+    with no_autocast:
+        logp, ent, top1 = FusedLinearTokenLogProbsFunction.apply(h2, weight, bias, y, ignore_index, softcap,
+                                                                 float(logit_scale), chunk_size, backend)
     return logp.view(labels.shape), ent.view(labels.shape), top1.view(labels.shape)
