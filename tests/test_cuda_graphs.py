@@ -117,21 +117,21 @@ def test_capture_of_plain_rows_keeps_sdpa_causal(tiny_llama_dir, monkeypatch):
     import transformers.masking_utils as mu
 
     from turbotune.cuda_graphs import one_sequence_per_row
-    from turbotune.packing import _call_create_causal_mask
+    from turbotune._compat import call_create_causal_mask
 
     m = _model(tiny_llama_dir)
     cfg = m.config
     embeds = torch.zeros(2, 6, cfg.hidden_size)
     positions = torch.arange(6).unsqueeze(0)
-    assert _call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions) is None  # eager: no mask
+    assert call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions) is None  # eager: no mask
 
     monkeypatch.setattr(mu, "is_tracing", lambda *a, **k: True)  # what stream capture looks like to it
-    captured = _call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions)
+    captured = call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions)
     assert isinstance(captured, torch.Tensor)  # the slow path this guards against
     with one_sequence_per_row({"input_ids": torch.zeros(2, 6, dtype=torch.long)}):
-        assert _call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions) is None
+        assert call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions) is None
     with one_sequence_per_row({"input_ids": torch.zeros(2, 6, dtype=torch.long), "position_ids": positions}):
-        assert isinstance(_call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions), torch.Tensor)
+        assert isinstance(call_create_causal_mask(mu.create_causal_mask, cfg, embeds, positions), torch.Tensor)
     assert mu.find_packed_sequence_indices.__name__ == "find_packed_sequence_indices"  # restored
     assert mu.is_tracing() is True
 
@@ -142,7 +142,7 @@ def test_capture_without_the_causal_skip_of_transformers_5_17(tiny_llama_dir, mo
     import transformers.masking_utils as mu
 
     from turbotune.cuda_graphs import one_sequence_per_row
-    from turbotune.packing import _call_create_causal_mask
+    from turbotune._compat import call_create_causal_mask
 
     skip = mu._ignore_causal_mask_sdpa
 
@@ -156,6 +156,6 @@ def test_capture_without_the_causal_skip_of_transformers_5_17(tiny_llama_dir, mo
     monkeypatch.setattr(mu, "_ignore_causal_mask_sdpa", skip_as_in_5_17)
     monkeypatch.setattr(mu, "is_tracing", lambda *a, **k: True)
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
-    assert isinstance(_call_create_causal_mask(mu.create_causal_mask, m.config, embeds, positions), torch.Tensor)
+    assert isinstance(call_create_causal_mask(mu.create_causal_mask, m.config, embeds, positions), torch.Tensor)
     with one_sequence_per_row({"input_ids": torch.zeros(2, 6, dtype=torch.long)}):
-        assert _call_create_causal_mask(mu.create_causal_mask, m.config, embeds, positions) is None
+        assert call_create_causal_mask(mu.create_causal_mask, m.config, embeds, positions) is None

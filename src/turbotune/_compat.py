@@ -5,9 +5,11 @@ instead of comparing version strings itself, so a new transformers release means
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata as md
 import inspect
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -35,6 +37,12 @@ TESTED_VERSIONS: dict[str, tuple[str, str]] = {
     "bitsandbytes": ("0.50", "0.50"),
     "triton": ("3.6", "3.9"),
 }
+
+
+def python_older_than(minimum: tuple[int, int]) -> str | None:
+    """The running Python's version ("3.9.18") when it is older than `minimum` (major, minor), else None."""
+    vi = tuple(sys.version_info)
+    return ".".join(str(x) for x in vi[:3]) if vi[:2] < minimum else None
 
 
 def package_version(name: str) -> str | None:
@@ -117,11 +125,115 @@ def dtype_kwargs(dtype) -> dict:
     return {from_pretrained_dtype_kwarg(): dtype}
 
 
+# The keywords a KV cache reaches an attention forward under: `cache=` since transformers 5.2x,
+# `past_key_values=` before. Decoder layers of older releases and other families also say `past_key_value=`
+# (transformers < 4.56) or `layer_past=` (GPT-2 style).
+ATTENTION_CACHE_KWARGS = ("cache", "past_key_values")
+LAYER_CACHE_KWARGS = ATTENTION_CACHE_KWARGS + ("past_key_value", "layer_past")
+
+
+def has_cache(kwargs: dict) -> bool:
+    """Whether a forward got a KV cache: `cache=` since transformers 5.2x, `past_key_values=` before."""
+    return any(kwargs.get(name) is not None for name in ATTENTION_CACHE_KWARGS)
+
+
 def cache_from_kwargs(kwargs: dict):
-    """The KV cache passed to an attention forward: `cache=` since transformers 5.2x, `past_key_values=` before."""
-    if "cache" in kwargs:
-        return kwargs.pop("cache")
-    return kwargs.pop("past_key_values", None)
+    """Pop the KV cache of an attention forward (`cache=` since transformers 5.2x, `past_key_values=` before)."""
+    found = [kwargs.pop(name, None) for name in ATTENTION_CACHE_KWARGS]
+    return next((cache for cache in found if cache is not None), None)
+
+
+def clear_layer_caches(kwargs: dict) -> None:
+    """Set every KV cache a decoder layer got to None, under any release's keyword (see LAYER_CACHE_KWARGS)."""
+    for name in LAYER_CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            kwargs[name] = None
+
+
+def attention_function(config):
+    """The attention function `config._attn_implementation` names: transformers 5.x looks it up with
+    `ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)`, 4.x indexes the registry, which lacks "eager"."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    impl = config._attn_implementation
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+    return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def checkpoint_func_attrs() -> tuple[str, ...]:
+    """Where a layer keeps the checkpoint function transformers gave it: `_gradient_checkpointing_func` in
+    4.x and 5.x; the second name is where the activation-checkpointing rename would move it."""
+    return ("_gradient_checkpointing_func", "_activation_checkpointing_func")
+
+
+def packed_mask_builder():
+    """transformers' `masking_utils.create_causal_mask` where masking_utils detects packed sequences
+    (`find_packed_sequence_indices`, 4.57+), else None."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return None
+    return masking_utils.create_causal_mask if hasattr(masking_utils, "find_packed_sequence_indices") else None
+
+
+def call_create_causal_mask(fn, config, embeds, position_ids):
+    """transformers' create_causal_mask with this version's keywords: `inputs_embeds` (5.x) or `input_embeds`
+    (4.x), `cache` (5.2x) or `past_key_values`, and `cache_position` only in 4.x."""
+    params = inspect.signature(fn).parameters
+    kwargs = {"config": config, "attention_mask": None, "position_ids": position_ids}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    kwargs["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:  # transformers 4.x
+        import torch
+        kwargs["cache_position"] = torch.arange(embeds.shape[1])
+    return fn(**kwargs)
+
+
+@lru_cache(None)
+def transformers_mask_is_capture_safe() -> bool:
+    """Whether transformers skips its host-side checks of the mask inputs while a CUDA graph is being captured.
+
+    Its packed-sequence detection ends with `(packed_sequence_mask[:, -1] == 0).all()` used as a Python bool,
+    which waits for the GPU, unless `is_tracing()` says a graph is being traced or captured; transformers 5.17
+    and 5.24 count CUDA stream capture as tracing (then the document mask is always built, which is exact).
+    Checked in the source, since the behaviour can't be observed without a GPU."""
+    try:
+        from transformers.utils import import_utils
+        return "stream_capturing" in inspect.getsource(import_utils.is_tracing)
+    except Exception:
+        return False
+
+
+def _no_packed_sequences(position_ids):
+    return None
+
+
+def _not_tracing(tensor=None):
+    return False
+
+
+@contextlib.contextmanager
+def masks_see_no_packing_or_tracing():
+    """For the block, transformers' masking_utils finds no packed sequences and no tracing: it replaces
+    `find_packed_sequence_indices` and `is_tracing` where this version has them (4.57+ / 5.x), nothing without."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    replaced = {name: getattr(masking_utils, name) for name in ("find_packed_sequence_indices", "is_tracing")
+                if hasattr(masking_utils, name)}
+    if "find_packed_sequence_indices" in replaced:
+        masking_utils.find_packed_sequence_indices = _no_packed_sequences
+    if "is_tracing" in replaced:
+        masking_utils.is_tracing = _not_tracing
+    try:
+        yield
+    finally:
+        for name, original in replaced.items():
+            setattr(masking_utils, name, original)
 
 
 def unwrap_peft(model):

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._compat import unwrap_peft
+from ._compat import clear_layer_caches, unwrap_peft
 from .errors import ConfigError
 from .host_buffers import HostBufferPool
 from .recompute import recompute_scope
@@ -49,9 +49,6 @@ _ORIGINAL = "_turbotune_offload_original"      # on each wrapped layer: (attribu
 _MISSING = object()
 _INPLACE_MESSAGE = ("a decoder layer's input was modified in place (by the layer or after its forward); offloaded "
                     "checkpointing cannot recompute that layer from its saved input")
-# Keyword names decoder layers use for a KV cache. A cache must not be written by both the forward and the
-# recompute, so it is dropped while training under this checkpointing (as transformers' checkpointing does).
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 @dataclass
@@ -374,9 +371,9 @@ class OffloadedCheckpointing:
         if not torch.is_tensor(hidden) or not hidden.is_floating_point():
             return original(*args, **kwargs)
         kwargs = dict(kwargs)
-        for key in _CACHE_KWARGS:
-            if kwargs.get(key) is not None:
-                kwargs[key] = None
+        # A KV cache must not be written by both the forward and the recompute, so it is dropped while training
+        # under this checkpointing (as transformers' checkpointing does).
+        clear_layer_caches(kwargs)
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
 

@@ -31,6 +31,8 @@ import warnings
 
 import torch
 
+from ._compat import masks_see_no_packing_or_tracing
+
 
 class GraphedMicroStep:
     def __init__(self, model, params, enabled: bool = True, warmup: int = 2, max_graphs: int = 4,
@@ -203,30 +205,8 @@ def one_sequence_per_row(batch: dict):
     if any(batch.get(k) is not None for k in _LAYOUT_KEYS):
         yield
         return
-    try:
-        from transformers import masking_utils
-    except ImportError:
+    with masks_see_no_packing_or_tracing():
         yield
-        return
-    replaced = {name: getattr(masking_utils, name) for name in ("find_packed_sequence_indices", "is_tracing")
-                if hasattr(masking_utils, name)}
-    if "find_packed_sequence_indices" in replaced:
-        masking_utils.find_packed_sequence_indices = _no_packed_sequences
-    if "is_tracing" in replaced:
-        masking_utils.is_tracing = _not_tracing
-    try:
-        yield
-    finally:
-        for name, original in replaced.items():
-            setattr(masking_utils, name, original)
-
-
-def _no_packed_sequences(position_ids):
-    return None
-
-
-def _not_tracing(tensor=None):
-    return False
 
 
 def why_not_graphable(model, params) -> str | None:

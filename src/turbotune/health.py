@@ -100,10 +100,10 @@ def _vtuple(v: str | None):
 
 # ---------------------------------------------------------------- checks (each returns a list of Findings)
 
-def check_python(version_info=None) -> list[Finding]:
-    vi = tuple(version_info if version_info is not None else sys.version_info)
-    if vi[:2] < MIN_PYTHON:
-        have = ".".join(str(x) for x in vi[:3])
+def check_python() -> list[Finding]:
+    from ._compat import python_older_than
+    have = python_older_than(MIN_PYTHON)
+    if have:
         return [problem("python-too-old", f"Python {have} is older than {MIN_PYTHON[0]}.{MIN_PYTHON[1]}, the oldest "
                         "turbotune (and current transformers) supports",
                         "install Python 3.10 or newer and reinstall turbotune in a fresh virtual environment")]

@@ -42,12 +42,11 @@ compute was padding), and a sample still trains within a few rows of where the s
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
-from ._compat import unwrap_peft
+from ._compat import call_create_causal_mask, packed_mask_builder, transformers_mask_is_capture_safe, unwrap_peft
 
 IGNORE_INDEX = -100
 TRAIN_LOOKAHEAD = 64  # pack_samples' first-fit window in `turbotune train` (see "Packing strategy" above)
@@ -155,18 +154,6 @@ def pack_samples(samples: Sequence[dict], max_seq_length: int, lookahead: int = 
 
 # ---------------------------------------------------------------- attention mode
 
-def _call_create_causal_mask(fn, config, embeds, position_ids):
-    """transformers' create_causal_mask with the keywords this version names (they were renamed over time)."""
-    params = inspect.signature(fn).parameters
-    kwargs = {"config": config, "attention_mask": None, "position_ids": position_ids}
-    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
-    kwargs["cache" if "cache" in params else "past_key_values"] = None
-    if "cache_position" in params:  # transformers 4.x
-        import torch
-        kwargs["cache_position"] = torch.arange(embeds.shape[1])
-    return fn(**kwargs)
-
-
 @lru_cache(None)
 def transformers_builds_packed_mask() -> bool:
     """Whether the installed transformers turns restarting `position_ids` (with no attention_mask and no
@@ -182,35 +169,18 @@ def transformers_builds_packed_mask() -> bool:
     try:
         import torch
         from transformers import LlamaConfig
-        from transformers import masking_utils as mu
 
-        if not hasattr(mu, "find_packed_sequence_indices"):
+        create_causal_mask = packed_mask_builder()
+        if create_causal_mask is None:
             return False
         cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                           num_attention_heads=1, num_key_value_heads=1)
         cfg._attn_implementation = "sdpa"
         position_ids = torch.tensor([[0, 1, 2, 0, 1]])
-        mask = _call_create_causal_mask(mu.create_causal_mask, cfg, torch.zeros(1, 5, 8), position_ids)
+        mask = call_create_causal_mask(create_causal_mask, cfg, torch.zeros(1, 5, 8), position_ids)
         expected = document_mask(torch.tensor([[0, 0, 0, 1, 1]]))[0, 0]
         return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
                 and tuple(mask.shape[-2:]) == (5, 5) and bool((mask[0, 0] == expected).all()))
-    except Exception:
-        return False
-
-
-@lru_cache(None)
-def transformers_mask_is_capture_safe() -> bool:
-    """Whether transformers skips its host-side checks of the mask inputs while a CUDA graph is being captured.
-
-    Its packed-sequence detection ends with `(packed_sequence_mask[:, -1] == 0).all()` used as a Python bool,
-    which waits for the GPU, unless `is_tracing()` says a graph is being traced or captured; transformers 5.17
-    and 5.24 count CUDA stream capture as tracing (then the document mask is always built, which is exact).
-    Checked in the source, since the behaviour can't be observed without a GPU."""
-    try:
-        import inspect
-
-        from transformers.utils import import_utils
-        return "stream_capturing" in inspect.getsource(import_utils.is_tracing)
     except Exception:
         return False
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from ._compat import checkpoint_func_attrs
+
 _STATE = threading.local()
 _MARK = "_turbotune_marks_recompute"
-# Where transformers keeps a layer's checkpoint function (5.x reads the first; a later rename may use the second).
-_FUNC_NAMES = ("_gradient_checkpointing_func", "_activation_checkpointing_func")
 
 
 def recomputing() -> bool:
@@ -82,7 +82,7 @@ def mark_recompute_in(model) -> int:
     """Wrap the checkpoint function transformers gave each of `model`'s layers; returns how many it wrapped."""
     count = 0
     for module in model.modules():
-        for name in _FUNC_NAMES:
+        for name in checkpoint_func_attrs():
             func = module.__dict__.get(name)
             if func is not None:
                 setattr(module, name, marking_recompute(func))

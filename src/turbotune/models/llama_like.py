@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._compat import attention_function, cache_from_kwargs, has_cache
 from ..kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
 from ..kernels.lora_parts import cached_lora_part
 from ..kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
@@ -31,27 +32,12 @@ def _parts(*linears):
     return parts
 
 
-def _attention_interface(config):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    impl = config._attn_implementation
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-    return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
-
-
-def _has_cache(kwargs) -> bool:
-    return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-
-
 def make_attention_forward(spec, toggles):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         # Generation with a KV cache, or positional extras we don't know: the stock forward is exact there.
-        if args or _has_cache(kwargs) or position_embeddings is None:
+        if args or has_cache(kwargs) or position_embeddings is None:
             return original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
+        cache_from_kwargs(kwargs)  # None here: drop the keywords
         bsz, seq, _ = hidden_states.shape
         d = self.head_dim
 
@@ -71,7 +57,7 @@ def make_attention_forward(spec, toggles):
         extra = {}
         if getattr(self, "sliding_window", None) is not None:
             extra["sliding_window"] = self.sliding_window
-        attn, weights = _attention_interface(self.config)(
+        attn, weights = attention_function(self.config)(
             self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs)
         attn = attn.reshape(bsz, seq, -1)
@@ -126,7 +112,7 @@ def make_lm_forward(spec, toggles):
     def forward(self, *args, labels=None, **kwargs):
         lm_head = self.get_output_embeddings()
         plain_head = type(lm_head) is torch.nn.Linear
-        if labels is None or not self.training or not toggles.fused_ce or not plain_head or _has_cache(kwargs) \
+        if labels is None or not self.training or not toggles.fused_ce or not plain_head or has_cache(kwargs) \
                 or kwargs.get("use_cache"):
             return original_forward(self)(*args, labels=labels, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
