@@ -96,6 +96,18 @@ def untested(packages=None) -> list[tuple[str, str, str, str]]:
     return found
 
 
+def supports_sdpa(config) -> bool | None:
+    """Whether transformers' causal-LM class for `config` has an SDPA attention path (Gemma 2 has none in 5.x:
+    SDPA can't soft-cap the logits); None when the class isn't in transformers' auto mapping (remote code)."""
+    try:
+        from transformers import AutoModelForCausalLM
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except Exception:  # noqa: BLE001 - not a transformers architecture, or the mapping moved
+        return None
+    flag = getattr(cls, "_supports_sdpa", None)
+    return None if flag is None else bool(flag)
+
+
 def trl_fused_output_class():
     """The output class of TRL's fused LM head (`model(..., fused_lm_head=True)`, TRL >= 1.15), or None."""
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ._compat import dtype_kwargs, is_available
+from ._compat import dtype_kwargs, is_available, supports_sdpa
 from .errors import ModelLoadError
 
 _DTYPE_NAMES = {
@@ -176,6 +176,11 @@ def load_model_and_tokenizer(model_name_or_path=None, max_seq_length=2048, dtype
     dtype = resolve_dtype(dtype, device or default_device())
     _check_weight_format(path, allow_pickle)
 
+    notes = []
+    if attn_implementation == "sdpa" and supports_sdpa(config) is False:
+        # e.g. Gemma 2, whose attention soft-caps its logits: transformers refuses SDPA for it.
+        attn_implementation = "eager"
+        notes.append(f"attention: eager (transformers has no SDPA path for {config.model_type})")
     kwargs = dict(token=token, trust_remote_code=trust_remote_code, local_files_only=local_only,
                   attn_implementation=attn_implementation, **dtype_kwargs(dtype))
     if not allow_pickle:
@@ -206,7 +211,6 @@ def load_model_and_tokenizer(model_name_or_path=None, max_seq_length=2048, dtype
     model.max_seq_length = max_seq_length
     model.config.use_cache = False  # training default; for_inference turns it back on
 
-    notes = []
     if patch:
         from .models import patch_model
         report = patch_model(model)

@@ -134,3 +134,26 @@ def test_cached_parts_follow_disable_adapter_and_merge(family_dir):
         assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-4
         fast.unmerge_adapter()
         assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-5
+
+
+def test_gemma2_loads_with_eager_attention_and_matches_stock(tmp_path, smol_tokenizer):
+    """transformers has no SDPA path for Gemma 2 (soft-capped attention): the loader falls back to eager and
+    says so, instead of failing; the generic path's loss equals the stock model's."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+    smol_tokenizer.save_pretrained(str(tmp_path))
+
+    def build(patch):
+        m, _ = FastModel.from_pretrained(str(tmp_path), verbose=False, patch=patch)
+        assert m.config._attn_implementation == "eager"
+        return FastModel.get_peft_model(m, r=4, random_state=3, verbose=False, use_gradient_checkpointing=False)
+
+    stock, fast = build(False), build(True)
+    ids, mask, labels = _batch(cfg.vocab_size)
+    fast.train(), stock.train()
+    ls, lf = stock(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
+    assert abs(ls.item() - lf.item()) < 1e-5 * ls.item()
