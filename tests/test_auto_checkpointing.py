@@ -3,6 +3,7 @@ from turbotune import FastModel
 from turbotune.auto_checkpointing import choose_checkpointing, plan_checkpointing
 from turbotune.checkpointing import get_offloaded_checkpointing
 from turbotune.planner import predict_peak
+from turbotune.state import turbo_state
 
 
 def _model(folder):
@@ -12,7 +13,7 @@ def _model(folder):
 
 def test_choice_follows_the_budget(tiny_llama_dir):
     model = _model(tiny_llama_dir)
-    assert model.__dict__["_turbotune_checkpointing"] == "auto"
+    assert turbo_state(model).checkpointing == "auto"
     cfg = model.get_base_model().config
     need = {m: predict_peak(cfg, 512, 8, lora_r=4, checkpointing=m, dtype=model.get_base_model().dtype).total_bytes
             for m in ("none", "recompute", "offload")}

@@ -20,6 +20,7 @@ from turbotune.checkpointing import (  # noqa: E402
     OffloadConfig, OffloadedCheckpointing, estimate_offload_memory, find_decoder_layers,
     get_offloaded_checkpointing, offloaded_bytes_per_layer)
 from turbotune.lora import enable_gradient_checkpointing  # noqa: E402
+from turbotune.state import turbo_state  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_ON_HOST = OffloadConfig(min_offload_bytes=0)  # tiny tensors: offload them anyway so the path runs
@@ -253,7 +254,7 @@ def test_fastmodel_patched_offload(tiny3_dir, smol_tokenizer):
     oc = get_offloaded_checkpointing(model)
     assert oc is not None and not is_checkpointing(model)
     assert oc.stats["saved_inputs"] == 3 and oc.stats["recomputes"] == 3
-    assert model.get_base_model().__dict__.get("_turbotune_patches")  # the family patch is in place
+    assert turbo_state(model.get_base_model()).patches  # the family patch is in place
 
 
 class _TupleLayer(nn.Module):

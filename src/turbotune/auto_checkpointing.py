@@ -17,6 +17,7 @@ import torch
 
 from ._compat import unwrap_peft
 from .checkpointing import find_decoder_layers
+from .state import turbo_state
 
 MODES = ("none", "recompute", "offload")
 SAFETY_MARGIN = 0.85  # the planner is an estimate (±10% measured on qwen2-1.5b); leave room for it
@@ -101,7 +102,7 @@ def apply_checkpointing_choice(model, choice: CheckpointingChoice) -> None:
     enable_gradient_checkpointing(model, {"none": False, "recompute": True, "offload": "offload"}[choice.mode])
     if choice.mode == "recompute" and choice.layers is not None:
         set_checkpointed_layers(model, choice.layers)
-    model.__dict__["_turbotune_checkpointing"] = choice.mode
+    turbo_state(model).checkpointing = choice.mode
 
 
 def set_checkpointed_layers(model, count: int) -> None:

@@ -131,10 +131,12 @@ def load_turbotune(spec, checkpointing=True):
         fp32_adapter_backend_in_effect,
         set_fp32_adapter_backend,
     )
+    from turbotune.state import turbo_state
     if spec.get("fp32_adapter_kernels"):
-        set_fp32_adapter_backend(spec["fp32_adapter_kernels"])
+        set_fp32_adapter_backend(spec["fp32_adapter_kernels"], model)
     if (spec.get("adapter_precision") or "peft") == "peft":
-        notes.append(f"fp32 adapter products: {fp32_adapter_backend_in_effect(spec['device'])}")
+        backend = turbo_state(model).fp32_adapter_backend
+        notes.append(f"fp32 adapter products: {fp32_adapter_backend_in_effect(spec['device'], backend)}")
     if spec["qlora"] and not four_bit:
         notes.insert(0, "16-bit base (the 4-bit rows' reference)")
     if checkpointing == "auto":

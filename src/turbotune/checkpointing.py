@@ -43,9 +43,12 @@ from ._compat import clear_layer_caches, unwrap_peft
 from .errors import ConfigError
 from .host_buffers import HostBufferPool
 from .recompute import recompute_scope
+from .state import turbo_state
 
-_ATTR = "_turbotune_offloaded_checkpointing"   # on the base model: the OffloadedCheckpointing applied to it
-_ORIGINAL = "_turbotune_offload_original"      # on each wrapped layer: (attribute name, what was there before)
+# On each wrapped layer (the model's TurboState holds the OffloadedCheckpointing itself): (attribute name, what
+# was there before). It stays on the layer: `_wrap` and `remove` work layer by layer, and the marker also stops
+# a layer being wrapped twice by two OffloadedCheckpointing objects.
+_ORIGINAL = "_turbotune_offload_original"
 _MISSING = object()
 _INPLACE_MESSAGE = ("a decoder layer's input was modified in place (by the layer or after its forward); offloaded "
                     "checkpointing cannot recompute that layer from its saved input")
@@ -247,7 +250,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def get_offloaded_checkpointing(model: nn.Module) -> "OffloadedCheckpointing | None":
     """The OffloadedCheckpointing applied to `model` (or its PEFT wrapper), or None."""
-    return unwrap_peft(model).__dict__.get(_ATTR)
+    return turbo_state(model).offload
 
 
 def remove_offloaded_checkpointing(model: nn.Module) -> bool:
@@ -300,8 +303,7 @@ class OffloadedCheckpointing:
             if self._model is base:
                 return self
             raise ConfigError("this OffloadedCheckpointing is already applied to another model; make a new one")
-        existing = base.__dict__.get(_ATTR)
-        if existing is not None:
+        if turbo_state(base).offload is not None:
             raise ConfigError("offloaded checkpointing is already applied to this model; remove() it first")
         if is_checkpointing(model):
             checkpointing_disable(model)  # the two must not nest: ours replaces transformers'
@@ -310,7 +312,7 @@ class OffloadedCheckpointing:
         self._last_index = len(self._layers) - 1
         for index, layer in enumerate(self._layers):
             self._wrap(layer, index)
-        base.__dict__[_ATTR] = self
+        turbo_state(base).offload = self
         self._model = base
         return self
 
@@ -327,7 +329,7 @@ class OffloadedCheckpointing:
                 layer.__dict__.pop(attr, None)
             else:
                 setattr(layer, attr, original)
-        self._model.__dict__.pop(_ATTR, None)
+        turbo_state(self._model).offload = None
         self._model, self._layers, self._pending = None, [], []
 
     def __enter__(self):

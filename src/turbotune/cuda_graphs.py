@@ -19,7 +19,7 @@ Rules that keep replay equal to eager:
     another tensor, the next call moves that value back into the graph's buffer first;
   - the model must not change between replays in ways the graph cannot see (new adapters, merge/unmerge,
     toggled patches, checkpointing switched, `quant.clear_dequant_buffers()`,
-    `lora_parts.set_fp32_adapter_backend`): call `reset()` after such changes;
+    `lora_parts.set_fp32_adapter_backend(name, model)`): call `reset()` after such changes;
   - every trainable parameter gets a gradient buffer that is zeroed, never set to None, so a parameter that
     receives no gradient still sees AdamW's weight decay (the LoRA A and B of a used layer always get one);
   - nothing in the step may synchronise with the host (the fused paths don't); dropout > 0 is left eager.

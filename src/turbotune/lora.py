@@ -16,10 +16,10 @@ from ._compat import (
     checkpointing_disable,
     checkpointing_enable,
     is_checkpointing,
-    unwrap_peft,
 )
 from .errors import ConfigError
 from .loader import count_parameters
+from .state import turbo_state
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -108,14 +108,13 @@ def get_peft_model(model, r=16, lora_alpha=None, lora_dropout=0.0, target_module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)  # the same adapters' initial values on every run
         peft_model = peft_get_peft_model(model, config)
-    toggles = unwrap_peft(peft_model).__dict__.get("_turbotune_toggles")
-    if toggles is not None:
-        toggles.adapter_precision = adapter_precision
+    state = turbo_state(peft_model)
+    if state.toggles is not None:
+        state.toggles.adapter_precision = adapter_precision
     enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
-    if use_gradient_checkpointing == "auto":
-        # Recompute until the run's shapes are known; the trainer (or auto_checkpointing.plan_checkpointing)
-        # then keeps whatever the memory plan allows.
-        peft_model.__dict__["_turbotune_checkpointing"] = "auto"
+    # "auto": recompute until the run's shapes are known; the trainer (or auto_checkpointing.plan_checkpointing)
+    # then keeps whatever the memory plan allows. A fixed mode clears an earlier wrapping's plan.
+    state.checkpointing = "auto" if use_gradient_checkpointing == "auto" else None
     if use_gradient_checkpointing and hasattr(peft_model, "enable_input_require_grads"):
         peft_model.enable_input_require_grads()
     from .models import base_causal_lm, is_patched

@@ -23,8 +23,8 @@ import torch
 from . import checkpoints as ckpt
 from ._compat import unwrap_peft
 from .errors import ConfigError, TrainingStopped
-from .quant import is_4bit_model
 from .run_config import TrainConfig, check_values, dump
+from .state import turbo_state
 from .train_log import LogTable, memory_now, plot_losses, write_log
 
 
@@ -273,8 +273,8 @@ class Trainer:
         try:
             lm = unwrap_peft(self.model)
             mode = choice.mode if choice is not None else self.cfg.gradient_checkpointing
-            plan = predict_peak(lm.config, self.cfg.max_seq_length, self.cfg.batch_size, qlora=is_4bit_model(lm),
-                                lora_r=self.cfg.lora_r, checkpointing=mode, dtype=lm.dtype,
+            plan = predict_peak(lm.config, self.cfg.max_seq_length, self.cfg.batch_size,
+                                qlora=turbo_state(lm).quantized, lora_r=self.cfg.lora_r, checkpointing=mode, dtype=lm.dtype,
                                 double_quant=self.cfg.double_quant,
                                 checkpointed_layers=choice.layers if choice is not None else None)
             self._say(prediction_line(plan).removeprefix("[turbotune] "))
@@ -292,7 +292,7 @@ class Trainer:
             resume_path = Path(resume_from_checkpoint)
             if not (resume_path / "trainer_state.json").is_file():
                 raise ConfigError(f"{resume_path} is not a turbotune checkpoint (no trainer_state.json)")
-        if self.model.__dict__.get("_turbotune_checkpointing") == "auto":
+        if turbo_state(self.model).checkpointing == "auto":
             from .auto_checkpointing import plan_checkpointing
             choice = plan_checkpointing(self.model, self.cfg.max_seq_length, self.cfg.batch_size)
             self._say(choice.line())
@@ -325,7 +325,7 @@ class Trainer:
                     self._zero_grad()
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
                     raise TrainingStopped(oom_message(self.cfg, self.step + 1, self.cfg.max_seq_length,
-                                                      is_4bit_model(self.model))) from None
+                                                      turbo_state(self.model).quantized)) from None
                 if not math.isfinite(loss):
                     self._zero_grad()
                     if not self.cfg.skip_nonfinite:

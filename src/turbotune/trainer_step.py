@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from ._compat import trl_fused_output_class, unwrap_peft
+from .state import turbo_state
 
 WARMUP = 2       # eager calls of the first shape before it is captured (lazy initialisation, Triton compilation);
                  # later shapes need one
@@ -104,7 +105,7 @@ class TrainerStep:
     def _checkpointing_line(self, tensors) -> str:
         """Plans "auto" from the first batch the trainer feeds (its rows, the model's max_seq_length)."""
         model = self.peft_model
-        mode = model.__dict__.get("_turbotune_checkpointing")
+        mode = turbo_state(model).checkpointing
         line = None
         if mode == "auto":
             from .auto_checkpointing import plan_checkpointing

@@ -249,9 +249,9 @@ def test_unsupported_reasons():
 # --------------------------------------------------------------------------------------------- fp32 adapter kernels
 @pytest.mark.parametrize("backend", ["triton", "bf16x3", "auto"])
 def test_bf16_base_fp32_adapters_without_fp32_copies(backend, monkeypatch):
-    """set_fp32_adapter_backend("triton" | "bf16x3"): the fp32 rank-r products read bf16 activations without
-    fp32 copies (kernels/skinny_fp32.py, kernels/bf16x3.py) and give what the torch path (fp32 copies + fp32
-    matmul, PEFT's recipe) gives."""
+    """fp32-adapter backend "triton" | "bf16x3" (a model's set_fp32_adapter_backend; here given to the parts):
+    the fp32 rank-r products read bf16 activations without fp32 copies (kernels/skinny_fp32.py,
+    kernels/bf16x3.py) and give what the torch path (fp32 copies + fp32 matmul, PEFT's recipe) gives."""
     from turbotune.kernels import lora_parts
     if backend == "auto":  # as on a GPU, with the width rule cutting through this model: each product its way
         monkeypatch.setattr(lora_parts, "_bf16x3_available", lambda wide: True)
@@ -264,15 +264,11 @@ def test_bf16_base_fp32_adapters_without_fp32_copies(backend, monkeypatch):
     x = _x(torch.bfloat16)
     results = {}
     for name in ("torch", backend):
-        prev = lora_parts.set_fp32_adapter_backend(name)
-        try:
-            mods = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            outs = list(lora_qkv(x, *[lora_part(m) for m in mods[:3]]))
-            outs.append(lora_mlp(x, *[lora_part(m) for m in mods[3:]], act="silu"))
-            outs.append(lora_linear(x, lora_part(attn.o_proj)))
-            results[name] = (outs, _grads(outs, x, mods + [attn.o_proj]))
-        finally:
-            lora_parts.set_fp32_adapter_backend(prev)
+        mods = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        outs = list(lora_qkv(x, *[lora_part(m, name) for m in mods[:3]]))
+        outs.append(lora_mlp(x, *[lora_part(m, name) for m in mods[3:]], act="silu"))
+        outs.append(lora_linear(x, lora_part(attn.o_proj, name)))
+        results[name] = (outs, _grads(outs, x, mods + [attn.o_proj]))
     if backend == "auto":  # only the [tokens, 160] activations (gate/up dY, h) went the bf16x3 way
         assert set(widths) == {160}, widths  # [10 tokens, features] or its transpose
     (ro, rg), (to, tg) = results["torch"], results[backend]
@@ -290,31 +286,27 @@ def test_adapters_sharing_x_share_one_gemm(monkeypatch):
     from turbotune.kernels import lora_parts
     torch.manual_seed(0)
     _, attn, _ = _wrap(LlamaForCausalLM(_config()).to(torch.bfloat16))
-    parts = [lora_part(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    parts = [lora_part(m, fp32_backend="bf16x3") for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     x2 = _x(torch.bfloat16, requires_grad=False).reshape(-1, 64)
     xc = lora_parts.CastCache(x2)
     lds = [torch.float32] * 3
-    prev = lora_parts.set_fp32_adapter_backend("bf16x3")
     calls = []
     wide_mm = lora_parts.bf16x3.wide_mm_fp32
     monkeypatch.setattr(lora_parts.bf16x3, "wide_mm_fp32", lambda w, s: calls.append(s.shape) or wide_mm(w, s))
-    try:
-        joint = lora_parts.adapter_products(x2, xc, parts, lds)
-        assert calls == [(64, 24)]  # one GEMM: [in, 3 r]
-        us = [torch.randn(10, 8, generator=torch.Generator().manual_seed(j)) for j in range(3)]
-        d_as = lora_parts.joint_a_grads(us, x2, parts)
-        assert calls[1:] == [(10, 24)]
-        for j, p in enumerate(parts):
-            torch.testing.assert_close(joint[j], lora_parts.adapter_product(x2, xc, p, torch.float32),
-                                       rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(d_as[j], lora_parts._a_grad(us[j], x2, None, p, "bf16x3"),
-                                       rtol=1e-6, atol=1e-6)
-            assert d_as[j].shape == p.A.shape and d_as[j].is_contiguous()
-    finally:
-        lora_parts.set_fp32_adapter_backend(prev)
+    joint = lora_parts.adapter_products(x2, xc, parts, lds)
+    assert calls == [(64, 24)]  # one GEMM: [in, 3 r]
+    us = [torch.randn(10, 8, generator=torch.Generator().manual_seed(j)) for j in range(3)]
+    d_as = lora_parts.joint_a_grads(us, x2, parts)
+    assert calls[1:] == [(10, 24)]
+    for j, p in enumerate(parts):
+        torch.testing.assert_close(joint[j], lora_parts.adapter_product(x2, xc, p, torch.float32),
+                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(d_as[j], lora_parts._a_grad(us[j], x2, None, p, "bf16x3"),
+                                   rtol=1e-6, atol=1e-6)
+        assert d_as[j].shape == p.A.shape and d_as[j].is_contiguous()
 
 
 def test_fp32_adapter_backend_is_validated():
     from turbotune.kernels import lora_parts
     with pytest.raises(ValueError):
-        lora_parts.set_fp32_adapter_backend("cuda")
+        lora_parts.set_fp32_adapter_backend("cuda", torch.nn.Linear(2, 2))

@@ -47,6 +47,8 @@ class LoRAPart:
     B: torch.Tensor | None           # lora_B weight [out, r] (trainable)
     scaling: float
     module: nn.Module | None = None  # the PEFT layer (or plain linear) this came from
+    fp32_backend: str = "auto"       # how fp32 adapters read 16-bit activations (FP32_ADAPTER_BACKENDS): the
+                                     # model's choice, carried by the part because every product routes on it
 
     @property
     def out_features(self) -> int:
@@ -190,7 +192,7 @@ def fused_lora_unsupported_reason(peft_linear: nn.Module) -> str | None:
     return None
 
 
-def lora_part(peft_linear: nn.Module) -> LoRAPart | None:
+def lora_part(peft_linear: nn.Module, fp32_backend: str = "auto") -> LoRAPart | None:
     """The LoRAPart of `peft_linear`'s active adapter, or None when it is unsupported (the reason is
     `fused_lora_unsupported_reason(peft_linear)`). A plain frozen nn.Linear / Linear4bit gives A = B = None."""
     reason = fused_lora_unsupported_reason(peft_linear)
@@ -198,14 +200,14 @@ def lora_part(peft_linear: nn.Module) -> LoRAPart | None:
         logger.debug("fused LoRA unsupported for %s: %s", type(peft_linear).__name__, reason)
         return None
     if not hasattr(peft_linear, "lora_A"):
-        return LoRAPart(peft_linear.weight, peft_linear.bias, None, None, 0.0, peft_linear)
+        return LoRAPart(peft_linear.weight, peft_linear.bias, None, None, 0.0, peft_linear, fp32_backend)
     base = peft_linear.get_base_layer()
     active = [a for a in peft_linear.active_adapters if a in peft_linear.lora_A.keys()]
     if not active:
-        return LoRAPart(base.weight, base.bias, None, None, 0.0, peft_linear)
+        return LoRAPart(base.weight, base.bias, None, None, 0.0, peft_linear, fp32_backend)
     name = active[0]
     return LoRAPart(base.weight, base.bias, peft_linear.lora_A[name].weight, peft_linear.lora_B[name].weight,
-                    float(peft_linear.scaling[name]), peft_linear)
+                    float(peft_linear.scaling[name]), peft_linear, fp32_backend)
 
 
 def _state_key(m: nn.Module) -> tuple:
@@ -218,19 +220,19 @@ def _state_key(m: nn.Module) -> tuple:
             base.weight.requires_grad, id(getattr(base.weight, "quant_state", None)))
 
 
-def cached_lora_part(module: nn.Module) -> LoRAPart | None:
-    """`lora_part(module)`, remembered on the module until its `_state_key` changes.
+def cached_lora_part(module: nn.Module, fp32_backend: str = "auto") -> LoRAPart | None:
+    """`lora_part(module, fp32_backend)`, remembered on the module until its `_state_key` (or the backend) changes.
 
     The full check walks a dozen PEFT attributes; done for seven projections per layer in every forward,
     recompute and backward, it was about a third of the host time of a patched training step (measured with
     cProfile on a 28-layer model whose arithmetic is negligible). Dropout probabilities and LoRA variants are
     fixed at construction in PEFT, so the key leaves them out.
     """
-    key = _state_key(module)
+    key = (_state_key(module), fp32_backend)
     hit = module.__dict__.get("_turbotune_part")
     if hit is not None and hit[0] == key:
         return hit[1]
-    part = lora_part(module)
+    part = lora_part(module, fp32_backend)
     module.__dict__["_turbotune_part"] = (key, part)
     return part
 
@@ -246,24 +248,33 @@ def cached_lora_part(module: nn.Module) -> LoRAPart | None:
 #            x A^T + x^T u took 0.08 ms (torch) vs 0.23 ms (bf16x3) at 1,536 columns, 0.22 vs 0.21 at 4,096
 #            (r=64), 0.37 vs 0.22 at 8,960 and 0.58 vs 0.22 at 14,336: bf16x3's time barely depends on the
 #            width, the fp32 copy's grows with it.
+# The choice is per model (TurboState.fp32_adapter_backend, set with `set_fp32_adapter_backend(name, model)`);
+# the patched forwards put it on each LoRAPart, which is what `_route` reads.
 FP32_ADAPTER_BACKENDS = ("auto", "torch", "bf16x3", "triton")
 BF16X3_MIN_FEATURES = 4096
-_fp32_adapter_backend = "auto"
 
 
-def set_fp32_adapter_backend(name: str) -> str:
-    """Choose how fp32 adapters read 16-bit activations; returns the previous choice."""
-    global _fp32_adapter_backend
+def set_fp32_adapter_backend(name: str, model: nn.Module) -> str:
+    """Choose how `model`'s fp32 adapters read 16-bit activations (a PEFT wrapper or the model under it);
+    returns its previous choice. Takes effect at the model's next forward; a CUDA-graphed step needs `reset()`.
+
+    The model is required (it once set a process-wide choice): a choice for "models patched later" would
+    silently miss the model already loaded. Direct calls of the fused functions, with no model, put the
+    backend on their parts: `lora_part(module, fp32_backend=name)`."""
     if name not in FP32_ADAPTER_BACKENDS:
         raise ValueError(f"fp32 adapter backend must be one of {FP32_ADAPTER_BACKENDS}, got {name!r}")
-    prev, _fp32_adapter_backend = _fp32_adapter_backend, name
+    from ..state import turbo_state  # the kernels read only their parts; this setter alone knows models
+
+    state = turbo_state(model)
+    prev, state.fp32_adapter_backend = state.fp32_adapter_backend, name
     return prev
 
 
-def fp32_adapter_backend_in_effect(device_type: str) -> str:
-    """What the current choice means on this device for bf16 activations: "torch", "bf16x3" or "triton"."""
-    if _fp32_adapter_backend != "auto":
-        return _fp32_adapter_backend
+def fp32_adapter_backend_in_effect(device_type: str, backend: str = "auto") -> str:
+    """What a choice (a model's TurboState.fp32_adapter_backend) means on this device for bf16 activations:
+    "torch", "bf16x3" or "triton"."""
+    if backend != "auto":
+        return backend
     if device_type == "cuda" and bf16x3.gpu_supported():
         return f"bf16x3 for activations >= {BF16X3_MIN_FEATURES} wide, torch below"
     return "torch"
@@ -272,7 +283,7 @@ def fp32_adapter_backend_in_effect(device_type: str) -> str:
 def _route(wide: torch.Tensor, ld: torch.dtype, part: LoRAPart) -> str:
     """Which recipe computes this fp32 rank-r product (see FP32_ADAPTER_BACKENDS): "torch", "bf16x3" or
     "triton". Anything but fp32 adapters over a 16-bit activation is plain torch."""
-    backend = _fp32_adapter_backend
+    backend = part.fp32_backend
     if backend == "torch" or ld != torch.float32 or part.A is None or part.A.dtype != torch.float32 \
             or part.B.dtype != torch.float32 or wide.dtype not in (torch.bfloat16, torch.float16):
         return "torch"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .._compat import unwrap_peft
+from ..state import turbo_state
 from . import llama, mistral, qwen2  # noqa: F401  (each registers its family)
 from .generic import make_lora_linear_forward
 from .llama_like import make_lm_forward
@@ -27,8 +28,8 @@ def patch_model(model: nn.Module, **toggles) -> PatchReport:
     lm = base_causal_lm(model)
     if is_patched(lm):
         unpatch_model(lm)
-    t = Toggles.from_kwargs(**toggles)
-    lm.__dict__["_turbotune_toggles"] = t
+    state = turbo_state(lm)
+    state.toggles = Toggles.from_kwargs(**toggles)
     model_type = getattr(lm.config, "model_type", "?")
     spec: FamilySpec | None = FAMILIES.get(model_type)
     report = PatchReport(family=spec.name if spec else None, model_type=model_type)
@@ -40,25 +41,25 @@ def patch_model(model: nn.Module, **toggles) -> PatchReport:
         report.notes.append("no turbotune family module; stock forwards with fused LoRA and fused loss")
         for _, module in lm.named_modules():
             if _is_peft_lora_linear(module):
-                set_forward(lm, module, make_lora_linear_forward(t))
+                set_forward(lm, module, make_lora_linear_forward(state))
                 count("lora_linear")
         if hasattr(lm, "lm_head") and hasattr(lm, "model"):
-            set_forward(lm, lm, make_lm_forward(None, t))
+            set_forward(lm, lm, make_lm_forward(None, state))
             count("lm_head")
         return report
 
     for _, module in lm.named_modules():
         cls = type(module).__name__
         if cls.endswith(spec.attention_cls_suffix) and hasattr(module, "q_proj") and hasattr(module, "o_proj"):
-            set_forward(lm, module, spec.make_attention_forward(spec, t))
+            set_forward(lm, module, spec.make_attention_forward(spec, state))
             count("attention")
         elif cls.endswith(spec.mlp_cls_suffix) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
-            set_forward(lm, module, spec.make_mlp_forward(spec, t))
+            set_forward(lm, module, spec.make_mlp_forward(spec, state))
             count("mlp")
-        elif cls.endswith(spec.norm_cls_suffix) and hasattr(module, "weight") and t.rms_norm:
-            set_forward(lm, module, spec.make_norm_forward(spec, t))
+        elif cls.endswith(spec.norm_cls_suffix) and hasattr(module, "weight") and state.toggles.rms_norm:
+            set_forward(lm, module, spec.make_norm_forward(spec, state))
             count("rms_norm")
     if hasattr(lm, "lm_head") and hasattr(lm, "model"):
-        set_forward(lm, lm, spec.make_lm_forward(spec, t))
+        set_forward(lm, lm, spec.make_lm_forward(spec, state))
         count("lm_head")
     return report

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from ..kernels.fused_lora import lora_linear
 from ..kernels.lora_parts import cached_lora_part
-from .registry import original_forward
 
 
-def make_lora_linear_forward(toggles):
+def make_lora_linear_forward(state):
+    toggles = state.toggles
+
     def forward(self, x, *args, **kwargs):
-        part = None if args or kwargs or not toggles.fused_lora else cached_lora_part(self)
+        part = None if args or kwargs or not toggles.fused_lora else cached_lora_part(self, state.fp32_adapter_backend)
         if part is None:
-            return original_forward(self)(x, *args, **kwargs)
+            return state.original_forward(self)(x, *args, **kwargs)
         return lora_linear(x, part, toggles.adapter_precision)
 
     return forward

@@ -1,6 +1,7 @@
 """Patched forwards shared by the Llama-shaped families (llama, qwen2, mistral, ...).
 
-Each `make_*` returns a function to be bound to one submodule instance (see registry.set_forward). The
+Each `make_*(spec, state)` returns a function to be bound to one submodule instance (see
+registry.set_forward); `state` is the model's TurboState (toggles, fp32-adapter backend, originals). The
 functions read the module's own attributes (q_proj, head_dim, variance_epsilon, ...) at call time, so they
 work whether or not PEFT has wrapped the projections, and fall back to the stock forward wherever the
 fast path does not apply (a KV cache during generation, an unsupported LoRA setting, a requested output).
@@ -18,30 +19,32 @@ from ..kernels.rmsnorm import rms_norm
 from ..kernels.rope import apply_rope_, rope_reference
 from ..kernels.swiglu import geglu, swiglu
 from ..recompute import checkpoint_phase, recomputing
-from .registry import original_forward
 
 
-def _parts(*linears):
-    """LoRA parts for every projection, or None when any of them can't take the fused path."""
+def _parts(state, *linears):
+    """LoRA parts for every projection (with the model's fp32-adapter backend), or None when any of them can't
+    take the fused path."""
     parts = []
     for lin in linears:
-        part = cached_lora_part(lin)
+        part = cached_lora_part(lin, state.fp32_adapter_backend)
         if part is None:
             return None
         parts.append(part)
     return parts
 
 
-def make_attention_forward(spec, toggles):
+def make_attention_forward(spec, state):
+    toggles = state.toggles
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         # Generation with a KV cache, or positional extras we don't know: the stock forward is exact there.
         if args or has_cache(kwargs) or position_embeddings is None:
-            return original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+            return state.original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         cache_from_kwargs(kwargs)  # None here: drop the keywords
         bsz, seq, _ = hidden_states.shape
         d = self.head_dim
 
-        parts = _parts(self.q_proj, self.k_proj, self.v_proj) if toggles.fused_lora else None
+        parts = _parts(state, self.q_proj, self.k_proj, self.v_proj) if toggles.fused_lora else None
         if parts is not None:
             q, k, v = lora_qkv(hidden_states, *parts, adapter_precision=toggles.adapter_precision)
         else:
@@ -62,18 +65,18 @@ def make_attention_forward(spec, toggles):
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs)
         attn = attn.reshape(bsz, seq, -1)
 
-        o_parts = _parts(self.o_proj) if toggles.fused_lora else None
+        o_parts = _parts(state, self.o_proj) if toggles.fused_lora else None
         out = lora_linear(attn, o_parts[0], toggles.adapter_precision) if o_parts is not None else self.o_proj(attn)
         return out, weights
 
     return forward
 
 
-def make_mlp_forward(spec, toggles):
-    act = spec.act
+def make_mlp_forward(spec, state):
+    toggles, act = state.toggles, spec.act
 
     def forward(self, x):
-        parts = _parts(self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
+        parts = _parts(state, self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
         if parts is not None:
             # Very long sequences: tile over tokens so no [tokens, intermediate] tensor outlives one chunk.
             chunk = mlp_token_chunk(x.numel() // x.shape[-1], parts[0].out_features, x.element_size()) \
@@ -85,7 +88,7 @@ def make_mlp_forward(spec, toggles):
                             output_unused=spec.mlp_output_only_to_residual and recomputing(),
                             checkpoint_phase=checkpoint_phase())
         if not toggles.act_mul:
-            return original_forward(self)(x)
+            return state.original_forward(self)(x)
         gate, up = self.gate_proj(x), self.up_proj(x)
         h = swiglu(gate, up) if act == "silu" else geglu(gate, up)
         return self.down_proj(h)
@@ -93,7 +96,7 @@ def make_mlp_forward(spec, toggles):
     return forward
 
 
-def make_norm_forward(spec, toggles):
+def make_norm_forward(spec, state):
     def forward(self, hidden_states):
         eps = getattr(self, "variance_epsilon", None)
         if eps is None:
@@ -103,18 +106,20 @@ def make_norm_forward(spec, toggles):
     return forward
 
 
-def make_lm_forward(spec, toggles):
+def make_lm_forward(spec, state):
     """Causal-LM head: with labels in training, a chunked linear + cross-entropy; no [tokens, vocab] logits."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from ..kernels.fused_linear_ce import fused_linear_cross_entropy
+
+    toggles = state.toggles
 
     def forward(self, *args, labels=None, **kwargs):
         lm_head = self.get_output_embeddings()
         plain_head = type(lm_head) is torch.nn.Linear
         if labels is None or not self.training or not toggles.fused_ce or not plain_head or has_cache(kwargs) \
                 or kwargs.get("use_cache"):
-            return original_forward(self)(*args, labels=labels, **kwargs)
+            return state.original_forward(self)(*args, labels=labels, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         kwargs.pop("logits_to_keep", None)

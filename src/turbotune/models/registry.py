@@ -2,7 +2,8 @@
 
 Patching is per instance: `module.forward` is set on the loaded model's own submodules, never on a
 transformers class, so two models in one process never affect each other, and `unpatch_model` puts every
-original back. A family module declares a `FamilySpec`; `patch_model` walks the model and applies it.
+original back (the record is the model's TurboState, state.py). A family module declares a `FamilySpec`;
+`patch_model` walks the model and applies it.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import types
 from dataclasses import dataclass, field, fields
 
 from torch import nn
+
+from ..state import AppliedPatch, turbo_state
 
 _MISSING = object()
 
@@ -41,7 +44,8 @@ class Toggles:
 
 @dataclass
 class FamilySpec:
-    """How one architecture family is patched. Functions take (module, toggles) and return a forward."""
+    """How one architecture family is patched. The make_* functions take (spec, state), state being the model's
+    TurboState (its toggles, its fp32-adapter backend, the originals to fall back to), and return a forward."""
     name: str
     model_types: tuple[str, ...]
     attention_cls_suffix: str = "Attention"
@@ -85,37 +89,30 @@ class PatchReport:
 
 
 def set_forward(model: nn.Module, module: nn.Module, forward) -> None:
-    """Replace one instance's forward and remember the original for undo.
+    """Replace one instance's forward and remember the original for undo (in the model's TurboState).
 
     accelerate's device hooks wrap `forward` and call `module._old_forward`; when such a hook is present we
-    replace `_old_forward` so the hook keeps working.
+    replace `_old_forward` so the hook keeps working. A module patched twice keeps its first record: undo
+    then restores what was there before turbotune.
     """
     attr = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
-    original = module.__dict__.get(attr, _MISSING)
-    log = model.__dict__.setdefault("_turbotune_patches", [])
-    log.append((module, attr, original))
-    module.__dict__["_turbotune_original"] = getattr(module, attr)
-    bound = types.MethodType(forward, module)
-    setattr(module, attr, bound)
+    patches = turbo_state(model).patches
+    if module not in patches:
+        patches[module] = AppliedPatch(attr, module.__dict__.get(attr, _MISSING), getattr(module, attr))
+    setattr(module, attr, types.MethodType(forward, module))
 
 
 def unpatch_model(model: nn.Module) -> int:
     """Put every original forward back. Returns how many were restored."""
-    log = model.__dict__.pop("_turbotune_patches", [])
-    for module, attr, original in reversed(log):
-        if original is _MISSING:
-            module.__dict__.pop(attr, None)
+    state = turbo_state(model)
+    patches, state.patches, state.toggles = state.patches, {}, None
+    for module, p in reversed(patches.items()):
+        if p.saved is _MISSING:
+            module.__dict__.pop(p.attr, None)
         else:
-            setattr(module, attr, original)
-        module.__dict__.pop("_turbotune_original", None)
-    model.__dict__.pop("_turbotune_toggles", None)
-    return len(log)
-
-
-def original_forward(module: nn.Module):
-    """The forward that was in place before turbotune patched this module (for fallbacks inside patches)."""
-    return module.__dict__["_turbotune_original"]
+            setattr(module, p.attr, p.saved)
+    return len(patches)
 
 
 def is_patched(model: nn.Module) -> bool:
-    return bool(model.__dict__.get("_turbotune_patches"))
+    return bool(turbo_state(model).patches)
