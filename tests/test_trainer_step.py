@@ -144,3 +144,20 @@ def test_packed_rows_grow_to_their_bucket():
     assert out["position_ids"][0, :8].tolist() == [0, 1, 2, 0, 1, 0, 1, 2] and (out["labels"][0, 5:] == -100).all()
     flash = dict(batch, cu_seq_lens_q=torch.tensor([0, 3, 5]))
     assert remove_padding(flash) is flash  # its boundaries describe the row as it is
+
+
+def test_auto_checkpointing_planned_from_the_fed_batch(tiny_llama_dir, tmp_path, monkeypatch):
+    """use_gradient_checkpointing="auto" under SFTTrainer: planned once, at the first training call, for the
+    batch's rows at the model's max_seq_length (before padding removal), whatever TRL's switch says."""
+    import turbotune.auto_checkpointing as ac
+    seen = []
+    real = ac.plan_checkpointing
+    monkeypatch.setattr(ac, "plan_checkpointing", lambda m, seq, rows, *a: seen.append((seq, rows)) or real(m, seq, rows))
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), max_seq_length=256, verbose=False)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing="auto", verbose=False)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "auto"), per_device_train_batch_size=4, max_steps=2,
+                         report_to=[], save_strategy="no", bf16=False, fp16=False, max_length=128)
+    trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows(8)),
+                   processing_class=tok).train()
+    step = trainer_step.trainer_step_of(model)
+    assert seen == [(256, 4)] and step.trainer_checkpointing  # TRL asked for checkpointing; the plan stood

@@ -103,15 +103,17 @@ class TrainerStep:
         self.trainer_checkpointing = kwargs or True
 
     def _checkpointing_line(self, tensors) -> str:
-        """Plans "auto" from the first batch the trainer feeds (its rows, the model's max_seq_length)."""
+        """Plans "auto" from the first batch the trainer feeds, as it comes (before padding removal): its rows
+        at the model's max_seq_length, the longest a later batch can be (a packed row: its own length if
+        longer)."""
         model = self.peft_model
         mode = turbo_state(model).checkpointing
         line = None
         if mode == "auto":
             from .auto_checkpointing import plan_checkpointing
-            rows = next(iter(tensors.values())).shape[0] if "position_ids" not in tensors else 1
-            seq = getattr(unwrap_peft(model), "max_seq_length", None) or tensors["input_ids"].shape[-1]
-            line = plan_checkpointing(model, int(seq), int(rows)).line()
+            rows, length = tensors["input_ids"].shape
+            seq = max(int(getattr(unwrap_peft(model), "max_seq_length", None) or length), int(length))
+            line = plan_checkpointing(model, seq, int(rows)).line()
             self.graphs.reset()
         elif mode is None:
             from ._compat import is_checkpointing
@@ -130,11 +132,12 @@ class TrainerStep:
         if args or not self._training_call(kwargs):
             return self.original(*args, **kwargs)
         tensors, others = _split(kwargs)
+        checkpointing = None if self._announced else self._checkpointing_line(tensors)  # plans on the fed batch
         if self.remove_padding:
             from .padding import remove_padding
             tensors = remove_padding(tensors, pad_id=self._pad_id())
         if not self._announced:
-            self._announce(tensors, others, self._checkpointing_line(tensors))
+            self._announce(tensors, others, checkpointing)
         return self.graphs(tensors, others)
 
     def _training_call(self, kwargs) -> bool:
