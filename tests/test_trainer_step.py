@@ -152,7 +152,8 @@ def test_auto_checkpointing_planned_from_the_fed_batch(tiny_llama_dir, tmp_path,
     import turbotune.auto_checkpointing as ac
     seen = []
     real = ac.plan_checkpointing
-    monkeypatch.setattr(ac, "plan_checkpointing", lambda m, seq, rows, *a: seen.append((seq, rows)) or real(m, seq, rows))
+    monkeypatch.setattr(ac, "plan_checkpointing",
+                        lambda m, seq, rows, *a: seen.append((seq, rows)) or real(m, seq, rows))
     model, tok = FastModel.from_pretrained(str(tiny_llama_dir), max_seq_length=256, verbose=False)
     model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing="auto", verbose=False)
     args = trl.SFTConfig(output_dir=str(tmp_path / "auto"), per_device_train_batch_size=4, max_steps=2,
