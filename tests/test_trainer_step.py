@@ -53,12 +53,13 @@ def _sft(folder, tmp_path, patch, **config):
 def test_sfttrainer_losses_equal_stock(tiny_llama_dir, tmp_path, monkeypatch, config):
     served, packed = [], []
     real_head, real_remove = trainer_step.fused_head_forward, padding_mod.remove_padding
-    monkeypatch.setattr(trainer_step, "fused_head_forward", lambda *a, **k: served.append(1) or real_head(*a, **k))
+    monkeypatch.setattr(trainer_step, "fused_head_forward",
+                        lambda *a, **k: (lambda out: served.append(out is not None) or out)(real_head(*a, **k)))
     monkeypatch.setattr(padding_mod, "remove_padding",
                         lambda b, **k: (lambda out: packed.append("attention_mask" in b and out is not b) or out)(
                             real_remove(b, **k)))
     model, ours = _sft(tiny_llama_dir, tmp_path, True, **config)
-    assert trainer_step.trainer_step_of(model) is not None and served
+    assert trainer_step.trainer_step_of(model) is not None and served and all(served)  # ours, not TRL's head
     if config.get("packing") is False:
         assert any(packed), "the padded batches were not packed"
     stock_model, stock = _sft(tiny_llama_dir, tmp_path, False, **config)
@@ -162,3 +163,17 @@ def test_auto_checkpointing_planned_from_the_fed_batch(tiny_llama_dir, tmp_path,
                    processing_class=tok).train()
     step = trainer_step.trainer_step_of(model)
     assert seen == [(256, 4)] and step.trainer_checkpointing  # TRL asked for checkpointing; the plan stood
+
+
+def test_fused_head_refuses_what_it_does_not_compute(tiny_llama_dir):
+    """TRL's head set up with a temperature (GRPO-style) or asking for fields ours does not compute stays TRL's."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from turbotune._compat import unwrap_peft
+    for kw, served in [(dict(outputs=("log_probs", "entropy", "is_top1")), True),
+                       (dict(temperature=0.7), False), (dict(outputs=("log_probs", "mean_logits")), False),
+                       (dict(cast_lm_head_to_fp32=True), False)]:
+        model, _ = _model(tiny_llama_dir, True)
+        assert trainer_step.fused_head_refusal(model) is not None  # no TRL head yet: nothing to stand in for
+        add_fused_lm_head(unwrap_peft(model), **kw)
+        assert (trainer_step.fused_head_refusal(model) is None) is served, kw

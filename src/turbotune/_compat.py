@@ -108,6 +108,24 @@ def supports_sdpa(config) -> bool | None:
     return None if flag is None else bool(flag)
 
 
+def trl_fused_head_settings(causal_lm) -> dict | None:
+    """What TRL's `add_fused_lm_head` set up on this model: {"temperature", "cast_lm_head_to_fp32", "outputs"},
+    read from the forward it installs (TRL 1.15 and 1.16 keep them as variables the forward closes over); None
+    when the model's forward is not TRL's fused one or they can't be read."""
+    import inspect
+
+    fn = getattr(causal_lm.__dict__.get("forward"), "__func__", None)
+    code = getattr(fn, "__code__", None)  # its __name__ is the model's (functools.wraps); the code's is its own
+    if code is None or code.co_name != "_fused_forward":
+        return None
+    try:
+        seen = inspect.getclosurevars(fn).nonlocals
+    except Exception:  # noqa: BLE001 - another shape of forward
+        return None
+    keys = ("temperature", "cast_lm_head_to_fp32", "outputs")
+    return {k: seen[k] for k in keys} if all(k in seen for k in keys) else None
+
+
 def trl_fused_output_class():
     """The output class of TRL's fused LM head (`model(..., fused_lm_head=True)`, TRL >= 1.15), or None."""
     try:

@@ -166,7 +166,9 @@ class TrainerStep:
         if "position_ids" in tensors and "attention_mask" not in tensors:
             on.append("padding removed (packed rows, bucketed lengths)")
         if others.get("fused_lm_head"):
-            on.append("TRL's fused_lm_head served by turbotune's fused head")
+            why = fused_head_refusal(self.peft_model)
+            on.append("TRL's fused_lm_head served by turbotune's fused head" if why is None
+                      else f"TRL's own fused head ({why})")
         graphs = self.graphs.why_off()
         warm = f"on (the first shape replayed after {self.graphs.warmup} eager calls, later ones after 1)"
         on.append("CUDA graphs " + (warm if graphs is None else f"off ({graphs})"))
@@ -174,21 +176,44 @@ class TrainerStep:
 
 
 # ---------------------------------------------------------------------------------------------- TRL's fused head
-def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`, computed with turbotune's head.
+# Logit multipliers TRL's head applies for some families (Granite, Falcon-H1, MPT, ...); ours reads only
+# `logit_scale` and the final soft-cap, so models with any of these keep TRL's head.
+_OTHER_LOGIT_SCALES = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
+_SERVED_FIELDS = {"log_probs", "entropy", "is_top1"}
 
-    None when this TRL's output class is unknown or the model is one we don't serve (trainable head, scaled or
-    tempered logits set up by TRL); the caller then runs TRL's own head."""
-    from .kernels.fused_token_logprobs import fused_linear_token_logprobs
 
-    output_cls = trl_fused_output_class()
+def fused_head_refusal(peft_model) -> str | None:
+    """Why turbotune's head can't stand in for TRL's on this model (None: it can, exactly)."""
+    from ._compat import trl_fused_head_settings
+
     causal_lm = unwrap_peft(peft_model)
     head = causal_lm.get_output_embeddings()
     cfg = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
-    if (output_cls is None or head is None or head.weight.requires_grad
-            or (head.bias is not None and head.bias.requires_grad) or kwargs.get("output_router_logits")
-            or getattr(cfg, "output_router_logits", False)):
+    settings = trl_fused_head_settings(causal_lm)
+    if trl_fused_output_class() is None or settings is None:
+        return "this TRL's fused head is not one turbotune knows"
+    if settings["temperature"] != 1.0 or settings["cast_lm_head_to_fp32"]:
+        return "TRL set a temperature or an fp32 head"
+    if set(settings["outputs"]) - _SERVED_FIELDS:
+        return f"TRL asks for {sorted(set(settings['outputs']) - _SERVED_FIELDS)}"
+    if head is None or head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        return "the head is trained"
+    if getattr(cfg, "output_router_logits", False) or any(getattr(cfg, k, None) is not None
+                                                          for k in _OTHER_LOGIT_SCALES):
+        return "router logits or a logit multiplier of this family"
+    return None
+
+
+def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`, computed with turbotune's head;
+    None where `fused_head_refusal` says it can't be (the caller then runs TRL's own head)."""
+    from .kernels.fused_token_logprobs import fused_linear_token_logprobs
+
+    if kwargs.get("output_router_logits") or fused_head_refusal(peft_model) is not None:
         return None
+    causal_lm = unwrap_peft(peft_model)
+    head = causal_lm.get_output_embeddings()
+    cfg = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
     kwargs["use_cache"] = False
     hidden = causal_lm.base_model(**kwargs).last_hidden_state
     if shift_labels is None:
@@ -201,8 +226,8 @@ def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_
         softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=_logit_scale(cfg))
     mask = targets != -100
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return output_cls(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy, is_top1=is_top1,
-                      label_mask=mask)
+    return trl_fused_output_class()(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
+                                    is_top1=is_top1, label_mask=mask)
 
 
 def _logit_scale(cfg) -> float:
