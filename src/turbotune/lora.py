@@ -24,6 +24,33 @@ from .state import turbo_state
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# Families that fuse projections into one linear (Phi-3: qkv_proj, gate_up_proj): asking for any of the parts
+# means the fused module, or those weights would silently get no adapter.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def resolve_target_modules(model, targets: list[str], verbose: bool = True) -> list[str]:
+    """The target names as this model spells them: parts of a fused projection become the fused module; names
+    the model does not have are dropped with a note (an error when none is left)."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    notes = []
+    for fused, parts in FUSED_PROJECTIONS.items():
+        asked = [t for t in targets if t in parts and t not in present]
+        if fused in present and asked:
+            targets = [t for t in targets if t not in parts] + ([fused] if fused not in targets else [])
+            notes.append(f"{'/'.join(asked)} are fused as {fused} here: LoRA goes on {fused}")
+    out = [t for t in targets if t in present]
+    if not out:
+        raise ConfigError(f"none of the target modules {targets} exist in this model; "
+                          f"linear layers here include {sorted(n for n in present if n.endswith('proj'))[:12]}")
+    missing = [t for t in targets if t not in present]
+    if missing:
+        notes.append(f"not in this model, so without LoRA: {', '.join(missing)}")
+    if notes and verbose:
+        print(f"[turbotune] target modules: {'; '.join(notes)}", flush=True)
+    return out
+
+
 def _is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
                 or getattr(model, "quantization_method", None))
@@ -87,12 +114,8 @@ def get_peft_model(model, r=16, lora_alpha=None, lora_dropout=0.0, target_module
         raise ConfigError(f"adapter_precision must be one of {ADAPTER_PRECISIONS}, got {adapter_precision!r}")
     if target_modules is None:
         target_modules = list(DEFAULT_TARGET_MODULES)
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if isinstance(target_modules, (list, tuple)):
-        missing = [m for m in target_modules if m not in present]
-        if len(missing) == len(target_modules):
-            raise ConfigError(f"none of the target modules {list(target_modules)} exist in this model; "
-                              f"linear layers here include {sorted(n for n in present if n.endswith('proj'))[:12]}")
+        target_modules = resolve_target_modules(model, list(target_modules), verbose)
 
     # Frozen base; for a 4-bit base, inputs need grads to flow through frozen layers into LoRA. We do not
     # upcast norms/embeddings to fp32 as prepare_model_for_kbit_training does: it costs memory and changes

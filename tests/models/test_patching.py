@@ -157,3 +157,30 @@ def test_gemma2_loads_with_eager_attention_and_matches_stock(tmp_path, smol_toke
     fast.train(), stock.train()
     ls, lf = stock(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
     assert abs(ls.item() - lf.item()) < 1e-5 * ls.item()
+
+
+def test_phi3_fused_projections_get_lora(tmp_path, smol_tokenizer, capsys):
+    """Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): the default targets put LoRA on all four kinds of
+    projection, saying so, and the patched loss equals the stock model's."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    cfg = Phi3Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     pad_token_id=smol_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+    smol_tokenizer.save_pretrained(str(tmp_path))
+
+    def build(patch, verbose=False):
+        m, _ = FastModel.from_pretrained(str(tmp_path), verbose=False, patch=patch)
+        return nonzero_lora_b(FastModel.get_peft_model(m, r=4, random_state=3, verbose=verbose,
+                                                       use_gradient_checkpointing=False))
+
+    stock, fast = build(False), build(True, verbose=True)
+    assert "fused as qkv_proj" in capsys.readouterr().out
+    adapted = {n.split(".")[-1] for n, m in fast.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    ids, mask, labels = _batch(cfg.vocab_size)
+    fast.train(), stock.train()
+    ls, lf = stock(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
+    assert abs(ls.item() - lf.item()) < 1e-5 * ls.item()
