@@ -15,6 +15,7 @@ FAMILIES = {
     "llama": {},
     "qwen2": {"tie_word_embeddings": False},
     "mistral": {"sliding_window": 8},
+    "qwen3": {"head_dim": 16, "tie_word_embeddings": False},  # per-head q_norm / k_norm before RoPE
 }
 
 

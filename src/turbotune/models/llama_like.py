@@ -1,4 +1,4 @@
-"""Patched forwards shared by the Llama-shaped families (llama, qwen2, mistral, ...).
+"""Patched forwards shared by the Llama-shaped families (llama, qwen2, qwen3, mistral, ...).
 
 Each `make_*(spec, state)` returns a function to be bound to one submodule instance (see
 registry.set_forward); `state` is the model's TurboState (toggles, fp32-adapter backend, originals). The
@@ -50,6 +50,8 @@ def make_attention_forward(spec, state):
         else:
             q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         q, k, v = q.view(bsz, seq, -1, d), k.view(bsz, seq, -1, d), v.view(bsz, seq, -1, d)
+        if getattr(self, "q_norm", None) is not None:  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
 
         cos, sin = position_embeddings
         if toggles.rope:
