@@ -180,12 +180,18 @@ def clear_layer_caches(kwargs: dict) -> None:
             kwargs[name] = None
 
 
-def attention_function(config):
+def attention_function(config, module=None):
     """The attention function `config._attn_implementation` names: transformers 5.x looks it up with
-    `ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)`, 4.x indexes the registry, which lacks "eager"."""
+    `ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)`, 4.x indexes the registry, which lacks "eager".
+    "eager" is the family's own (`module`'s modeling file: Gemma 2's soft-caps the scores), else Llama's."""
+    import sys
+
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
+    if module is not None:
+        eager_attention_forward = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward",
+                                          eager_attention_forward)
     impl = config._attn_implementation
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
         return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)

@@ -16,6 +16,9 @@ FAMILIES = {
     "qwen2": {"tie_word_embeddings": False},
     "mistral": {"sliding_window": 8},
     "qwen3": {"head_dim": 16, "tie_word_embeddings": False},  # per-head q_norm / k_norm before RoPE
+    # soft-capped attention (eager) and logits, (1 + w) RMSNorm, GeGLU, post-norms; a sliding-window layer
+    "gemma2": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},  # + q/k norms, SDPA
 }
 
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from .._compat import unwrap_peft
 from ..state import turbo_state
-from . import llama, mistral, qwen2, qwen3  # noqa: F401  (each registers its family)
+from . import gemma, llama, mistral, qwen2, qwen3  # noqa: F401  (each registers its family)
 from .generic import make_lora_linear_forward
 from .llama_like import make_lm_forward
 from .registry import FAMILIES, FamilySpec, PatchReport, Toggles, is_patched, register_family, set_forward, unpatch_model

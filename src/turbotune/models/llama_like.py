@@ -1,4 +1,4 @@
-"""Patched forwards shared by the Llama-shaped families (llama, qwen2, qwen3, mistral, ...).
+"""Patched forwards shared by the Llama-shaped families (llama, qwen2, qwen3, mistral, gemma2, gemma3, ...).
 
 Each `make_*(spec, state)` returns a function to be bound to one submodule instance (see
 registry.set_forward); `state` is the model's TurboState (toggles, fp32-adapter backend, originals). The
@@ -62,7 +62,9 @@ def make_attention_forward(spec, state):
         extra = {}
         if getattr(self, "sliding_window", None) is not None:
             extra["sliding_window"] = self.sliding_window
-        attn, weights = attention_function(self.config)(
+        if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2: soft-capped scores
+            extra["softcap"] = self.attn_logit_softcapping
+        attn, weights = attention_function(self.config, self)(
             self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs)
         attn = attn.reshape(bsz, seq, -1)
