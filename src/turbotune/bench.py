@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as _dt
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
+from .bench_header import (  # noqa: F401 - VERSION_PACKAGES and command_line: still importable from here
+    VERSION_PACKAGES,
+    add_mode_header,
+    add_model_flops,
+    collect_header,
+    command_line,
+)
 from .bench_presets import (
     DEFAULT_METHODS,
     METHODS,
@@ -34,18 +38,14 @@ from .bench_presets import (
     BenchError,
     build_preset_model,
     default_cache_dir,
-    flops_per_token,
     measure_matmul_rate,
     missing_requirement,
     preset_config,
     read_model_config,
 )
 from .bench_report import format_header, format_table, si, summarise
-from .planner import model_shape
 
 SCHEMA = "turbotune.bench/1"
-VERSION_PACKAGES = ["torch", "transformers", "peft", "accelerate", "triton", "bitsandbytes", "turbotune",
-                    "unsloth", "liger-kernel", "trl"]
 
 
 def _log(msg: str) -> None:
@@ -214,73 +214,6 @@ def validate(args) -> dict:
             "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_r}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Header
-# ----------------------------------------------------------------------------------------------------------
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        pass
-    if name == "turbotune":  # run from a source tree (PYTHONPATH=src) rather than an install
-        try:
-            import turbotune
-
-            return getattr(turbotune, "__version__", None)
-        except Exception:
-            return None
-    return None
-
-
-def command_line(argv=None) -> str:
-    argv = list(sys.argv if argv is None else argv)
-    prog = argv[0] if argv else "turbotune"
-    norm = prog.replace(os.sep, "/")
-    if norm.endswith("turbotune/bench.py"):
-        prog = "python -m turbotune.bench"
-    elif norm.endswith("turbotune/__main__.py"):
-        prog = "python -m turbotune"
-    else:
-        prog = os.path.basename(prog)
-    return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
-
-
-def collect_header(args, settings: dict, model_dir: Path | None, model_cfg: dict | None) -> dict:
-    import platform
-
-    import torch
-
-    device = settings["device"]
-    versions = {"python": platform.python_version()}
-    versions.update({n: _version(n) for n in VERSION_PACKAGES})
-    versions["torch"] = torch.__version__
-    versions["cuda"] = torch.version.cuda
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        dev = {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-               "memory_bytes": int(props.total_memory), "capability": list(torch.cuda.get_device_capability(0))}
-    else:
-        dev = {"type": "cpu", "name": f"CPU ({platform.processor() or platform.machine()}, "
-                                      f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"}
-    tokens = args.micro_batch * args.seq_len * args.grad_accum
-    return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "command": command_line(),
-        "device": dev,
-        "versions": versions,
-        "preset": settings["preset"],
-        "model_dir": str(model_dir) if model_dir else None,
-        "model_type": (model_cfg or {}).get("model_type"),
-        "workload": {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
-                     "steps": args.steps, "warmup": args.warmup, "timed_steps": args.steps - args.warmup,
-                     "tokens_per_step": tokens, "lora_r": args.lora_r, "lora_alpha": settings["lora_alpha"],
-                     "target_modules": TARGET_MODULES, "qlora": bool(args.qlora), "dtype": settings["dtype"],
-                     "lr": args.lr, "seed": args.seed},
-        "price_usd_per_gpu_hour": args.price,
-        "cost_steps": args.cost_steps,
-        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-    }
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Workers
@@ -371,64 +304,39 @@ def run_worker(method: str, spec: dict, workdir: Path, timeout: float) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Orchestration
 # ----------------------------------------------------------------------------------------------------------
-def run_bench(args) -> int:
-    """Run the benchmark described by parsed `args`; 0 = every method ok or skipped, 1 = a method failed,
-    2 = usage error."""
-    try:
-        settings = validate(args)
-    except BenchError as exc:
-        print(f"turbotune bench: error: {exc}", file=sys.stderr)
-        return 2
-    device = settings["device"]
-    if args.max_context:  # one step per length at micro-batch 1; the model is loaded for the longest
-        args.seq_len, args.micro_batch, args.grad_accum = max(settings["lengths"]), 1, 1
-    runnable = [m for m, why in settings["methods"] if why is None]
+def prepare_model(args, settings: dict, runnable: bool) -> tuple[Path | None, dict | None]:
+    """The model folder (a preset is built and cached first) and its config; raises BenchError."""
     model_dir = model_cfg = None
-    try:
-        if runnable:
-            if settings["preset"]:
-                cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-                model_dir = build_preset_model(settings["preset"], args.seed, cache, device, log=_log)
-            else:
-                model_dir = Path(args.model).resolve()
-            model_cfg = read_model_config(model_dir)
-        elif settings["preset"]:
-            model_cfg = preset_config(settings["preset"])
-    except BenchError as exc:
-        print(f"turbotune bench: error: {exc}", file=sys.stderr)
-        return 2
-    header = collect_header(args, settings, model_dir, model_cfg)
-    if args.max_context:
-        header["mode"] = "max_context"
-        header["lengths"] = settings["lengths"]
-    elif args.trainer == "sft":
-        header["mode"] = "sft"
-        header["sft"] = {"lengths": args.lengths or "fixed", "packing": False}
-    elif args.packing:
-        header["mode"] = "packing"
-        header["packing"] = {"samples_per_step": args.samples_per_step, "padded_micro_batch": args.padded_micro_batch,
-                             "packed_micro_batch": args.micro_batch, "seq_len": args.seq_len, "lengths": [20, 1500]}
-    try:
-        dims = model_shape(model_cfg) if model_cfg else None
-        header["model_dims"] = dims.__dict__ if dims else None
-        flops = flops_per_token(dims, args.seq_len, args.lora_r) if dims else None
-    except (KeyError, TypeError, ValueError) as exc:
-        _log(f"cannot derive FLOPs per token from the config ({exc!r}); MFU will be n/a")
-        flops = None
-    header["flops_per_token"] = flops
-    matmul = None
-    if runnable and not args.max_context and not args.packing:
-        _log(f"measuring the {'bf16' if device == 'cuda' else 'fp32'} matmul rate on {device}")
-        matmul = measure_matmul_rate(device, args.matmul_size)
-        _log(f"matmul rate {si(matmul['flops_per_s'], 'FLOP/s')}")
-    header["matmul"] = matmul
+    if runnable:
+        if settings["preset"]:
+            cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+            model_dir = build_preset_model(settings["preset"], args.seed, cache, settings["device"], log=_log)
+        else:
+            model_dir = Path(args.model).resolve()
+        model_cfg = read_model_config(model_dir)
+    elif settings["preset"]:
+        model_cfg = preset_config(settings["preset"])
+    return model_dir, model_cfg
 
-    spec = {"model_dir": str(model_dir) if model_dir else None, "model_type": (model_cfg or {}).get("model_type"),
+
+def measure_matmul(args, device: str, runnable: bool) -> dict | None:
+    """The matmul rate MFU is quoted against (throughput and sft modes with a method to run), else None."""
+    if not (runnable and not args.max_context and not args.packing):
+        return None
+    _log(f"measuring the {'bf16' if device == 'cuda' else 'fp32'} matmul rate on {device}")
+    matmul = measure_matmul_rate(device, args.matmul_size)
+    _log(f"matmul rate {si(matmul['flops_per_s'], 'FLOP/s')}")
+    return matmul
+
+
+def build_worker_spec(args, settings: dict, model_dir: Path | None, model_cfg: dict | None) -> dict:
+    """The spec every worker gets (run_worker adds the method's own keys)."""
+    return {"model_dir": str(model_dir) if model_dir else None, "model_type": (model_cfg or {}).get("model_type"),
             "vocab_size": int((model_cfg or {}).get("vocab_size") or (model_cfg or {}).get("text_config", {})
                               .get("vocab_size", 0)),
-            "device": device, "dtype": settings["dtype"], "qlora": bool(args.qlora), "lora_r": args.lora_r,
-            "lora_alpha": settings["lora_alpha"], "target_modules": TARGET_MODULES, "lr": args.lr,
-            "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+            "device": settings["device"], "dtype": settings["dtype"], "qlora": bool(args.qlora),
+            "lora_r": args.lora_r, "lora_alpha": settings["lora_alpha"], "target_modules": TARGET_MODULES,
+            "lr": args.lr, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
             "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
             "cuda_graphs": args.cuda_graphs, "graph_offload": args.graph_offload,
             "adapter_precision": args.adapter_precision,
@@ -441,9 +349,13 @@ def run_bench(args) -> int:
             "confirm": bool(args.confirm), "confirm_at": settings["confirm_at"],
             "card_memory_bytes": settings["card_memory_bytes"],
             "profile_dir": str(Path(args.profile).expanduser().resolve()) if args.profile else None}
+
+
+def run_methods(args, methods: list[tuple[str, str | None]], spec: dict) -> list[dict]:
+    """Run each method's worker in turn (padded then packed with --packing); skipped methods get a stub."""
     results = []
     with tempfile.TemporaryDirectory(prefix="turbotune-bench-") as tmp:
-        for method, why in settings["methods"]:
+        for method, why in methods:
             if why is not None:
                 _log(f"{method}: skipped ({why})")
                 results.append({"method": method, "status": "skipped", "reason": why, "losses": [],
@@ -456,24 +368,54 @@ def run_bench(args) -> int:
                 r.setdefault("mode", mode)
                 _log(f"{method}: {r['status']}"
                      + ("" if r["status"] == "ok" else f" — {r.get('error') or r.get('reason')}"))
+    return results
+
+
+def format_results(args, settings: dict, header: dict, results: list[dict], model_cfg: dict | None,
+                   flops: float | None, matmul: dict | None) -> str:
+    """The mode's Markdown table(s) of `results` (the throughput mode also summarises them into `header`)."""
     if args.packing:
         from .bench_packing import format_packing_table
-        table = format_packing_table(results)
-    elif args.max_context:
+        return format_packing_table(results)
+    if args.max_context:
         from .bench_context import add_planner_predictions, format_context_tables
         if model_cfg:
             add_planner_predictions(results, model_cfg, bool(args.qlora), args.lora_r)
-        table = format_context_tables(results, settings["lengths"])
-    else:
-        summarise(results, header, flops, matmul["flops_per_s"] if matmul else None)
-        table = format_table(results)
+        return format_context_tables(results, settings["lengths"])
+    summarise(results, header, flops, matmul["flops_per_s"] if matmul else None)
+    return format_table(results)
+
+
+def write_json(path: str, header: dict, results: list[dict], table: str) -> None:
+    """Write the whole run (header, every method's result, the table) to the --json file."""
+    doc = {"schema": SCHEMA, "header": header, "methods": results, "table_markdown": table}
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    Path(path).expanduser().write_text(json.dumps(doc, indent=1, default=str))
+    _log(f"wrote {path}")
+
+
+def run_bench(args) -> int:
+    """Run the benchmark described by parsed `args`; 0 = every method ok or skipped, 1 = a method failed,
+    2 = usage error."""
+    try:
+        settings = validate(args)
+        if args.max_context:  # one step per length at micro-batch 1; the model is loaded for the longest
+            args.seq_len, args.micro_batch, args.grad_accum = max(settings["lengths"]), 1, 1
+        runnable = [m for m, why in settings["methods"] if why is None]
+        model_dir, model_cfg = prepare_model(args, settings, bool(runnable))
+    except BenchError as exc:
+        print(f"turbotune bench: error: {exc}", file=sys.stderr)
+        return 2
+    header = collect_header(args, settings, model_dir, model_cfg)
+    add_mode_header(header, args, settings)
+    flops = add_model_flops(header, args, model_cfg)
+    header["matmul"] = matmul = measure_matmul(args, settings["device"], bool(runnable))
+    results = run_methods(args, settings["methods"], build_worker_spec(args, settings, model_dir, model_cfg))
+    table = format_results(args, settings, header, results, model_cfg, flops, matmul)
     report = format_header(header) + "\n\n" + table + "\n"
     print(report, flush=True)
     if args.json:
-        doc = {"schema": SCHEMA, "header": header, "methods": results, "table_markdown": table}
-        Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).expanduser().write_text(json.dumps(doc, indent=1, default=str))
-        _log(f"wrote {args.json}")
+        write_json(args.json, header, results, table)
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 

@@ -174,44 +174,17 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
     """
     import torch
 
-    from .data import DataCollator
-    from .packing import PackingCollator
-
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if steps < 1 or micro_batch < 1 or seq_len < 1:
-        raise ValueError(f"steps, micro_batch and seq_len must be positive, got {steps}, {micro_batch}, {seq_len}")
-    if not 0 <= warmup < steps:
-        raise ValueError(f"warmup must be in [0, steps), got warmup={warmup}, steps={steps}: no step left to time")
-    plan = plan_steps(samples, samples_per_step)
-    if len(samples) < steps * samples_per_step:
-        raise ValueError(f"{steps} steps of {samples_per_step} samples need {steps * samples_per_step:,} samples, "
-                         f"got {len(samples):,}")
-    plan = plan[:steps]
+    plan = _check_run(samples, seq_len, micro_batch, samples_per_step, steps, warmup, mode)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     device = torch.device(device) if device is not None else params[0].device
-    say = log or (lambda msg: None)
     step_fn = step_fn or eager_step_fn(model)
     if lookahead is None:
         lookahead = samples_per_step
-
     graphs = bool(getattr(step_fn, "active", False))  # an active GraphedMicroStep
-    if mode == "packed":
-        if pad_to_multiple_of == "auto":
-            pad_to_multiple_of = seq_len if graphs else None
-        # Like Trainer: inside a CUDA graph nothing may wait for the host, and transformers' packed-sequence
-        # detection ("position_ids" mode) does, so the collator builds the document mask itself.
-        extra = {"no_host_sync": True} if graphs else {}
-        collate = PackingCollator.for_model(model, tokenizer_or_pad_id, pad_to_multiple_of=pad_to_multiple_of,
-                                            **extra)
-        attention = collate.mode
-    else:
-        if pad_to_multiple_of == "auto":
-            pad_to_multiple_of = None
-        collate = DataCollator(tokenizer_or_pad_id, pad_to_multiple_of=pad_to_multiple_of)
-        attention = "padding mask"
+    collate, attention, pad_to_multiple_of = _collator(model, tokenizer_or_pad_id, mode, seq_len, pad_to_multiple_of,
+                                                       graphs)
 
     t0 = time.perf_counter()
     step_batches = [build_step_batches(samples, idx, mode, collate, seq_len, micro_batch, lookahead,
@@ -225,6 +198,52 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
         "losses": [], "step_times_s": [], "real_tokens": [], "computed_tokens": [], "targets": [],
         "micro_batches": [], "rows": [],
     }
+    _count_step_tokens(result, step_batches)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    _train_steps(model, opt, step_fn, step_batches, result, device, log or (lambda msg: None))
+    _summarise_timing(result)
+    return result
+
+
+def _check_run(samples: Sequence[dict], seq_len: int, micro_batch: int, samples_per_step: int, steps: int,
+               warmup: int, mode: str) -> list[list[int]]:
+    """Validate run_packing_bench's settings; return the first `steps` steps' sample indices."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if steps < 1 or micro_batch < 1 or seq_len < 1:
+        raise ValueError(f"steps, micro_batch and seq_len must be positive, got {steps}, {micro_batch}, {seq_len}")
+    if not 0 <= warmup < steps:
+        raise ValueError(f"warmup must be in [0, steps), got warmup={warmup}, steps={steps}: no step left to time")
+    plan = plan_steps(samples, samples_per_step)
+    if len(samples) < steps * samples_per_step:
+        raise ValueError(f"{steps} steps of {samples_per_step} samples need {steps * samples_per_step:,} samples, "
+                         f"got {len(samples):,}")
+    return plan[:steps]
+
+
+def _collator(model, tokenizer_or_pad_id, mode: str, seq_len: int, pad_to_multiple_of, graphs: bool):
+    """The mode's collator, its attention kind and the pad_to_multiple_of it resolved "auto" to."""
+    from .data import DataCollator
+    from .packing import PackingCollator
+
+    if mode == "packed":
+        if pad_to_multiple_of == "auto":
+            pad_to_multiple_of = seq_len if graphs else None
+        # Like Trainer: inside a CUDA graph nothing may wait for the host, and transformers' packed-sequence
+        # detection ("position_ids" mode) does, so the collator builds the document mask itself.
+        extra = {"no_host_sync": True} if graphs else {}
+        collate = PackingCollator.for_model(model, tokenizer_or_pad_id, pad_to_multiple_of=pad_to_multiple_of,
+                                            **extra)
+        return collate, collate.mode, pad_to_multiple_of
+    if pad_to_multiple_of == "auto":
+        pad_to_multiple_of = None
+    collate = DataCollator(tokenizer_or_pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    return collate, "padding mask", pad_to_multiple_of
+
+
+def _count_step_tokens(result: dict, step_batches: list[list[dict]]) -> None:
+    """Per step: real and computed tokens, targets, micro-batches and rows, appended to result's lists."""
     for batches in step_batches:
         result["real_tokens"].append(sum(b["real_tokens"] for b in batches))
         result["computed_tokens"].append(sum(int(b["input_ids"].numel()) for b in batches))
@@ -232,8 +251,11 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
         result["micro_batches"].append(len(batches))
         result["rows"].append(sum(int(b["input_ids"].shape[0]) for b in batches))
 
-    cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if cuda else {}))
+
+def _train_steps(model, opt, step_fn, step_batches: list[list[dict]], result: dict, device,
+                 say: Callable[[str], None]) -> None:
+    """Train and time every optimizer step, appending its loss and wall time to result."""
+    import torch
 
     def zero_grad():
         if hasattr(step_fn, "zero_grad"):  # a GraphedMicroStep: in place while its graphs accumulate
@@ -241,6 +263,7 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
         else:
             opt.zero_grad(set_to_none=True)
 
+    mode, steps, warmup = result["mode"], result["steps"], result["warmup"]
     model.train()
     zero_grad()
     for k, batches in enumerate(step_batches):
@@ -264,6 +287,10 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
             f"{result['real_tokens'][k]:,} real / {result['computed_tokens'][k]:,} computed tokens "
             f"in {len(batches)} micro-batches")
 
+
+def _summarise_timing(result: dict) -> None:
+    """Add the timed steps' medians and rates, the padding fraction and the first / last losses to result."""
+    warmup, steps = result["warmup"], result["steps"]
     timed = slice(warmup, steps)
     t_timed = sum(result["step_times_s"][timed])
     result["timed_steps"] = steps - warmup
@@ -274,7 +301,6 @@ def run_packing_bench(model, tokenizer_or_pad_id, samples: Sequence[dict], seq_l
     result["first_loss"] = result["losses"][0]
     result["last_loss"] = result["losses"][-1]
     result["losses_finite"] = all(math.isfinite(x) for x in result["losses"])
-    return result
 
 
 # ---------------------------------------------------------------- comparison and report

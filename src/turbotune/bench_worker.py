@@ -214,7 +214,38 @@ def _graphed_step(model, params, spec):
                             capture_offload=spec.get("graph_offload", True))
 
 
-def train(model, spec, result) -> None:
+class _Loop:
+    """One method's optimizer and micro-step (turbotune's graphed stepper or eager), shared by every phase."""
+
+    def __init__(self, model, opt, stepper, grad_accum: int, cuda: bool):
+        self.model, self.opt, self.stepper, self.ga, self.cuda = model, opt, stepper, grad_accum, cuda
+
+    def sync(self) -> None:
+        """Wait for the GPU (no-op on CPU)."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def forward_backward(self, ids):
+        """Forward + backward of one micro-batch, loss scaled by 1/grad_accum; returns the detached loss."""
+        if self.stepper is not None:
+            return self.stepper({"input_ids": ids, "labels": ids}, 1.0 / self.ga) / self.ga
+        out = self.model(input_ids=ids, labels=ids)
+        loss = out.loss / self.ga
+        loss.backward()
+        return loss.detach()
+
+    def zero_grad(self) -> None:
+        """Drop the gradients (in place while the graphs accumulate into these buffers)."""
+        if self.stepper is not None:
+            self.stepper.zero_grad(self.opt)
+        else:
+            self.opt.zero_grad(set_to_none=True)
+
+
+def _setup_loop(model, spec, result):
+    """The loop (fused AdamW on CUDA, turbotune's graphed step) and the token batches; counts parameters."""
     import torch
 
     from turbotune.bench_presets import make_batches
@@ -229,83 +260,95 @@ def train(model, spec, result) -> None:
     opt = torch.optim.AdamW(params, lr=spec["lr"], **opt_kw)
     batches = make_batches(spec["seed"], spec["steps"] * ga, spec["micro_batch"], spec["seq_len"],
                            spec["vocab_size"]).to(device)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     stepper = None
     if method.startswith("turbotune") and cuda:  # turbotune's own training step: CUDA graphs where they apply
         stepper = _graphed_step(model, params, spec)
         _log(method, f"CUDA graphs: {stepper.disabled_reason or 'on'}")
-    result["notes"] = list(model.__dict__.get("_bench_notes", []))
+    return _Loop(model, opt, stepper, ga, cuda), batches
 
-    def forward_backward(ids):
-        if stepper is not None:
-            return stepper({"input_ids": ids, "labels": ids}, 1.0 / ga) / ga
-        out = model(input_ids=ids, labels=ids)
-        loss = out.loss / ga
-        loss.backward()
-        return loss.detach()
 
-    def zero_grad():
-        if stepper is not None:
-            stepper.zero_grad(opt)  # in place while the graphs accumulate into these buffers
-        else:
-            opt.zero_grad(set_to_none=True)
-
-    # Compilation warm-up (unsloth): forward + backward on the first micro-batch, gradients dropped, no update.
+def _compile_warmup(loop: _Loop, spec, first_batch) -> None:
+    """Compilation warm-up (unsloth): forward + backward on the first micro-batch, gradients dropped, no update."""
     for i in range(spec["extra_warmup"]):
         t0 = time.perf_counter()
-        forward_backward(batches[0])
-        zero_grad()
-        sync()
-        _log(method, f"compile warm-up pass {i + 1}/{spec['extra_warmup']}: {time.perf_counter() - t0:.1f} s")
+        loop.forward_backward(first_batch)
+        loop.zero_grad()
+        loop.sync()
+        _log(spec["method"], f"compile warm-up pass {i + 1}/{spec['extra_warmup']}: {time.perf_counter() - t0:.1f} s")
 
-    if cuda:
-        result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
-        result["load_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
-        torch.cuda.reset_peak_memory_stats()
+
+def _timed_steps(loop: _Loop, spec, batches, result) -> None:
+    """Every optimizer step (warm-up and timed), appending its loss and wall time to result."""
+    ga = loop.ga
     losses, times = result["losses"], result["step_times_s"]
     for step in range(spec["steps"]):
-        sync()
+        loop.sync()
         t0 = time.perf_counter()
         total = None
         for j in range(ga):
-            loss = forward_backward(batches[step * ga + j])
+            loss = loop.forward_backward(batches[step * ga + j])
             total = loss if total is None else total + loss
-        opt.step()
-        zero_grad()
-        sync()
+        loop.opt.step()
+        loop.zero_grad()
+        loop.sync()
         dt = time.perf_counter() - t0
         losses.append(float(total.float().item()))
         times.append(dt)
         tag = "warm-up" if step < spec["warmup"] else "timed"
-        _log(method, f"step {step + 1}/{spec['steps']} ({tag}) loss {losses[-1]:.4f}  {dt:.3f} s")
+        _log(spec["method"], f"step {step + 1}/{spec['steps']} ({tag}) loss {losses[-1]:.4f}  {dt:.3f} s")
+
+
+def _record_graphs_and_memory(loop: _Loop, spec, result) -> None:
+    """After the steps: whether CUDA graphs stayed on, and the peak memory (CUDA allocator or host RSS)."""
+    import torch
+
+    stepper = loop.stepper
     if stepper is not None:
         result["cuda_graphs"] = stepper.disabled_reason or "on"  # a failed capture turns them off mid-run
         result["cuda_graph_replays"] = stepper.replays
         result["notes"].append(f"CUDA graphs {result['cuda_graphs']}" + (
-            f" ({stepper.replays} of {spec['steps'] * ga} micro-steps replayed)" if stepper.active else ""))
-    if cuda:
+            f" ({stepper.replays} of {spec['steps'] * loop.ga} micro-steps replayed)" if stepper.active else ""))
+    if loop.cuda:
         result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
         result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
         result["memory_kind"] = "cuda"
     else:
         result["memory_kind"] = "rss"
     result["peak_rss_bytes"] = _peak_rss_bytes()
-    if spec.get("profile_dir"):  # one more step under torch.profiler, after the figures above are taken
-        from turbotune.bench_profile import profile_step
 
-        def one_step():
-            for j in range(ga):
-                forward_backward(batches[j])
-            opt.step()
-            zero_grad()
 
-        result["profile"] = profile_step(one_step, method, spec["profile_dir"], cuda)
-        p = result["profile"]
-        _log(method, f"profiled step: wall {p['wall_ms']:.0f} ms, GPU busy {p['gpu_busy_ms']:.0f} ms -> {p['report']}")
+def _profile_extra_step(loop: _Loop, spec, batches, result) -> None:
+    """One more optimizer step under torch.profiler (--profile), after the figures above are taken."""
+    from turbotune.bench_profile import profile_step
+
+    method = spec["method"]
+
+    def one_step():
+        for j in range(loop.ga):
+            loop.forward_backward(batches[j])
+        loop.opt.step()
+        loop.zero_grad()
+
+    result["profile"] = profile_step(one_step, method, spec["profile_dir"], loop.cuda)
+    p = result["profile"]
+    _log(method, f"profiled step: wall {p['wall_ms']:.0f} ms, GPU busy {p['gpu_busy_ms']:.0f} ms -> {p['report']}")
+
+
+def train(model, spec, result) -> None:
+    """The default bench: spec["steps"] optimizer steps on random token batches, timed, peak memory recorded."""
+    import torch
+
+    loop, batches = _setup_loop(model, spec, result)
+    result["notes"] = list(model.__dict__.get("_bench_notes", []))
+    _compile_warmup(loop, spec, batches[0])
+    if loop.cuda:
+        result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["load_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+    _timed_steps(loop, spec, batches, result)
+    _record_graphs_and_memory(loop, spec, result)
+    if spec.get("profile_dir"):
+        _profile_extra_step(loop, spec, batches, result)
 
 
 def run_packing(model, spec, result) -> None:
