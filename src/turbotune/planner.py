@@ -339,6 +339,119 @@ class Plan:
         return d
 
 
+def _item(key, label, nbytes, phase, note="") -> PlanItem:
+    return PlanItem(key, label, int(nbytes), phase, True, note)
+
+
+def _static_items(shape: ModelShape, qlora: bool, double_quant: bool, dtype: str, hf_upcast: bool,
+                  lora_r: int) -> tuple[list[PlanItem], int]:
+    """1. weights and 2. LoRA adapters, gradients, AdamW state. Returns (items, LoRA parameter count)."""
+    L = shape.layers
+    w = weight_bytes(shape, qlora, double_quant, dtype, upcast_unquantised=hf_upcast)
+    fmt = ("4-bit NF4" + (" + double quant" if double_quant else "")) if qlora else f"16-bit ({dtype})" \
+        if DTYPE_BYTES[dtype] == 2 else dtype
+    other_fmt = "fp32 (PEFT's kbit prep)" if hf_upcast else ("16-bit" if DTYPE_BYTES[dtype] == 2 else dtype)
+    p = lora_param_count(shape, lora_r)
+    return [
+        _item("weights_linears", f"weights: decoder linears, {fmt}", w["linears"], "static",
+              f"{shape.linear_params() / 1e9:.3f} B params in the seven projections x {L} layers"),
+        _item("weights_other", f"weights: embeddings{' (tied lm_head)' if shape.tied else ' + lm_head'}, norms, "
+              f"biases, {other_fmt}", w["other"], "static",
+              f"{(shape.embedding_params() + shape.norm_params() + shape.bias_params()) / 1e6:.1f} M params"),
+        _item("lora_params", f"LoRA adapters A, B (fp32, r={lora_r})", 4 * p, "static", f"{p / 1e6:.2f} M params"),
+        _item("lora_grads", "LoRA gradients (fp32)", 4 * p, "static"),
+        _item("adamw_state", "AdamW state: exp_avg + exp_avg_sq (fp32)", 8 * p, "static"),
+    ], p
+
+
+def _kept_items(shape: ModelShape, N: int, b: int, method: str, checkpointing: str, s_layer: int,
+                checkpointed_layers: int | None) -> tuple[list[PlanItem], int]:
+    """3. activations kept from forward to backward. Returns (items, checkpointed layers k)."""
+    H, L = shape.hidden, shape.layers
+    x_in = N * H * b  # one layer input (hf + QLoRA: fp32, the upcast embeddings start an fp32 residual stream)
+    items: list[PlanItem] = []
+    k = L  # checkpointed layers (recompute)
+    if checkpointing == "none":
+        items.append(_item("act_layers", f"activations: every layer's saved set ({L} x {s_layer:,} B/token)",
+                           L * N * s_layer, "kept", "no checkpointing"))
+    elif checkpointing == "recompute":
+        k = L if checkpointed_layers is None else int(checkpointed_layers)
+        if not 1 <= k <= L:
+            raise PlanError(f"checkpointed_layers must be between 1 and {L}, got {checkpointed_layers}")
+        items.append(_item("act_layer_inputs",
+                           f"activations: checkpointed layer inputs ({k} x N·H·{x_in // (N * H)})", k * x_in,
+                           "kept", "one per checkpointed decoder layer, kept from forward to backward"))
+        if k < L:
+            items.append(_item("act_layers", f"activations: {L - k} layers not checkpointed "
+                               f"({L - k} x {s_layer:,} B/token)", (L - k) * N * s_layer, "kept",
+                               f"{k} of {L} layers checkpointed"))
+    else:
+        items.append(_item("act_layer_inputs", "activations: last layer's input (the others on the host)", x_in,
+                           "kept", f"{L - 1} layer inputs ({(L - 1) * x_in / GiB:.2f} GiB) offloaded to CPU memory"))
+    last_hidden = N * H * (4 if method == "hf" else b) + 4 * N
+    items.append(_item("act_last_hidden", "activations: final norm's saved input"
+                       + (" (fp32 copy)" if method == "hf" and b != 4 else ""), last_hidden, "kept"))
+    items.append(_item("act_rotary", "activations: rotary cos/sin (shared by all layers)", 2 * N * shape.head_dim * b,
+                       "kept"))
+    return items, k
+
+
+def _layer_items(shape: ModelShape, N: int, b: int, a: int, method: str, qlora: bool, checkpointing: str,
+                 s_recompute: int) -> list[PlanItem]:
+    """One decoder layer's backward: the prefetched input, the recomputed saved set, its working set."""
+    H = shape.hidden
+    items: list[PlanItem] = []
+    if checkpointing == "offload":
+        items.append(_item("layer_prefetch", "offload: the next layer's input, prefetched from the host", N * H * b,
+                           "layer"))
+    if checkpointing != "none":
+        items.append(_item("layer_recompute", f"one layer recomputed in backward ({s_recompute:,} B/token)",
+                           N * s_recompute, "layer", "its saved set, rebuilt from the checkpoint input"))
+    work = layer_working_bytes(shape, N, method, b, a, qlora)
+    if qlora and method == "turbotune" and checkpointing != "none" and work["mlp_chunk"] is None:
+        items.append(_item("layer_held_weight", "4-bit: up weight kept from recompute to backward",
+                           shape.intermediate * H * b, "layer", "dequantised once for both (kernels/fused_lora.py)"))
+    items.append(_item(
+        "layer_working", "one layer's backward working set", work["total"], "layer",
+        f"max(MLP {work['mlp'] / GiB:.2f}, attention {work['attention'] / GiB:.2f}) + gradients "
+        f"{work['gradients'] / GiB:.2f}" + (f" + dequantised weight {work['dequant'] / GiB:.2f}" if qlora else "")
+        + " GiB" + (f"; MLP tiled over {work['mlp_chunk']} tokens" if work["mlp_chunk"] else "")))
+    return items
+
+
+def _loss_items(shape: ModelShape, N: int, b: int, method: str, hf_upcast: bool) -> tuple[list[PlanItem], int | None]:
+    """4. the loss: turbotune's chunked linear+CE, or hf's full logits. Returns (items, chunk size or None)."""
+    H, V = shape.hidden, shape.vocab
+    if method == "turbotune":
+        chunk = _chunk_size(N, V, H)
+        return [_item("loss_chunk", f"loss: chunked linear+CE, one [{chunk} x {V}] chunk buffer", chunk * V * b,
+                      "loss", "default_chunk_size: clamp(next_pow2(ceil(N·H/V)), 512, N) rows"),
+                _item("loss_hidden", "loss: grad_hidden [N, H] + final norm output", 2 * N * H * b + 20 * N,
+                      "loss")], chunk
+    bl = 4 if hf_upcast else b
+    return [_item("loss_logits", f"loss: full logits [N, {V}] ({bl} B) + fp32 log-softmax, its grad in and out",
+                  N * V * (bl + 12), "loss", f"{bl + 12} bytes per logit at the log-softmax backward"),
+            _item("loss_hidden", "loss: labels, per-token losses", 20 * N, "loss")], None
+
+
+def _peak(items: list[PlanItem]) -> tuple[str, int, int]:
+    """Count the larger of the layer and loss phases, add workspaces and overheads (appended to `items`).
+    Returns (peak phase, allocated bytes, total bytes)."""
+    layer_phase = sum(i.bytes for i in items if i.phase == "layer")
+    loss_phase = sum(i.bytes for i in items if i.phase == "loss")
+    peak_phase = "layer backward" if layer_phase >= loss_phase else "loss"
+    for i in items:
+        if i.phase == ("loss" if peak_phase == "layer backward" else "layer"):
+            i.counted = False
+    items.append(_item("cublas_workspace", "cuBLAS workspaces", CUBLAS_WORKSPACE_BYTES, "workspace"))
+    allocated = sum(i.bytes for i in items if i.counted)
+    frag = int(FRAGMENTATION * allocated)
+    items.append(_item("fragmentation", f"allocator fragmentation (+{FRAGMENTATION:.0%} of the allocated peak)",
+                       frag, "overhead"))
+    items.append(_item("cuda_context", "CUDA context (outside the allocator)", CUDA_CONTEXT_BYTES, "overhead"))
+    return peak_phase, allocated, allocated + frag + CUDA_CONTEXT_BYTES
+
+
 def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: int = 16,
                  checkpointing: str = "recompute", method: str = "turbotune", dtype: str = "bf16",
                  double_quant: bool = True, name: str | None = None, checkpointed_layers: int | None = None) -> Plan:
@@ -362,94 +475,21 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
     seq_len, batch, lora_r = int(seq_len), int(batch), int(lora_r)
     hf_upcast = method == "hf" and qlora  # prepare_model_for_kbit_training: fp32 norms/embeddings -> fp32 activations
     b = 4 if hf_upcast else DTYPE_BYTES[dtype]
-    a = ADAPTER_BYTES
-    N, H, V, L = batch * seq_len, shape.hidden, shape.vocab, shape.layers
-    items: list[PlanItem] = []
-
-    def add(key, label, nbytes, phase, note=""):
-        items.append(PlanItem(key, label, int(nbytes), phase, True, note))
-
-    # 1. weights
-    w = weight_bytes(shape, qlora, double_quant, dtype, upcast_unquantised=hf_upcast)
-    fmt = ("4-bit NF4" + (" + double quant" if double_quant else "")) if qlora else f"16-bit ({dtype})" \
-        if DTYPE_BYTES[dtype] == 2 else dtype
-    add("weights_linears", f"weights: decoder linears, {fmt}", w["linears"], "static",
-        f"{shape.linear_params() / 1e9:.3f} B params in the seven projections x {L} layers")
-    other_fmt = "fp32 (PEFT's kbit prep)" if hf_upcast else ("16-bit" if DTYPE_BYTES[dtype] == 2 else dtype)
-    add("weights_other", f"weights: embeddings{' (tied lm_head)' if shape.tied else ' + lm_head'}, norms, "
-        f"biases, {other_fmt}", w["other"], "static",
-        f"{(shape.embedding_params() + shape.norm_params() + shape.bias_params()) / 1e6:.1f} M params")
-    # 2. LoRA
-    p = lora_param_count(shape, lora_r)
-    add("lora_params", f"LoRA adapters A, B (fp32, r={lora_r})", 4 * p, "static", f"{p / 1e6:.2f} M params")
-    add("lora_grads", "LoRA gradients (fp32)", 4 * p, "static")
-    add("adamw_state", "AdamW state: exp_avg + exp_avg_sq (fp32)", 8 * p, "static")
-    # 3. activations
-    per_layer = layer_saved_bytes_per_token(shape, method, lora_r, b, a, n_tokens=N)
+    N, L = batch * seq_len, shape.layers
+    items, p = _static_items(shape, qlora, double_quant, dtype, hf_upcast, lora_r)
+    per_layer = layer_saved_bytes_per_token(shape, method, lora_r, b, ADAPTER_BYTES, n_tokens=N)
     s_layer = sum(per_layer.values())                 # bytes/token, the layer input included when the layer saves it
     s_recompute = s_layer - per_layer["layer_input"]  # what a recomputed layer adds on top of its checkpoint input
-    x_in = N * H * b  # one layer input (hf + QLoRA: fp32, the upcast embeddings start an fp32 residual stream)
-    k = L  # checkpointed layers (recompute)
-    if checkpointing == "none":
-        add("act_layers", f"activations: every layer's saved set ({L} x {s_layer:,} B/token)", L * N * s_layer,
-            "kept", "no checkpointing")
-    elif checkpointing == "recompute":
-        k = L if checkpointed_layers is None else int(checkpointed_layers)
-        if not 1 <= k <= L:
-            raise PlanError(f"checkpointed_layers must be between 1 and {L}, got {checkpointed_layers}")
-        add("act_layer_inputs", f"activations: checkpointed layer inputs ({k} x N·H·{x_in // (N * H)})",
-            k * x_in, "kept", "one per checkpointed decoder layer, kept from forward to backward")
-        if k < L:
-            add("act_layers", f"activations: {L - k} layers not checkpointed ({L - k} x {s_layer:,} B/token)",
-                (L - k) * N * s_layer, "kept", f"{k} of {L} layers checkpointed")
-    else:
-        add("act_layer_inputs", "activations: last layer's input (the others on the host)", x_in, "kept",
-            f"{L - 1} layer inputs ({(L - 1) * x_in / GiB:.2f} GiB) offloaded to CPU memory")
-    host = (L - 1) * x_in if checkpointing == "offload" else 0
-    last_hidden = N * H * (4 if method == "hf" else b) + 4 * N
-    add("act_last_hidden", "activations: final norm's saved input"
-        + (" (fp32 copy)" if method == "hf" and b != 4 else ""), last_hidden, "kept")
-    add("act_rotary", "activations: rotary cos/sin (shared by all layers)", 2 * N * shape.head_dim * b, "kept")
-    if checkpointing == "offload":
-        add("layer_prefetch", "offload: the next layer's input, prefetched from the host", x_in, "layer")
-    if checkpointing != "none":
-        add("layer_recompute", f"one layer recomputed in backward ({s_recompute:,} B/token)", N * s_recompute,
-            "layer", "its saved set, rebuilt from the checkpoint input")
-    work = layer_working_bytes(shape, N, method, b, a, qlora)
-    if qlora and method == "turbotune" and checkpointing != "none" and work["mlp_chunk"] is None:
-        add("layer_held_weight", "4-bit: up weight kept from recompute to backward",
-            shape.intermediate * H * b, "layer", "dequantised once for both (kernels/fused_lora.py)")
-    add("layer_working", "one layer's backward working set", work["total"], "layer",
-        f"max(MLP {work['mlp'] / GiB:.2f}, attention {work['attention'] / GiB:.2f}) + gradients "
-        f"{work['gradients'] / GiB:.2f}" + (f" + dequantised weight {work['dequant'] / GiB:.2f}" if qlora else "")
-        + " GiB" + (f"; MLP tiled over {work['mlp_chunk']} tokens" if work["mlp_chunk"] else ""))
-    # 4. loss
-    chunk = None
-    if method == "turbotune":
-        chunk = _chunk_size(N, V, H)
-        add("loss_chunk", f"loss: chunked linear+CE, one [{chunk} x {V}] chunk buffer", chunk * V * b, "loss",
-            "default_chunk_size: clamp(next_pow2(ceil(N·H/V)), 512, N) rows")
-        add("loss_hidden", "loss: grad_hidden [N, H] + final norm output", 2 * N * H * b + 20 * N, "loss")
-    else:
-        bl = 4 if hf_upcast else b
-        add("loss_logits", f"loss: full logits [N, {V}] ({bl} B) + fp32 log-softmax, its grad in and out",
-            N * V * (bl + 12), "loss", f"{bl + 12} bytes per logit at the log-softmax backward")
-        add("loss_hidden", "loss: labels, per-token losses", 20 * N, "loss")
-    layer_phase = sum(i.bytes for i in items if i.phase == "layer")
-    loss_phase = sum(i.bytes for i in items if i.phase == "loss")
-    peak_phase = "layer backward" if layer_phase >= loss_phase else "loss"
-    for i in items:
-        if i.phase == ("loss" if peak_phase == "layer backward" else "layer"):
-            i.counted = False
-    add("cublas_workspace", "cuBLAS workspaces", CUBLAS_WORKSPACE_BYTES, "workspace")
-    allocated = sum(i.bytes for i in items if i.counted)
-    frag = int(FRAGMENTATION * allocated)
-    add("fragmentation", f"allocator fragmentation (+{FRAGMENTATION:.0%} of the allocated peak)", frag, "overhead")
-    add("cuda_context", "CUDA context (outside the allocator)", CUDA_CONTEXT_BYTES, "overhead")
-    total = allocated + frag + CUDA_CONTEXT_BYTES
+    kept, k = _kept_items(shape, N, b, method, checkpointing, s_layer, checkpointed_layers)
+    items += kept
+    items += _layer_items(shape, N, b, ADAPTER_BYTES, method, qlora, checkpointing, s_recompute)
+    loss, chunk = _loss_items(shape, N, b, method, hf_upcast)
+    items += loss
+    peak_phase, allocated, total = _peak(items)
+    host = (L - 1) * N * shape.hidden * b if checkpointing == "offload" else 0
     return Plan(model=name or shape.model_type, model_type=shape.model_type, method=method, qlora=bool(qlora),
                 double_quant=bool(double_quant), dtype=dtype, seq_len=seq_len, batch_size=batch, lora_r=lora_r,
+                checkpointed_layers=(k if checkpointing == "recompute" and k < L else None), host_bytes=host,
                 checkpointing=checkpointing, items=items, peak_phase=peak_phase, allocated_bytes=int(allocated),
                 total_bytes=int(total), base_params=shape.total_params(), lora_params=p, chunk_size=chunk,
-                per_layer_saved=per_layer,
-                checkpointed_layers=(k if checkpointing == "recompute" and k < L else None), host_bytes=host)
+                per_layer_saved=per_layer)

@@ -181,7 +181,9 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "epoch": self.step * self.cfg.grad_accum / self.n_micro,
                 "total_steps": self.total_steps, "history": self.history, "skipped_nonfinite": self.skipped,
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(),
+                # what a 4-bit base was dequantised to: the export merges into exactly those weights (merge.py)
+                "compute_dtype": str(unwrap_peft(self.model).dtype).replace("torch.", "")}
 
     # ----- output folder -----
     def _prepare_output_dir(self) -> Path | None:
@@ -284,6 +286,18 @@ class Trainer:
     def train(self, resume_from_checkpoint=None) -> TrainResult:
         """Run to `total_steps`. resume_from_checkpoint: True (the newest checkpoint in the output dir, like
         `--resume`) or the path of a checkpoint folder; None follows cfg.resume."""
+        self._prepare_run(resume_from_checkpoint)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        interrupted = self._step_loop(bar)
+        if bar:
+            bar.close()
+        return self._finish(interrupted)
+
+    def _prepare_run(self, resume_from_checkpoint) -> None:
+        """Output folder, checkpointing plan, memory prediction, CUDA graphs line, then the resume (if any)."""
         if resume_from_checkpoint:
             self.cfg.resume = True
         self.model.train()
@@ -310,13 +324,12 @@ class Trainer:
                 self._say(f"--resume: no checkpoint in {self.out} yet, starting from step 0")
             else:
                 self._resume_from(resume_path)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+
+    def _step_loop(self, bar):
+        """Optimizer steps until `total_steps` or a signal; logs every `logging_steps`, saves every `save_steps`.
+        Returns the signal number that stopped it, or None."""
         table = LogTable(self.stream, write=bar.write if bar else None)
         window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-        interrupted = None
         with _SignalGuard() as guard:
             while self.step < self.total_steps:
                 try:
@@ -327,20 +340,7 @@ class Trainer:
                     raise TrainingStopped(oom_message(self.cfg, self.step + 1, self.cfg.max_seq_length,
                                                       turbo_state(self.model).quantized)) from None
                 if not math.isfinite(loss):
-                    self._zero_grad()
-                    if not self.cfg.skip_nonfinite:
-                        self._write_outputs()
-                        last = ckpt.latest_checkpoint(self.out)
-                        raise TrainingStopped(
-                            f"the loss became {loss} at step {self.step + 1}. Likely causes: a learning rate too "
-                            f"high (now {self.cfg.lr:g}; try a tenth), fp16 overflow (use bf16 or fp32), or a broken "
-                            f"sample. The last good checkpoint is {last or 'none (none was saved yet)'}; continue "
-                            "from it with --resume and a lower --lr, or pass --skip-nonfinite to skip such steps.")
-                    self.skipped += 1
-                    self.step += 1
-                    self.scheduler.step()
-                    self._say(f"step {self.step}: non-finite loss ({loss}); step skipped "
-                              f"({self.skipped} so far)")
+                    self._skip_nonfinite(loss)
                     continue
                 if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -365,10 +365,29 @@ class Trainer:
                 if self.cfg.save_steps and self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
                     self.save()
                 if guard.received is not None:
-                    interrupted = guard.received
-                    break
-        if bar:
-            bar.close()
+                    return guard.received
+        return None
+
+    def _skip_nonfinite(self, loss: float) -> None:
+        """A NaN / inf loss: stop (outputs written, the last good checkpoint named), or with --skip-nonfinite
+        count the step as taken without an optimizer update."""
+        self._zero_grad()
+        if not self.cfg.skip_nonfinite:
+            self._write_outputs()
+            last = ckpt.latest_checkpoint(self.out)
+            raise TrainingStopped(
+                f"the loss became {loss} at step {self.step + 1}. Likely causes: a learning rate too "
+                f"high (now {self.cfg.lr:g}; try a tenth), fp16 overflow (use bf16 or fp32), or a broken "
+                f"sample. The last good checkpoint is {last or 'none (none was saved yet)'}; continue "
+                "from it with --resume and a lower --lr, or pass --skip-nonfinite to skip such steps.")
+        self.skipped += 1
+        self.step += 1
+        self.scheduler.step()
+        self._say(f"step {self.step}: non-finite loss ({loss}); step skipped "
+                  f"({self.skipped} so far)")
+
+    def _finish(self, interrupted) -> TrainResult:
+        """Interrupted: save a checkpoint and stop. Otherwise the final save, the log and the summary line."""
         if interrupted is not None:
             path = self.save()
             self._write_outputs()
