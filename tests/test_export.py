@@ -72,3 +72,48 @@ def test_merged_export_is_16_bit(tiny_llama_dir, adapter, tmp_path, capsys, save
     low, high = load_file(str(out / "model.safetensors")), load_file(str(full / "model.safetensors"))
     for key, tensor in low.items():
         assert torch.equal(tensor, high[key].to(tensor.dtype)), key
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tiny_llama_dir, tmp_path_factory):
+    """An adapter trained on the 4-bit (NF4) tiny model, three steps at a high rate so B is far from zero."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path_factory.mktemp("export-qlora")
+    cfg = TrainConfig(model=str(tiny_llama_dir), output_dir=str(out / "run"), max_steps=3, batch_size=2,
+                      grad_accum=1, max_seq_length=64, lora_r=8, lr=5e-2, load_in_4bit=True)
+    run_training(cfg, progress=False)
+    return out / "run" / "last_checkpoint"
+
+
+def _merge_report(folder):
+    import json
+    return json.loads((folder / "turbotune_merge.json").read_text())
+
+
+def test_qlora_merge_keeps_the_trained_behaviour(tiny_llama_dir, qlora_adapter, tmp_path):
+    """Merged by default into the NF4 base as training saw it: the same logits as the adapter on the 4-bit
+    model (stock bitsandbytes layers); merged into the original weights: off by the amount the export reports."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from turbotune import FastModel
+    from turbotune.merge import logit_difference, logits, probe_ids
+
+    model4, _ = FastModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=True, patch=False, verbose=False)
+    ids = probe_ids(model4.config.vocab_size)
+    on_nf4 = PeftModel.from_pretrained(model4, str(qlora_adapter)).train()  # train mode: bitsandbytes' CPU
+    with torch.no_grad():                                  # inference path would repack and compute in bf16
+        reference = on_nf4(input_ids=ids).logits.float()
+
+    nf4 = export(qlora_adapter, tmp_path / "nf4", dtype="fp32")
+    original = export(qlora_adapter, tmp_path / "original", dtype="fp32", merge_into="original")
+    as_nf4 = logit_difference(logits(AutoModelForCausalLM.from_pretrained(str(nf4)), ids), reference)
+    as_orig = logit_difference(logits(AutoModelForCausalLM.from_pretrained(str(original)), ids), reference)
+    assert _merge_report(nf4)["merged_into"] == "nf4" and _merge_report(original)["merged_into"] == "original"
+    assert as_nf4["relative"] < 1e-5                      # fp32: the trained behaviour, to rounding
+    assert as_orig["relative"] > 100 * max(as_nf4["relative"], 1e-7)
+    assert _merge_report(original)["logits_relative_diff"] == pytest.approx(as_orig["relative"], rel=1e-3)
+
+    written = export(qlora_adapter, tmp_path / "bf16")   # the default: NF4, written in bf16
+    report = _merge_report(written)
+    assert report["dtype"] == "bfloat16" and report["logits_relative_diff"] < 1e-2  # bf16 rounding only

@@ -123,7 +123,8 @@ def _cmd_chat(args) -> int:
 
 def _cmd_export(args) -> int:
     from .export import export
-    path = export(args.adapter, args.out, how=args.how, base=args.model, dtype=args.dtype)
+    path = export(args.adapter, args.out, how=args.how, base=args.model, dtype=args.dtype,
+                  merge_into=args.merge_into)
     print(f"[turbotune] wrote {args.how} model to {path}")
     return 0
 
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the adapter's base)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="dtype of the merged weights (default: the base checkpoint's if 16-bit, else bf16)")
+    p.add_argument("--merge-into", choices=["auto", "nf4", "original"], default="auto",
+                   help="the base weights to merge into: nf4 (the 4-bit base dequantised, what a QLoRA adapter "
+                        "was trained against), original (the 16-bit weights), auto (nf4 for an adapter trained "
+                        "in 4 bits or a pre-quantised base; the default)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plan", help="predict a training step's peak GPU memory from the model config")
