@@ -4,14 +4,9 @@ the decoder layer normalises the attention and MLP outputs again (so the MLP's o
 residual stream), Gemma 2 soft-caps its attention scores (eager attention, passed `softcap`) and its logits
 (the fused loss's softcap), Gemma 3 normalises q and k per head. The embedding scale by sqrt(hidden) stays in
 the stock model forward."""
-from . import llama_like
-from .registry import FamilySpec, register_family
+from .llama_like import register_llama_shaped
 
-_GEMMA = dict(rms_casting="gemma", rms_offset=1.0, act="gelu_tanh", mlp_output_only_to_residual=False,
-              make_attention_forward=llama_like.make_attention_forward,
-              make_mlp_forward=llama_like.make_mlp_forward,
-              make_norm_forward=llama_like.make_norm_forward,
-              make_lm_forward=llama_like.make_lm_forward)
+_GEMMA = dict(rms_casting="gemma", rms_offset=1.0, act="gelu_tanh", mlp_output_only_to_residual=False)
 
-GEMMA2 = register_family(FamilySpec(name="gemma2", model_types=("gemma2",), **_GEMMA))
-GEMMA3 = register_family(FamilySpec(name="gemma3", model_types=("gemma3_text",), **_GEMMA))
+GEMMA2 = register_llama_shaped("gemma2", ("gemma2",), **_GEMMA)
+GEMMA3 = register_llama_shaped("gemma3", ("gemma3_text",), **_GEMMA)

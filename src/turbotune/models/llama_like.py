@@ -144,3 +144,14 @@ def make_lm_forward(spec, state):
                                       attentions=getattr(outputs, "attentions", None))
 
     return forward
+
+
+def register_llama_shaped(name: str, model_types: tuple[str, ...], **spec):
+    """Register a family that runs on these shared forwards; `spec` holds only how it differs (FamilySpec's
+    fields: norm casting and offset, activation, whether the MLP's output only joins the residual stream)."""
+    from .registry import FamilySpec, register_family
+
+    return register_family(FamilySpec(name=name, model_types=model_types,
+                                      make_attention_forward=make_attention_forward,
+                                      make_mlp_forward=make_mlp_forward, make_norm_forward=make_norm_forward,
+                                      make_lm_forward=make_lm_forward, **spec))

@@ -1,12 +1,5 @@
 """Mistral family: Llama-shaped with sliding-window attention (handled by the attention function and mask)."""
-from . import llama_like
-from .registry import FamilySpec, register_family
+from .llama_like import register_llama_shaped
 
-MISTRAL = register_family(FamilySpec(
-    name="mistral", model_types=("mistral",),
-    mlp_output_only_to_residual=True,  # hidden = residual + mlp(norm(hidden)), then returned
-    make_attention_forward=llama_like.make_attention_forward,
-    make_mlp_forward=llama_like.make_mlp_forward,
-    make_norm_forward=llama_like.make_norm_forward,
-    make_lm_forward=llama_like.make_lm_forward,
-))
+# mlp_output_only_to_residual: hidden = residual + mlp(norm(hidden)), then returned
+MISTRAL = register_llama_shaped("mistral", ("mistral",), mlp_output_only_to_residual=True)
