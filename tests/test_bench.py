@@ -303,3 +303,19 @@ def test_qlora_run_has_a_16bit_turbotune_row(tmp_path):
     assert any("16-bit base" in n for n in rows["turbotune-bf16"]["notes"])
     assert not any("16-bit base" in n for n in rows["turbotune"]["notes"])
     assert rows["turbotune-bf16"]["total_params"] > rows["turbotune"]["total_params"]  # 4-bit packs 2 per byte
+
+
+def test_trainer_sft_mixed_lengths_with_profile(tmp_path):
+    """`--trainer sft --lengths mixed`: every method trained by TRL's SFTTrainer on the same rows, real tokens/s,
+    the same losses, and with --profile one extra (untimed) step under torch.profiler."""
+    pytest.importorskip("trl")
+    rc, out, doc = _run(TINY_ARGS + ["--trainer", "sft", "--lengths", "mixed", "--methods", "hf,turbotune",
+                                     "--cache-dir", str(tmp_path / "cache"), "--profile", str(tmp_path / "prof")],
+                        tmp_path / "sft.json")
+    assert rc == 0 and "## turbotune bench --trainer sft" in out and "lengths mixed" in out
+    hf, ours = _ok(doc, "hf"), _ok(doc, "turbotune")
+    for m in (hf, ours):
+        assert len(m["losses"]) == len(m["step_times_s"]) == 3 and m["real_tokens_per_s"] > 0
+        assert (tmp_path / "prof" / f"profile-{m['method']}.txt").is_file()
+    assert hf["real_tokens_per_step"] == ours["real_tokens_per_step"]       # the same rows, the same order
+    assert max_rel_diff(ours["losses"], hf["losses"]) < 1e-5

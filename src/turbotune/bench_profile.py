@@ -1,7 +1,7 @@
 """Where one benchmark step's time goes: `turbotune bench --profile DIR` (torch.profiler, one extra step).
 
-After a method's timed steps, its worker runs one more optimizer step (the same micro-batches) under
-torch.profiler and writes DIR/profile-<method>.txt with:
+After a method's timed steps, its worker runs one more optimizer step (the same micro-batches; under
+`--trainer sft` one more step of the trainer's) under torch.profiler and writes DIR/profile-<method>.txt with:
   - the step's wall time and the GPU's busy time (the union of kernel intervals); the gap between them is time
     the device waited for the host (Python, autograd, launches), the first thing to know before tuning kernels;
   - the top ops by self device time and by self CPU time, and the top kernels by name.
@@ -34,20 +34,47 @@ def _device_kernels(prof):
     return [e for e in prof.events() if e.device_type == DeviceType.CUDA]
 
 
+class StepProfile:
+    """torch.profiler around one optimizer step, started and stopped by the caller (`start()`, `stop()`), so a
+    trainer's callbacks can bracket a step they don't run themselves; `stop()` writes the report."""
+
+    def __init__(self, method: str, out_dir: str, cuda: bool):
+        self.method, self.out_dir, self.cuda = method, out_dir, cuda
+
+    def start(self) -> None:
+        import time
+
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = profile(activities=acts, record_shapes=False)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> dict:
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - self.t0) * 1e6
+        self.prof.__exit__(None, None, None)
+        return _report(self.prof, wall_us, self.method, self.out_dir, self.cuda)
+
+
 def profile_step(run_step, method: str, out_dir: str, cuda: bool) -> dict:
     """Profile `run_step()` (one optimizer step, synchronised at the end); write the report; return figures."""
-    import time
+    step = StepProfile(method, out_dir, cuda)
+    step.start()
+    run_step()
+    return step.stop()
 
-    import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts, record_shapes=False) as prof:
-        t0 = time.perf_counter()
-        run_step()
-        if cuda:
-            torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t0) * 1e6
+def _report(prof, wall_us: float, method: str, out_dir: str, cuda: bool) -> dict:
     kernels = _device_kernels(prof) if cuda else []
     busy_us = _busy_us(kernels)
     figures = {"wall_ms": wall_us / 1e3, "gpu_busy_ms": busy_us / 1e3, "kernel_launches": len(kernels),

@@ -57,13 +57,24 @@ def run_sft(model, spec: dict, result: dict, log) -> None:
 
     method, cuda = spec["method"], spec["device"] == "cuda"
     per_step = spec["micro_batch"] * spec["grad_accum"]
-    rows = make_rows(spec["sft_lengths"], per_step * spec["steps"], spec["seq_len"], spec["vocab_size"], spec["seed"])
+    profile = _step_profile(spec)  # --profile: one more step, after the timed ones, under torch.profiler
+    steps = spec["steps"] + (profile is not None)
+    rows = make_rows(spec["sft_lengths"], per_step * steps, spec["seq_len"], spec["vocab_size"], spec["seed"])
     _graphs_setting(model, spec)
     fed: list[int] = []  # real tokens of each micro-batch the collator built, in order
     times: list[float] = []
 
     class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile is not None and state.global_step == spec["steps"]:
+                profile.start()
+
         def on_step_end(self, args, state, control, **kwargs):
+            if profile is not None and state.global_step > spec["steps"]:
+                result["profile"] = p = profile.stop()
+                log(method, f"profiled step: wall {p['wall_ms']:.0f} ms, GPU busy {p['gpu_busy_ms']:.0f} ms -> "
+                            f"{p['report']}")
+                return
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
@@ -73,7 +84,7 @@ def run_sft(model, spec: dict, result: dict, log) -> None:
     with tempfile.TemporaryDirectory(prefix="turbotune-sft-") as tmp:
         tok = _tokenizer(spec, tmp)
         config = trl.SFTConfig(output_dir=tmp, per_device_train_batch_size=spec["micro_batch"],
-                               gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"],
+                               gradient_accumulation_steps=spec["grad_accum"], max_steps=steps,
                                learning_rate=spec["lr"], logging_steps=1, report_to=[], save_strategy="no",
                                bf16=cuda and spec["dtype"] == "bfloat16", fp16=cuda and spec["dtype"] == "float16",
                                max_length=spec["seq_len"], packing=False, seed=spec["seed"],
@@ -87,7 +98,7 @@ def run_sft(model, spec: dict, result: dict, log) -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:spec["steps"]]
     result["losses"] = losses
     result["step_times_s"] = [b - a for a, b in zip([t0] + times[:-1], times)]
     tokens = [sum(fed[i * spec["grad_accum"]:(i + 1) * spec["grad_accum"]]) for i in range(len(times))]
@@ -101,6 +112,13 @@ def run_sft(model, spec: dict, result: dict, log) -> None:
     if cuda:
         result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
         result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+
+
+def _step_profile(spec: dict):
+    if not spec.get("profile_dir"):
+        return None
+    from .bench_profile import StepProfile
+    return StepProfile(spec["method"], spec["profile_dir"], spec["device"] == "cuda")
 
 
 def _tokenizer(spec: dict, tmp: str):
