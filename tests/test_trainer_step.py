@@ -177,3 +177,23 @@ def test_fused_head_refuses_what_it_does_not_compute(tiny_llama_dir):
         assert trainer_step.fused_head_refusal(model) is not None  # no TRL head yet: nothing to stand in for
         add_fused_lm_head(unwrap_peft(model), **kw)
         assert (trainer_step.fused_head_refusal(model) is None) is served, kw
+
+
+def test_train_mode_walk_skipped_only_when_nothing_changes(tiny_llama_dir, monkeypatch):
+    """model.train() every micro-step: no walk over the modules when all are already training; a module put in
+    eval mode since, or model.eval(), still gets the full walk (the same modes as nn.Module.train)."""
+    model, _ = _model(tiny_llama_dir, True)
+    walks = []
+    real = type(model).train
+    monkeypatch.setattr(type(model), "train", lambda self, mode=True: walks.append(mode) or real(self, mode))
+    model.train()
+    model.train()
+    assert walks == [True]                                   # the second call changed nothing: skipped
+    layer = model.get_base_model().model.layers[0]
+    layer.mlp.eval()
+    model.train()
+    assert walks == [True, True] and layer.mlp.training       # the full walk put it back
+    model.eval()
+    assert walks[-1] is False and not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())

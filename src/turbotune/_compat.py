@@ -108,6 +108,19 @@ def supports_sdpa(config) -> bool | None:
     return None if flag is None else bool(flag)
 
 
+def kernels_mode_settled(model, training: bool) -> bool:
+    """Whether `model.train(training)` would leave transformers' hub-kernels mode as it is: transformers 5.x's
+    PreTrainedModel.train sets `kernels_mode` (TRAINING / INFERENCE) when the `kernels` package is there and the
+    model uses kernels, re-kernelising only when the mode changes."""
+    if not getattr(model, "use_kernels", False):
+        return True
+    try:
+        from kernels import Mode
+    except Exception:  # noqa: BLE001 - without the package the setter does nothing
+        return True
+    return getattr(model, "_kernels_mode", None) == (Mode.TRAINING if training else Mode.INFERENCE)
+
+
 def trl_fused_head_settings(causal_lm) -> dict | None:
     """What TRL's `add_fused_lm_head` set up on this model: {"temperature", "cast_lm_head_to_fp32", "outputs"},
     read from the forward it installs (TRL 1.15 and 1.16 keep them as variables the forward closes over); None

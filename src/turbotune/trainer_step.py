@@ -50,11 +50,14 @@ def install(peft_model, verbose: bool = True) -> "TrainerStep":
     peft_model.num_parameters = step.num_parameters
     if hasattr(type(unwrap_peft(peft_model)), "floating_point_ops"):
         peft_model.floating_point_ops = step.floating_point_ops
+    # Trainers call model.train() every micro-step; on a 1.5B model's 2,333 modules that walk costs ~6 ms of
+    # host time (measured on the CPU machine), checking that nothing would change ~0.2 ms.
+    peft_model.train = step.train
     return step
 
 
 _CHECKPOINTING_SWITCHES = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
-_INSTANCE_ATTRS = _CHECKPOINTING_SWITCHES + ("num_parameters", "floating_point_ops")
+_INSTANCE_ATTRS = _CHECKPOINTING_SWITCHES + ("num_parameters", "floating_point_ops", "train")
 
 
 def uninstall(peft_model) -> None:
@@ -82,6 +85,23 @@ class TrainerStep:
         self._announced = False
         self.trainer_checkpointing = None  # what a trainer asked for with its checkpointing switch, if it did
         self._param_counts: dict = {}
+        self._modules = None  # every module, read after the last full train() walk
+        self._kernel_models: list = []  # the transformers models among them (their kernels mode)
+
+    def train(self, mode: bool = True):
+        """nn.Module.train, skipped when it would change nothing: every module already in `mode` and transformers'
+        kernels mode already set for it. The module list is read again after every full walk, so a module added
+        since is seen at the next change of mode at the latest."""
+        from ._compat import kernels_mode_settled
+
+        model = self.peft_model
+        if self._modules is not None and all(m.training is mode for m in self._modules) \
+                and all(kernels_mode_settled(m, mode) for m in self._kernel_models):
+            return model
+        type(model).train(model, mode)
+        self._modules = list(model.modules())
+        self._kernel_models = [m for m in self._modules if hasattr(type(m), "kernels_mode")]
+        return model
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """The base model's count; all parameters counted once (what trainers ask every micro-step)."""
