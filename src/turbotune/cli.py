@@ -124,7 +124,7 @@ def _cmd_chat(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export
     path = export(args.adapter, args.out, how=args.how, base=args.model, dtype=args.dtype,
-                  merge_into=args.merge_into)
+                  merge_into=args.merge_into, quant=args.quant)
     print(f"[turbotune] wrote {args.how} model to {path}")
     return 0
 
@@ -176,11 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message at the start of the chat (kept on /reset)")
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("export", help="save an adapter, or merge it into 16-bit base weights")
+    p = sub.add_parser("export", help="save an adapter, merge it into 16-bit base weights, or write a GGUF")
     p.add_argument("--adapter", required=True, help="adapter folder written by `turbotune train`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--how", choices=["adapter", "merged"], default="merged",
-                   help="merged: base + adapter as one 16-bit model (default); adapter: copy the adapter only")
+    p.add_argument("--how", choices=["adapter", "merged", "gguf"], default="merged",
+                   help="merged: base + adapter as one 16-bit model (default); adapter: copy the adapter only; "
+                        "gguf: base + adapter as one llama.cpp GGUF file, OUT/model-<quant>.gguf (llama, mistral "
+                        "and qwen2 models)")
+    p.add_argument("--quant", default=None, metavar="{f16,q8_0}",
+                   help="GGUF tensor type, with --how gguf: f16 (default) or q8_0 (8-bit, about half the size); "
+                        "norms stay f32. k-quants (q4_k_m...) need llama.cpp's llama-quantize on the f16 file")
     p.add_argument("--model", default=None, help="base model (default: the adapter's base)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="dtype of the merged weights (default: the base checkpoint's if 16-bit, else bf16)")

@@ -5,7 +5,8 @@ bf16 or fp16, else in bf16 (fp32's exponent range, so nothing overflows); `dtype
 on a 4-bit base is merged into that base as training saw it (NF4, dequantised; merge.py), unless
 `merge_into="original"`; either way the merged model is a plain 16-bit checkpoint that any transformers install
 loads, and the export prints how far its logits are from the adapter's on the base it was trained against.
-GGUF export is not implemented yet; llama.cpp's convert_hf_to_gguf.py turns the merged folder into GGUF.
+`how="gguf"` merges the same way (in fp32) and writes one llama.cpp GGUF file, F16 or Q8_0 (`quant=`), for the
+Llama-shaped families (gguf_export.py).
 """
 from __future__ import annotations
 
@@ -19,15 +20,22 @@ from .checkpoints import write_atomically
 from .errors import TurbotuneError
 
 
-def export(adapter, out, how="merged", base=None, dtype=None, stream=None, merge_into="auto") -> Path:
+def export(adapter, out, how="merged", base=None, dtype=None, stream=None, merge_into="auto", quant=None) -> Path:
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise TurbotuneError(f"{adapter} is not an adapter folder (no adapter_config.json)")
     if how == "adapter":
         return _copy_adapter(adapter, Path(out))
+    if quant is not None and how != "gguf":
+        raise TurbotuneError(f"quant={quant!r} is for GGUF export (how='gguf'), not {how!r}")
     if how == "merged":
         return merge_adapter(adapter, Path(out), base=base, dtype=dtype, stream=stream, merge_into=merge_into)
-    raise TurbotuneError(f"unknown export kind {how!r}: use 'adapter' or 'merged'")
+    if how == "gguf":
+        if dtype is not None:
+            raise TurbotuneError("dtype is for merged exports; a GGUF's tensor types come from quant= (f16, q8_0)")
+        from .gguf_export import export_gguf
+        return export_gguf(adapter, Path(out), quant=quant or "f16", base=base, stream=stream, merge_into=merge_into)
+    raise TurbotuneError(f"unknown export kind {how!r}: use 'adapter', 'merged' or 'gguf'")
 
 
 def _copy_adapter(adapter: Path, out: Path) -> Path:
