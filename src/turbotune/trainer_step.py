@@ -29,6 +29,7 @@ import torch
 from ._compat import trl_fused_output_class, unwrap_peft
 from .state import turbo_state
 
+_UNCHECKED = object()
 WARMUP = 2       # eager calls of the first shape before it is captured (lazy initialisation, Triton compilation);
                  # later shapes need one
 MAX_GRAPHS = 16  # shapes captured at most (bucketed lengths: about 4 per octave of tokens)
@@ -85,6 +86,7 @@ class TrainerStep:
         self._announced = False
         self.trainer_checkpointing = None  # what a trainer asked for with its checkpointing switch, if it did
         self._param_counts: dict = {}
+        self._refusal = _UNCHECKED  # why turbotune's head can't serve TRL's (fused_head_refusal), once known
         self._modules = None  # every module, read after the last full train() walk
         self._kernel_models: list = []  # the transformers models among them (their kernels mode)
 
@@ -172,11 +174,17 @@ class TrainerStep:
     def _model_call(self, **kwargs):
         """One training call: the fused head for TRL's `fused_lm_head=True`, else the original forward."""
         if kwargs.pop("fused_lm_head", False):
-            out = fused_head_forward(self.peft_model, **kwargs)
+            out = fused_head_forward(self.peft_model, refusal=self._head_refusal(), **kwargs)
             if out is not None:
                 return out
             kwargs["fused_lm_head"] = True
         return self.original(**kwargs)
+
+    def _head_refusal(self) -> str | None:
+        """fused_head_refusal, asked once: TRL installs its head when the trainer is built, before any step."""
+        if self._refusal is _UNCHECKED:
+            self._refusal = fused_head_refusal(self.peft_model)
+        return self._refusal
 
     def _announce(self, tensors, others, checkpointing: str) -> None:
         self._announced = True
@@ -186,7 +194,7 @@ class TrainerStep:
         if "position_ids" in tensors and "attention_mask" not in tensors:
             on.append("padding removed (packed rows, bucketed lengths)")
         if others.get("fused_lm_head"):
-            why = fused_head_refusal(self.peft_model)
+            why = self._head_refusal()
             on.append("TRL's fused_lm_head served by turbotune's fused head" if why is None
                       else f"TRL's own fused head ({why})")
         graphs = self.graphs.why_off()
@@ -224,12 +232,16 @@ def fused_head_refusal(peft_model) -> str | None:
     return None
 
 
-def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_batch=None, refusal=_UNCHECKED,
+                       **kwargs):
     """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`, computed with turbotune's head;
-    None where `fused_head_refusal` says it can't be (the caller then runs TRL's own head)."""
+    None where `fused_head_refusal` says it can't be (the caller then runs TRL's own head). `refusal`: that
+    answer when the caller has it already."""
     from .kernels.fused_token_logprobs import fused_linear_token_logprobs
 
-    if kwargs.get("output_router_logits") or fused_head_refusal(peft_model) is not None:
+    if refusal is _UNCHECKED:
+        refusal = fused_head_refusal(peft_model)
+    if kwargs.get("output_router_logits") or refusal is not None:
         return None
     causal_lm = unwrap_peft(peft_model)
     head = causal_lm.get_output_embeddings()
