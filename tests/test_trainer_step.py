@@ -197,3 +197,23 @@ def test_train_mode_walk_skipped_only_when_nothing_changes(tiny_llama_dir, monke
     assert walks[-1] is False and not any(m.training for m in model.modules())
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_own_loop_micro_step_makes_the_hook_pass_through(tiny_llama_dir, monkeypatch):
+    """turbotune's own loops drive the micro-step themselves: under them the Hugging Face hook must not remove
+    padding, plan checkpointing or capture graphs of its own (on a GPU, a capture nested in the loop's graph
+    broke it)."""
+    from turbotune.cuda_graphs import GraphedMicroStep
+    model, _ = _model(tiny_llama_dir, patch=True)
+    hook = trainer_step.trainer_step_of(model)
+    assert hook is not None and hook.passthrough is None
+    calls = []
+    monkeypatch.setattr(padding_mod, "remove_padding", lambda b, **k: calls.append(1) or b)
+    micro = GraphedMicroStep(model, [p for p in model.parameters() if p.requires_grad], enabled=False)
+    assert hook.passthrough
+    ids = torch.randint(2, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    model.train()
+    loss = micro({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    assert torch.isfinite(loss) and not calls and hook.graphs.eager_calls == 0

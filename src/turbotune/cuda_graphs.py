@@ -51,6 +51,12 @@ class GraphedMicroStep:
         self.replays = 0
         self.captures = 0
         self.capture_offload = capture_offload
+        # turbotune's own loops drive the whole micro-step (packing, auto checkpointing, one graph for forward and
+        # backward): the Hugging Face trainers' hook on the same model passes every call through.
+        from .trainer_step import trainer_step_of
+        hook = trainer_step_of(model)
+        if hook is not None:
+            hook.passthrough = "turbotune's own training loop drives the micro-step"
         if enabled:
             self.recheck()
 

@@ -89,6 +89,7 @@ class TrainerStep:
         self._refusal = _UNCHECKED  # why turbotune's head can't serve TRL's (fused_head_refusal), once known
         self._modules = None  # every module, read after the last full train() walk
         self._kernel_models: list = []  # the transformers models among them (their kernels mode)
+        self.passthrough = None  # why every call goes straight to the original forward (set by turbotune's loops)
 
     def train(self, mode: bool = True):
         """nn.Module.train, skipped when it would change nothing: every module already in `mode` and transformers'
@@ -151,7 +152,7 @@ class TrainerStep:
 
     # ------------------------------------------------------------------ the hook
     def __call__(self, *args, **kwargs):
-        if args or not self._training_call(kwargs):
+        if args or self.passthrough is not None or not self._training_call(kwargs):
             return self.original(*args, **kwargs)
         tensors, others = _split(kwargs)
         checkpointing = None if self._announced else self._checkpointing_line(tensors)  # plans on the fed batch
@@ -321,6 +322,8 @@ class GraphedCall:
         return self.disabled_reason
 
     def __call__(self, tensors: dict, others: dict):
+        if _capturing():  # inside a graph someone else captures: a sync or a nested capture would break theirs
+            return self.fn(**tensors, **others)
         params = self.params()
         key = self._key(tensors, others)
         entry = self._entries.get(key) if key is not None else None
@@ -436,6 +439,10 @@ class _Replay(torch.autograd.Function):
             _accumulate_foreach(entry.params, entry.grads)
             return (None,) * (1 + len(entry.grads))
         return (None, *[g.clone() if g is not None else None for g in entry.grads])
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _foreach_grads_allowed() -> bool:
