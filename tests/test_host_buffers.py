@@ -46,3 +46,44 @@ def test_offloaded_checkpointing_with_static_buffers_matches_plain(tiny_llama_di
     assert stats["offloaded_inputs"] > 0
     for name, g in ref.items():
         torch.testing.assert_close(got[name], g, rtol=1e-6, atol=0, msg=name)
+
+
+class _FakeCudart:
+    def __init__(self):
+        self.registered = {}
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        assert ptr % 4096 == 0 and ptr not in self.registered
+        self.registered[ptr] = nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        del self.registered[ptr]
+        return 0
+
+
+def test_large_buffers_are_pinned_exactly_and_unpinned_when_dropped(monkeypatch):
+    """torch's pinned allocator rounds blocks up to a power of two (4 GiB for a 2.9 GB layer input); large buffers
+    are pinned in place at their exact size instead, reused, and unpinned when dropped (CUDA stood in for here;
+    tests/gpu/test_host_buffers_gpu.py pins for real)."""
+    from turbotune import host_buffers
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(host_buffers, "EXACT_PIN_BYTES", 1 << 16)
+    pool = host_buffers.HostBufferPool(pin_memory=True, limit_bytes=3 * 96 * 1024 * 2)
+    big = torch.zeros(96, 1024, dtype=torch.bfloat16)            # 192 KiB: pinned exactly
+    k1, b1 = pool.acquire(0, big)
+    assert b1.shape == big.shape and b1.dtype == big.dtype and b1.data_ptr() % 4096 == 0
+    assert fake.registered == {b1.data_ptr(): 96 * 1024 * 2}
+    pool.release(k1, b1)
+    assert pool.acquire(0, big, may_drop=True)[1] is b1 and len(fake.registered) == 1  # reused, not pinned again
+    pool.release(k1, b1)
+    _, b2 = pool.acquire(1, big, may_drop=True)
+    _, b3 = pool.acquire(2, big, may_drop=True)
+    assert len(fake.registered) == 3 and pool.bytes == 3 * 96 * 1024 * 2
+    _, wider = pool.acquire(3, torch.zeros(100, 1024, dtype=torch.bfloat16), may_drop=True)  # past the limit:
+    assert b1.data_ptr() not in fake.registered and len(fake.registered) == 3              # the free one went
+    pool.clear()
+    assert fake.registered == {} and pool.bytes == 0

@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._compat import clear_layer_caches, unwrap_peft
 from .errors import ConfigError
-from .host_buffers import HostBufferPool
+from .host_buffers import HostBufferPool, host_memory_bytes
 from .offload_transfers import _INPLACE_MESSAGE, SavedInputs, _capturing, _Saved
 from .recompute import recompute_scope
 from .state import turbo_state
@@ -264,7 +264,8 @@ class OffloadedCheckpointing(SavedInputs):
         self._pending: list[weakref.ref] = []  # saved inputs waiting for their backward, in forward order
         self._streams: dict[torch.device, object] = {}
         self._warned = False
-        self._host_pool = HostBufferPool(self.config.pin_memory)
+        total = host_memory_bytes()  # eager steps keep at most 3/4 of it pinned for reuse (host_buffers.py)
+        self._host_pool = HostBufferPool(self.config.pin_memory, limit_bytes=total * 3 // 4 if total else None)
         self._unjoined: list[_Saved] = []  # (capture) copies to the host the compute stream has not waited for
 
     # -- lifecycle --------------------------------------------------------------------------------------------

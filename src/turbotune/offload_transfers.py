@@ -13,6 +13,8 @@ import weakref
 
 import torch
 
+from .host_buffers import EXACT_PIN_BYTES
+
 _INPLACE_MESSAGE = ("a decoder layer's input was modified in place (by the layer or after its forward); offloaded "
                     "checkpointing cannot recompute that layer from its saved input")
 
@@ -78,8 +80,10 @@ class SavedInputs:
         x = x.contiguous()
         compute, side = torch.cuda.current_stream(x.device), self._stream(x.device)
         capturing = _capturing(x)
-        if self.config.static_host_buffers or capturing:
-            entry.pool_key, host = self._host_pool.acquire(entry.index, x)
+        # Large inputs go through the pool in eager steps too: exactly pinned, reused (host_buffers.py).
+        static = self.config.static_host_buffers or capturing
+        if static or (pin and entry.nbytes >= EXACT_PIN_BYTES):
+            entry.pool_key, host = self._host_pool.acquire(entry.index, x, may_drop=not static)
         else:
             host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pin)
         side.wait_stream(compute)               # x is written by kernels queued on the compute stream
