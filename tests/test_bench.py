@@ -319,3 +319,21 @@ def test_trainer_sft_mixed_lengths_with_profile(tmp_path):
         assert (tmp_path / "prof" / f"profile-{m['method']}.txt").is_file()
     assert hf["real_tokens_per_step"] == ours["real_tokens_per_step"]       # the same rows, the same order
     assert max_rel_diff(ours["losses"], hf["losses"]) < 1e-5
+
+
+def test_trainer_sft_own_trainer_row_on_the_same_length_mix(tmp_path, capsys):
+    """`turbotune-train` under --trainer sft: turbotune's own Trainer packs rows of the same mix into full rows
+    (each step nearly --seq-len x micro-batch x accumulation real tokens); its losses are not
+    compared step for step (other batches); elsewhere the method is refused."""
+    pytest.importorskip("trl")
+    rc, out, doc = _run(TINY_ARGS + ["--trainer", "sft", "--lengths", "mixed", "--methods", "turbotune,turbotune-train",
+                                     "--cache-dir", str(tmp_path / "cache")], tmp_path / "own.json")
+    assert rc == 0
+    sft, own = _ok(doc, "turbotune"), _ok(doc, "turbotune-train")
+    assert len(own["losses"]) == len(own["step_times_s"]) == 3 and own["real_tokens_per_s"] > 0
+    assert min(own["real_tokens_per_step"]) >= 0.8 * 2 * 2 * 64  # packed: rows of 64 nearly full
+    assert sum(own["real_tokens_per_step"]) >= sum(sft["real_tokens_per_step"])
+    assert own["max_loss_rel_diff_vs_hf"] is None and any("packed into rows" in n for n in own["notes"])
+    capsys.readouterr()
+    assert bench.main(TINY_ARGS + ["--methods", "turbotune-train", "--cache-dir", str(tmp_path / "cache")]) != 0
+    assert "--trainer sft" in capsys.readouterr().err

@@ -196,6 +196,9 @@ def validate(args) -> dict:
         raise BenchError("--packing and --max-context are separate benchmarks; run one at a time")
     if args.packing and (args.samples_per_step < 1 or args.padded_micro_batch < 1):
         raise BenchError("--samples-per-step and --padded-micro-batch must be at least 1")
+    if args.trainer != "sft" and args.methods and "turbotune-train" in args.methods.split(","):
+        raise BenchError("turbotune-train compares turbotune's own Trainer with the SFTTrainer rows: use it with "
+                         "--trainer sft")
     if args.trainer == "sft":
         if args.max_context or args.packing:
             raise BenchError("--trainer sft is its own benchmark; run --max-context and --packing without it")

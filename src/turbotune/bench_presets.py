@@ -69,6 +69,9 @@ METHODS: dict[str, MethodInfo] = {
     "turbotune-bf16": MethodInfo("turbotune-bf16", ("transformers", "peft"),
                                  description="turbotune with a 16-bit base even under --qlora (shows the 4-bit "
                                              "overhead in the same run)"),
+    "turbotune-train": MethodInfo("turbotune-train", ("transformers", "peft"),
+                                  description="turbotune's own Trainer (`turbotune train`: packing, CUDA graphs) "
+                                              "on rows of the same length mix (--trainer sft only)"),
     "unsloth": MethodInfo("unsloth", ("unsloth",), pre_import=("unsloth",), extra_warmup=2, gpu_only=True,
                           description="unsloth.FastLanguageModel"),
     "liger": MethodInfo("liger", ("liger_kernel", "transformers", "peft"), gpu_only=True,

@@ -114,6 +114,62 @@ def run_sft(model, spec: dict, result: dict, log) -> None:
         result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
 
 
+def run_own_trainer(model, spec: dict, result: dict, log) -> None:
+    """The `turbotune-train` row: turbotune's own Trainer (what `turbotune train` runs: packing into rows of
+    --seq-len, CUDA graphs on a GPU) for spec["steps"] optimizer steps on rows of the same length mix, as many as
+    those steps take once packed. Fills result like run_sft: real tokens/s over the timed steps, peak memory,
+    the loss of every step."""
+    import torch
+
+    from .run_config import TrainConfig
+    from .train import Trainer
+
+    cuda = spec["device"] == "cuda"
+    kind, seq_len, seed = spec["sft_lengths"], spec["seq_len"], spec["seed"]
+    mean = sum(row_lengths(kind, 1000, seq_len, seed)) / 1000
+    budget = spec["micro_batch"] * spec["grad_accum"] * seq_len * spec["steps"]  # tokens the steps can hold
+    rows = make_rows(kind, int(budget / mean * 1.05) + spec["micro_batch"] * spec["grad_accum"], seq_len,
+                     spec["vocab_size"], seed)
+    samples = [{"input_ids": r["input_ids"], "labels": list(r["input_ids"]), "where": f"row {i}"}
+               for i, r in enumerate(rows)]
+    marks: list[tuple[float, int]] = []
+    with tempfile.TemporaryDirectory(prefix="turbotune-own-") as tmp:
+        tok = _tokenizer(spec, tmp)
+        cfg = TrainConfig(output_dir=tmp, batch_size=spec["micro_batch"], grad_accum=spec["grad_accum"],
+                          max_steps=spec["steps"], lr=spec["lr"], warmup_steps=0, max_seq_length=seq_len,
+                          packing=True, cuda_graphs=spec.get("cuda_graphs", True), seed=seed, overwrite=True)
+        trainer = Trainer(cfg, model, tok, samples, progress=False)
+        step = trainer._train_step
+
+        def timed_step():  # the step returns a Python float: the device has finished it
+            loss, tokens = step()
+            marks.append((time.perf_counter(), tokens))
+            log(spec["method"], f"step {len(marks)}/{spec['steps']}  {tokens} real tokens")
+            return loss, tokens
+
+        trainer._train_step = timed_step
+        if cuda:
+            result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = trainer.train()
+    times = [b[0] - a for a, b in zip([t0] + [m[0] for m in marks[:-1]], marks)]
+    result["losses"] = [h["loss"] for h in out.history][:spec["steps"]]
+    result["step_times_s"] = times
+    result["real_tokens_per_step"] = tokens = [m[1] for m in marks]
+    timed = range(spec["warmup"], len(times))
+    seconds = sum(times[i] for i in timed)
+    result["real_tokens_per_s"] = sum(tokens[i] for i in timed) / seconds if seconds > 0 else None
+    micro = trainer.micro
+    result["notes"] = [f"{len(samples)} rows packed into rows of {seq_len}; CUDA graphs "
+                       + (micro.disabled_reason or f"on ({micro.replays} replays, {micro.captures} graphs)")]
+    result["memory_kind"] = "cuda" if cuda else "rss"
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+    if cuda:
+        result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+
+
 def _step_profile(spec: dict):
     if not spec.get("profile_dir"):
         return None

@@ -166,7 +166,7 @@ def load_unsloth(spec):
 LOADERS = {"hf": load_hf, "liger": load_liger, "turbotune": load_turbotune, "unsloth": load_unsloth,
            "turbotune-auto": lambda spec: load_turbotune(spec, "auto"),
            "turbotune-min-memory": lambda spec: load_turbotune(spec, "offload"),
-           "turbotune-bf16": load_turbotune}
+           "turbotune-bf16": load_turbotune, "turbotune-train": load_turbotune}
 IMPORTS = {  # what "importable" means for each method
     "hf": ("transformers", "peft"),
     "liger": ("liger_kernel.transformers", "transformers", "peft"),
@@ -174,6 +174,7 @@ IMPORTS = {  # what "importable" means for each method
     "turbotune-auto": ("turbotune",),
     "turbotune-min-memory": ("turbotune",),
     "turbotune-bf16": ("turbotune",),
+    "turbotune-train": ("turbotune",),
     "unsloth": ("unsloth",),
 }
 
@@ -424,8 +425,8 @@ def run_spec(spec: dict) -> dict:
         elif spec.get("mode") == "packing":
             run_packing(model, spec, result)
         elif spec.get("mode") == "sft":
-            from turbotune.bench_sft import run_sft
-            run_sft(model, spec, result, _log)
+            from turbotune.bench_sft import run_own_trainer, run_sft
+            (run_own_trainer if method == "turbotune-train" else run_sft)(model, spec, result, _log)
         else:
             train(model, spec, result)
         result["status"] = "ok"
