@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_tiny_model  # noqa: E402
 
 from turbotune import FastModel  # noqa: E402
-from turbotune.default_model import default_model_dir  # noqa: E402
+from turbotune.model.default_model import default_model_dir  # noqa: E402
 
 
 def build(folder, patch, checkpointing):

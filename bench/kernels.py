@@ -16,9 +16,9 @@ import argparse
 import torch
 import triton.testing
 
-from turbotune.kernels.rmsnorm import rms_norm, rms_norm_reference
-from turbotune.kernels.rope import apply_rope_, rope_reference
-from turbotune.kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
+from turbotune.model.kernels.rmsnorm import rms_norm, rms_norm_reference
+from turbotune.model.kernels.rope import apply_rope_, rope_reference
+from turbotune.model.kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
 
 
 def _ms(fn):

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.testing
 
-import turbotune.kernels.nf4_dequant as nd
-from turbotune.quant import nf4_code, nf4_storage
+import turbotune.model.kernels.nf4_dequant as nd
+from turbotune.model.quant import nf4_code, nf4_storage
 
 # [out, in] -> how many a llama3-8b layer has: q, o | k, v | gate, up | down
 LAYER = {(4096, 4096): 2, (1024, 4096): 2, (14336, 4096): 2, (4096, 14336): 1}

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from turbotune.bench_presets import build_preset_model
+from turbotune.bench.presets import build_preset_model
 
 folder = build_preset_model(sys.argv[1], 0, Path(sys.argv[2]), "cuda")
 for f in Path(sys.argv[3]).iterdir():

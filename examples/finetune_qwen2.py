@@ -11,10 +11,10 @@ and asks the fine-tuned model something.
 import argparse
 
 from turbotune import FastModel
-from turbotune.data import prepare_dataset, sample_data_path
+from turbotune.data.dataset import prepare_dataset, sample_data_path
 from turbotune.inference import generate_reply
-from turbotune.run_config import TrainConfig
-from turbotune.train import Trainer
+from turbotune.training.config import TrainConfig
+from turbotune.training.trainer import Trainer
 
 
 def main():

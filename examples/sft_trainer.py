@@ -6,7 +6,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from turbotune import FastModel, is_bfloat16_supported
-from turbotune.data import sample_data_path
+from turbotune.data.dataset import sample_data_path
 
 max_steps = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 

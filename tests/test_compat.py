@@ -7,8 +7,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from turbotune import _compat, health
+from turbotune import _compat
 
+from turbotune.health import check as health
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -3,8 +3,8 @@ import torch
 
 from turbotune import FastModel
 from turbotune.inference import generate_reply, load_for_inference
-from turbotune.run_config import TrainConfig
-from turbotune.runner import run_training
+from turbotune.training.config import TrainConfig
+from turbotune.cli.train import run_training
 
 
 def _train(tiny_dir, out):

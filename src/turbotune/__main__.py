@@ -1,6 +1,6 @@
 """`python -m turbotune` → the CLI; bare, it runs the health check."""
 import sys
 
-from .cli import main
+from turbotune.cli.main import main
 
 sys.exit(main())

@@ -1,9 +1,11 @@
 """`FastModel`: the one-call entry points of the library."""
 from __future__ import annotations
 
-from . import loader, lora
-from ._compat import checkpointing_disable, is_checkpointing, unwrap_peft
-from .errors import ConfigError
+from turbotune._compat import checkpointing_disable, is_checkpointing, unwrap_peft
+from turbotune.errors import ConfigError
+from turbotune.model import loader, lora
+from turbotune.model.families import base_causal_lm, is_patched
+from turbotune.training.trainer_step import install as install_trainer_step
 
 
 class FastModel:
@@ -22,7 +24,7 @@ class FastModel:
             'smollm2-135m-instruct', 'smollm2' or 'default').
         dtype: None picks bf16 where supported, fp16 on older GPUs, fp32 on the CPU.
         load_in_4bit: NF4 with double quantisation (bitsandbytes format), compute in `dtype`.
-        patch: swap in turbotune's fused forwards for known families (see turbotune.models).
+        patch: swap in turbotune's fused forwards for known families (see turbotune.model.families).
 
         Unsloth's other loading options are accepted where they mean what they mean there: load_in_16bit=True
         (no quantisation, the default here), use_gradient_checkpointing (checked; as in Unsloth, LoRA training
@@ -45,14 +47,19 @@ class FastModel:
 
     @staticmethod
     def get_peft_model(model, r=16, lora_alpha=None, **kwargs):
-        """Add LoRA adapters; see turbotune.lora.get_peft_model for every option.
+        """Add LoRA adapters; see turbotune.model.lora.get_peft_model for every option.
 
         Takes Unsloth's keywords: bias="none", use_gradient_checkpointing="unsloth" (recompute each layer, as
         True; Unsloth's mode also parks each layer's input in host memory, which is "offload" here: same math,
         less GPU memory), random_state (the seed of the adapters' initial values), use_rslora, loftq_config
         (None or {}: no LoftQ), max_seq_length and temporary_location (unused there and here).
         """
-        return lora.get_peft_model(model, r=r, lora_alpha=lora_alpha, **_unsloth_lora_options(kwargs))
+        options = _unsloth_lora_options(kwargs)
+        peft_model = lora.get_peft_model(model, r=r, lora_alpha=lora_alpha, **options)
+        if is_patched(base_causal_lm(peft_model)):
+            # the fast step when a Hugging Face trainer (SFTTrainer, Trainer, ...) trains it
+            install_trainer_step(peft_model, verbose=options.get("verbose", True))
+        return peft_model
 
     @staticmethod
     def for_inference(model):

@@ -14,8 +14,8 @@ def load_for_inference(model=None, adapter=None, dtype=None, load_in_4bit=False,
     """
     from pathlib import Path
 
-    from .errors import ModelLoadError
-    from .fast_model import FastModel
+    from turbotune.errors import ModelLoadError
+    from turbotune.fast_model import FastModel
 
     base_name = model
     if adapter is not None:
@@ -38,14 +38,14 @@ def load_for_inference(model=None, adapter=None, dtype=None, load_in_4bit=False,
                                      f"{base_name} (shape mismatch); pass --model with its own base") from e
             raise
         if (Path(adapter) / "tokenizer_config.json").is_file():
-            from .loader import load_tokenizer
+            from turbotune.model.loader import load_tokenizer
             tok = load_tokenizer(str(adapter), True)
     FastModel.for_inference(m)
     return m, tok
 
 
 def _stop_ids(tokenizer) -> list[int]:
-    from .chat_templates import end_of_turn_token
+    from turbotune.data.chat_templates import end_of_turn_token
     ids = set()
     for tok in (end_of_turn_token(tokenizer), tokenizer.eos_token):
         if tok is not None:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from turbotune.kernels.bf16x3 import gpu_supported, reference_mm, wide_mm_fp32
+from turbotune.model.kernels.bf16x3 import gpu_supported, reference_mm, wide_mm_fp32
 
 
 def test_this_torch_has_fp32_output_bf16_gemms():

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from turbotune.bench_presets import build_preset_model
+    from turbotune.bench.presets import build_preset_model
     return build_preset_model("tiny", 0, tmp_path_factory.mktemp("graphs"), "cuda", log=lambda *a: None)
 
 
@@ -27,7 +27,7 @@ def _model(folder, dtype, checkpointing, qlora=False, precision="peft"):
 
 
 def _run(m, graphs, batches, ga=2):
-    from turbotune.cuda_graphs import GraphedMicroStep
+    from turbotune.training.cuda_graphs import GraphedMicroStep
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     step = GraphedMicroStep(m, params, enabled=graphs, warmup=1)
@@ -113,9 +113,9 @@ def test_trainer_packed_rows_replay_graphs_like_eager(tiny_dir, tmp_path, dtype)
     steps (the short last micro-batch filled with a label-free row); per-step losses equal the eager run's."""
     from transformers import AutoTokenizer
 
-    from turbotune.bench_packing import make_length_mix
-    from turbotune.run_config import TrainConfig
-    from turbotune.train import Trainer
+    from turbotune.bench.packing import make_length_mix
+    from turbotune.training.config import TrainConfig
+    from turbotune.training.trainer import Trainer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
     samples = make_length_mix(0, 40, 512, lo=5, hi=120)
@@ -160,8 +160,8 @@ def test_captured_attention_stays_causal_without_a_mask(tiny_dir, monkeypatch):
 def test_graph_replay_with_offloaded_checkpointing_equals_eager(tiny_dir):
     """capture_offload=True: the layer inputs' copies to pinned host memory and back are captured (static
     host buffers from the eager warm-ups) and the replayed steps equal the eager offloaded steps."""
-    from turbotune.checkpointing import get_offloaded_checkpointing
-    from turbotune.cuda_graphs import GraphedMicroStep
+    from turbotune.model.checkpointing import get_offloaded_checkpointing
+    from turbotune.training.cuda_graphs import GraphedMicroStep
 
     def run(graphs):
         m = _model(tiny_dir, torch.bfloat16, "offload")
@@ -196,8 +196,8 @@ def test_recompute_without_the_down_projection_keeps_gradients(tiny_dir, qlora, 
     LoRA gradients still equal those of a run without checkpointing."""
     if qlora:
         pytest.importorskip("bitsandbytes")
-    import turbotune.models.llama_like as ll
-    from turbotune.kernels.fused_lora import lora_mlp
+    import turbotune.model.families.llama_like as ll
+    from turbotune.model.kernels.fused_lora import lora_mlp
     flags = []
     monkeypatch.setattr(ll, "lora_mlp", lambda *a, **k: flags.append(k.get("output_unused")) or lora_mlp(*a, **k))
     ids = torch.randint(0, 512, (2, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from turbotune.kernels.fused_linear_ce import fused_linear_cross_entropy, linear_cross_entropy_reference
+from turbotune.model.kernels.fused_linear_ce import fused_linear_cross_entropy, linear_cross_entropy_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -101,7 +101,7 @@ def _lora_grads(outs, x, mods):
 
 @pytest.mark.parametrize("quant4,adapter_precision", [(False, "peft"), (False, "input"), (True, "peft")])
 def test_fused_lora_bf16_cuda(quant4, adapter_precision):
-    from turbotune.kernels.fused_lora import lora_linear, lora_mlp, lora_part, lora_qkv
+    from turbotune.model.kernels.fused_lora import lora_linear, lora_mlp, lora_part, lora_qkv
     attn, mlp = _peft_layer(quant4)
     x = torch.randn(2, N_TOK // 2, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cases = [
@@ -139,7 +139,7 @@ def _time(fn, reps=10):
 
 
 def _bench():
-    from turbotune.kernels.fused_lora import lora_mlp, lora_part, lora_qkv
+    from turbotune.model.kernels.fused_lora import lora_mlp, lora_part, lora_qkv
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for train_w in (False, True):
         hidden, weight, _, labels = _ce_inputs(train_w)

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 
 def test_exact_pinned_buffer_round_trip():
-    from turbotune.host_buffers import EXACT_PIN_BYTES, HostBufferPool
+    from turbotune.model.host_buffers import EXACT_PIN_BYTES, HostBufferPool
     x = torch.randn(EXACT_PIN_BYTES // 2 + 12_345, device="cuda", dtype=torch.bfloat16)  # just over the threshold
     before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     pool = HostBufferPool(pin_memory=True)
@@ -34,12 +34,13 @@ def test_exact_pinned_buffer_round_trip():
 def test_offload_with_exactly_pinned_inputs_matches_recompute(monkeypatch):
     """Eager offloaded steps whose layer inputs take the exact-pinning path: same gradients as recompute."""
     from conftest import nonzero_lora_b
-    from turbotune import FastModel, host_buffers
-    from turbotune.bench_presets import build_preset_model
-    from turbotune.checkpointing import get_offloaded_checkpointing
+    from turbotune import FastModel
+    from turbotune.model import host_buffers
+    from turbotune.bench.presets import build_preset_model
+    from turbotune.model.checkpointing import get_offloaded_checkpointing
 
     monkeypatch.setattr(host_buffers, "EXACT_PIN_BYTES", 1 << 12)
-    monkeypatch.setattr("turbotune.offload_transfers.EXACT_PIN_BYTES", 1 << 12)
+    monkeypatch.setattr("turbotune.model.offload_transfers.EXACT_PIN_BYTES", 1 << 12)
     import tempfile
     folder = build_preset_model("tiny", 0, tempfile.mkdtemp(), "cuda", log=lambda *a: None)
 

@@ -6,10 +6,10 @@ sizes (4096 tokens x 2048 / 4096 hidden, Llama-style MLP and attention shapes) a
 import pytest
 import torch
 
-from turbotune.kernels._dispatch import use_triton
-from turbotune.kernels.rmsnorm import rms_norm, rms_norm_reference
-from turbotune.kernels.rope import apply_rope_, rope_reference
-from turbotune.kernels.swiglu import (
+from turbotune.model.kernels._dispatch import use_triton
+from turbotune.model.kernels.rmsnorm import rms_norm, rms_norm_reference
+from turbotune.model.kernels.rope import apply_rope_, rope_reference
+from turbotune.model.kernels.swiglu import (
     act_mul_backward, act_mul_forward, geglu, geglu_reference, swiglu, swiglu_reference,
 )
 

@@ -7,9 +7,9 @@ from conftest import cuda_time_ms
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-from turbotune.kernels._dispatch import use_triton  # noqa: E402
-from turbotune.kernels.nf4_dequant import dequantize_nf4_triton  # noqa: E402
-from turbotune.quant import clear_dequant_buffers, dequantize_nf4, nf4_code, nf4_storage  # noqa: E402
+from turbotune.model.kernels._dispatch import use_triton  # noqa: E402
+from turbotune.model.kernels.nf4_dequant import dequantize_nf4_triton  # noqa: E402
+from turbotune.model.quant import clear_dequant_buffers, dequantize_nf4, nf4_code, nf4_storage  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

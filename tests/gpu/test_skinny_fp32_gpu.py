@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from turbotune.kernels.skinny_fp32 import (
+from turbotune.model.kernels.skinny_fp32 import (
     skinny_mm_t,
     skinny_mm_t_reference,
     skinny_tn,

@@ -21,7 +21,7 @@ TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_att
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from turbotune.health_selftest import write_tiny_model
+    from turbotune.health.selftest import write_tiny_model
     folder = tmp_path_factory.mktemp("trainer-step")
     write_tiny_model(str(folder), TINY)  # a Llama and a one-character-per-token tokenizer
     return folder
@@ -34,7 +34,7 @@ def _texts(lengths):
 
 def _model(folder):
     from turbotune import FastModel
-    from turbotune.trainer_step import trainer_step_of
+    from turbotune.training.trainer_step import trainer_step_of
     model, tok = FastModel.from_pretrained(str(folder), dtype=torch.bfloat16, max_seq_length=512, verbose=False)
     model = FastModel.get_peft_model(model, r=8, random_state=1, verbose=False)
     with torch.no_grad():

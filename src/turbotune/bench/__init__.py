@@ -1,0 +1,1 @@
+"""`turbotune bench`: the harness, one worker process per method, reports."""

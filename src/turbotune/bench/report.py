@@ -1,0 +1,145 @@
+"""The bench's report: per-method figures (tokens/s, MFU, cost, ratios to hf) and the markdown header and table
+that BENCHMARKS.md quotes. Pure functions of the results and header dicts, so they are tested without a GPU."""
+from __future__ import annotations
+
+import math
+
+from turbotune.bench.presets import max_rel_diff, median, ratio
+
+GiB = 1024 ** 3
+COLUMNS = ["method", "tokens/s", "s/step", "peak alloc GiB", "peak reserved GiB", "MFU", "first loss",
+           "last loss", "cost", "× hf speed", "× hf memory", "max loss diff"]
+
+
+def summarise(results: list[dict], header: dict, flops: dict | None, matmul_rate: float | None) -> None:
+    """Adds tokens/s, s/step, MFU, cost and the ratios vs hf to each ok result, in place."""
+    wl = header["workload"]
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        timed = r["step_times_s"][wl["warmup"]:]
+        r["s_per_step"] = median(timed)
+        # --trainer sft counts the real (non-padding) tokens the trainer fed; else every step has the same tokens
+        r["tokens_per_s"] = r.get("real_tokens_per_s") or wl["tokens_per_step"] / r["s_per_step"]
+        r["first_loss"] = r["losses"][0] if r["losses"] else None
+        r["last_loss"] = r["losses"][-1] if r["losses"] else None
+        r["losses_finite"] = all(math.isfinite(x) for x in r["losses"])
+        r["peak_alloc_bytes_or_rss"] = r.get("peak_alloc_bytes") if r.get("memory_kind") == "cuda" \
+            else r.get("peak_rss_bytes")
+        r["model_flops_per_s"] = flops["total"] * r["tokens_per_s"] if flops else None
+        r["mfu"] = ratio(r["model_flops_per_s"], matmul_rate)
+        r["cost_usd"] = r["s_per_step"] * header["cost_steps"] / 3600.0 * header["price_usd_per_gpu_hour"]
+    hf = next((r for r in results if r["method"] == "hf" and r.get("status") == "ok"), None)
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        r["speedup_vs_hf"] = ratio(r["tokens_per_s"], hf["tokens_per_s"]) if hf else None
+        r["memory_ratio_vs_hf"] = ratio(r["peak_alloc_bytes_or_rss"], hf["peak_alloc_bytes_or_rss"]) if hf else None
+        # turbotune-train packs its rows into other batches: its losses are not step-for-step comparable
+        same_batches = r["method"] != "turbotune-train"
+        r["max_loss_rel_diff_vs_hf"] = max_rel_diff(r["losses"], hf["losses"]) if hf and same_batches else None
+
+
+def _fmt(v, spec: str, suffix: str = "", none: str = "n/a") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return none
+    return format(v, spec) + suffix
+
+
+def si(value: float, unit: str) -> str:
+    """1.23e12, 'FLOP/s' -> '1.23 TFLOP/s'."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    for r in results:
+        if r.get("status") != "ok":
+            why = r.get("reason") or r.get("error") or "unknown error"
+            label = "skipped" if r.get("status") == "skipped" else "failed"
+            why = why if len(why) <= 160 else why[:157] + "..."
+            cells = [r["method"], f"{label}: {_cell(why)}"] + ["—"] * (len(COLUMNS) - 2)
+        else:
+            cuda = r.get("memory_kind") == "cuda"
+            cells = [
+                r["method"], _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["s_per_step"], ".3f"),
+                _fmt(r["peak_alloc_bytes_or_rss"] / GiB if r.get("peak_alloc_bytes_or_rss") else None, ".2f"),
+                _fmt(r.get("peak_reserved_bytes", 0) / GiB if cuda else None, ".2f"),
+                _fmt(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f", "%"),
+                _fmt(r["first_loss"], ".4f"), _fmt(r["last_loss"], ".4f"), _fmt(r["cost_usd"], ",.2f", "", "n/a"),
+                _fmt(r.get("speedup_vs_hf"), ".2f", "×"), _fmt(r.get("memory_ratio_vs_hf"), ".2f", "×"),
+                _fmt(r["max_loss_rel_diff_vs_hf"] * 100 if r.get("max_loss_rel_diff_vs_hf") is not None else None,
+                     ".3f", "%"),
+            ]
+            if cells[8] != "n/a":
+                cells[8] = "$" + cells[8]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {r['method']}: " + "; ".join(r["notes"]) for r in results if r.get("notes")]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def format_header(header: dict) -> str:
+    v, wl, dev = header["versions"], header["workload"], header["device"]
+    mm = header.get("matmul") or {}
+    vers = " · ".join(f"{k} {v.get(k) or '—'}" for k in ["torch", "cuda", "transformers", "peft", "triton",
+                                                          "bitsandbytes", "turbotune"])
+    extra = " · ".join(f"{k} {v[k]}" for k in ["unsloth", "liger-kernel"] if v.get(k))
+    model = f"preset `{header['preset']}`" if header["preset"] else f"`{header['model_dir']}`"
+    fpt = header.get("flops_per_token") or {}
+    rate = (f"{si(mm['flops_per_s'], 'FLOP/s')} ({mm['dtype']} {mm['size']}³ matmul, median of {mm['reps']})"
+            if mm.get("flops_per_s") else "n/a")
+    mem = ("peak alloc / reserved = torch.cuda.max_memory_allocated / max_memory_reserved during training"
+           if dev["type"] == "cuda" else "CPU run: 'peak alloc' is the worker's peak RSS; reserved is n/a")
+    lines = [
+        f"## turbotune bench — {model}{' (QLoRA 4-bit)' if wl['qlora'] else ' (LoRA)'}",
+        "",
+        f"- device: {dev['name']}",
+        f"- versions: {vers}" + (f" · {extra}" if extra else ""),
+        f"- date: {header['date_utc']}",
+        f"- command: `{header['command']}`",
+        f"- model: {model}, model_type {header.get('model_type')}, dtype {wl['dtype']}",
+        f"- workload: seq {wl['seq_len']} × micro-batch {wl['micro_batch']} × grad-accum {wl['grad_accum']} = "
+        f"{wl['tokens_per_step']:,} tokens/step; {wl['steps']} steps ({wl['warmup']} warm-up, "
+        f"{wl['timed_steps']} timed, median); LoRA r {wl['lora_r']} α {wl['lora_alpha']} on 7 projections; "
+        f"AdamW lr {wl['lr']}; seed {wl['seed']}",
+        f"- MFU denominator: {rate}; model FLOPs/token "
+        + (f"{si(fpt['total'], 'FLOP')} (4·N_matmul + 6·P_lora + causal attention; recompute not counted)"
+           if fpt else "n/a (config not understood)"),
+        f"- cost: s/step × {header['cost_steps']} steps at ${header['price_usd_per_gpu_hour']}/GPU-hour; {mem}",
+    ]
+    if header.get("mode") == "packing":
+        pk = header["packing"]
+        lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --packing")
+        lines[7:] = [f"- workload: {wl['steps']} optimizer steps ({wl['warmup']} warm-up) of {pk['samples_per_step']} "
+                     f"samples each, lengths uniform in {pk['lengths'][0]}–{pk['lengths'][1]} tokens; padded: "
+                     f"{pk['padded_micro_batch']} samples per micro-batch, padded to the longest; packed: "
+                     f"{pk['packed_micro_batch']} rows of {pk['seq_len']} per micro-batch, first fit over the step's "
+                     f"samples; each step's loss divided by its target count (the same in both modes); "
+                     f"LoRA r {wl['lora_r']} α {wl['lora_alpha']}; "
+                     f"seed {wl['seed']}"]
+    if header.get("mode") == "sft":
+        lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --trainer sft")
+        lines[7] = lines[7].replace("tokens/step;", "tokens/step at most;")
+        lines.insert(8, f"- trainer: TRL {v.get('trl') or '—'} SFTTrainer, SFTConfig defaults plus this workload, "
+                        f"packing=False; lengths {header['sft']['lengths']}"
+                        + (" (long-tailed: median ~150, 90th percentile ~600 tokens, padded per micro-batch by "
+                           "TRL's collator)" if header["sft"]["lengths"] == "mixed" else "")
+                        + "; tokens/s counts real (non-padding) tokens over the timed steps")
+    if header.get("mode") == "max_context":  # a ladder of single steps: no throughput, MFU or cost
+        lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --max-context")
+        lines[7:] = [f"- workload: one forward + backward + AdamW step at micro-batch 1 per length "
+                     f"({', '.join(f'{n:,}' for n in header['lengths'])} tokens), stopping at the first OOM; "
+                     f"LoRA r {wl['lora_r']} α {wl['lora_alpha']} on 7 projections; seed {wl['seed']}",
+                     "- fit: least squares through the longest three measured peaks; usable card memory = "
+                     "(total − 1.5 GiB) × 0.95"]
+    if header.get("alloc_conf"):  # the allocator's settings change peak reserved memory (bench/NOTES.md)
+        after = next(i for i, line in enumerate(lines) if line.startswith("- command:")) + 1
+        lines.insert(after, f"- environment: PYTORCH_CUDA_ALLOC_CONF={header['alloc_conf']}")
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""`turbotune bench --trainer sft`: each method trained by TRL's SFTTrainer, as the tutorials write it.
+
+The worker loads the method's model exactly as the default bench does (bench_worker.LOADERS: each library's own
+loading calls), then builds one `SFTTrainer(model, args=SFTConfig(...), train_dataset=..., processing_class=...)`
+with TRL's defaults plus the run's workload (micro-batch, accumulation, steps, learning rate, max_length,
+`packing=False`) and calls `.train()`. Nothing else of turbotune's is switched on by hand.
+
+Data: pre-tokenised rows of random token ids (the preset's vocabulary), the same rows in the same order for
+every method (TRL's sampler, one seed). `--lengths fixed`: every row --seq-len tokens. `--lengths mixed`: a
+long-tailed mix like instruction data (lognormal: median ~150 tokens, 90th percentile ~600, capped at
+--seq-len), which TRL's collator pads per micro-batch. Reported: real (non-padding) tokens per second over the
+timed steps, the peak GPU memory of training (weights included), and the loss TRL logs at every step.
+"""
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+
+
+def row_lengths(kind: str, n: int, seq_len: int, seed: int) -> list[int]:
+    """Token counts of the `n` rows: all `seq_len` ("fixed"), or the long-tailed mix ("mixed")."""
+    if kind == "fixed":
+        return [seq_len] * n
+    if kind != "mixed":
+        raise ValueError(f"lengths must be fixed or mixed, not {kind!r}")
+    rng = random.Random(seed)
+    # lognormal around a median of 150 tokens; sigma 1.08 puts the 90th percentile near 600
+    return [max(16, min(seq_len, int(math.exp(rng.gauss(math.log(150), 1.08))))) for _ in range(n)]
+
+
+def make_rows(kind: str, n: int, seq_len: int, vocab: int, seed: int) -> list[dict]:
+    """Pre-tokenised rows; ids 0 and 1 stay free for the stand-in tokenizer's pad and eos."""
+    g = random.Random(seed + 1)
+    return [{"input_ids": [g.randrange(2, vocab) for _ in range(length)]}
+            for length in row_lengths(kind, n, seq_len, seed)]
+
+
+def stand_in_tokenizer(folder: str):
+    """The rows are token ids already; TRL's collator needs a tokenizer only for its pad (0) and eos (1) ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1}, unk_token="<pad>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def run_sft(model, spec: dict, result: dict, log) -> None:
+    """Train `model` with SFTTrainer for spec["steps"] optimizer steps; fills result like bench_worker.train."""
+    import datasets
+    import torch
+    import trl
+    from transformers import TrainerCallback
+
+    method, cuda = spec["method"], spec["device"] == "cuda"
+    per_step = spec["micro_batch"] * spec["grad_accum"]
+    profile = _step_profile(spec)  # --profile: one more step, after the timed ones, under torch.profiler
+    steps = spec["steps"] + (profile is not None)
+    rows = make_rows(spec["sft_lengths"], per_step * steps, spec["seq_len"], spec["vocab_size"], spec["seed"])
+    _graphs_setting(model, spec)
+    fed: list[int] = []  # real tokens of each micro-batch the collator built, in order
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile is not None and state.global_step == spec["steps"]:
+                profile.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if profile is not None and state.global_step > spec["steps"]:
+                result["profile"] = p = profile.stop()
+                log(method, f"profiled step: wall {p['wall_ms']:.0f} ms, GPU busy {p['gpu_busy_ms']:.0f} ms -> "
+                            f"{p['report']}")
+                return
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+            took = times[-1] - (times[-2] if len(times) > 1 else t0)
+            log(method, f"step {state.global_step}/{spec['steps']}  {took:.3f} s")
+
+    with tempfile.TemporaryDirectory(prefix="turbotune-sft-") as tmp:
+        tok = _tokenizer(spec, tmp)
+        config = trl.SFTConfig(output_dir=tmp, per_device_train_batch_size=spec["micro_batch"],
+                               gradient_accumulation_steps=spec["grad_accum"], max_steps=steps,
+                               learning_rate=spec["lr"], logging_steps=1, report_to=[], save_strategy="no",
+                               bf16=cuda and spec["dtype"] == "bfloat16", fp16=cuda and spec["dtype"] == "float16",
+                               max_length=spec["seq_len"], packing=False, seed=spec["seed"],
+                               dataloader_drop_last=True, use_cpu=not cuda)
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tok, callbacks=[Clock()])
+        collate = trainer.data_collator
+        trainer.data_collator = lambda feats: fed.append(sum(len(f["input_ids"]) for f in feats)) or collate(feats)
+        if cuda:
+            result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:spec["steps"]]
+    result["losses"] = losses
+    result["step_times_s"] = [b - a for a, b in zip([t0] + times[:-1], times)]
+    tokens = [sum(fed[i * spec["grad_accum"]:(i + 1) * spec["grad_accum"]]) for i in range(len(times))]
+    result["real_tokens_per_step"] = tokens
+    timed = range(spec["warmup"], len(times))
+    seconds = sum(result["step_times_s"][i] for i in timed)
+    result["real_tokens_per_s"] = sum(tokens[i] for i in timed) / seconds if seconds > 0 else None
+    result["notes"] = list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec)
+    result["memory_kind"] = "cuda" if cuda else "rss"
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+    if cuda:
+        result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+
+
+def run_own_trainer(model, spec: dict, result: dict, log) -> None:
+    """The `turbotune-train` row: turbotune's own Trainer (what `turbotune train` runs: packing into rows of
+    --seq-len, CUDA graphs on a GPU) for spec["steps"] optimizer steps on rows of the same length mix, as many as
+    those steps take once packed. Fills result like run_sft: real tokens/s over the timed steps, peak memory,
+    the loss of every step."""
+    import torch
+
+    from turbotune.training.config import TrainConfig
+    from turbotune.training.trainer import Trainer
+
+    cuda = spec["device"] == "cuda"
+    kind, seq_len, seed = spec["sft_lengths"], spec["seq_len"], spec["seed"]
+    mean = sum(row_lengths(kind, 1000, seq_len, seed)) / 1000
+    budget = spec["micro_batch"] * spec["grad_accum"] * seq_len * spec["steps"]  # tokens the steps can hold
+    rows = make_rows(kind, int(budget / mean * 1.05) + spec["micro_batch"] * spec["grad_accum"], seq_len,
+                     spec["vocab_size"], seed)
+    samples = [{"input_ids": r["input_ids"], "labels": list(r["input_ids"]), "where": f"row {i}"}
+               for i, r in enumerate(rows)]
+    marks: list[tuple[float, int]] = []
+    with tempfile.TemporaryDirectory(prefix="turbotune-own-") as tmp:
+        tok = _tokenizer(spec, tmp)
+        cfg = TrainConfig(output_dir=tmp, batch_size=spec["micro_batch"], grad_accum=spec["grad_accum"],
+                          max_steps=spec["steps"], lr=spec["lr"], warmup_steps=0, max_seq_length=seq_len,
+                          packing=True, cuda_graphs=spec.get("cuda_graphs", True), seed=seed, overwrite=True)
+        trainer = Trainer(cfg, model, tok, samples, progress=False)
+        step = trainer._train_step
+
+        def timed_step():  # the step returns a Python float: the device has finished it
+            loss, tokens = step()
+            marks.append((time.perf_counter(), tokens))
+            log(spec["method"], f"step {len(marks)}/{spec['steps']}  {tokens} real tokens")
+            return loss, tokens
+
+        trainer._train_step = timed_step
+        if cuda:
+            result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = trainer.train()
+    times = [b[0] - a for a, b in zip([t0] + [m[0] for m in marks[:-1]], marks)]
+    result["losses"] = [h["loss"] for h in out.history][:spec["steps"]]
+    result["step_times_s"] = times
+    result["real_tokens_per_step"] = tokens = [m[1] for m in marks]
+    timed = range(spec["warmup"], len(times))
+    seconds = sum(times[i] for i in timed)
+    result["real_tokens_per_s"] = sum(tokens[i] for i in timed) / seconds if seconds > 0 else None
+    micro = trainer.micro
+    result["notes"] = [f"{len(samples)} rows packed into rows of {seq_len}; CUDA graphs "
+                       + (micro.disabled_reason or f"on ({micro.replays} replays, {micro.captures} graphs)")]
+    result["memory_kind"] = "cuda" if cuda else "rss"
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+    if cuda:
+        result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+
+
+def _step_profile(spec: dict):
+    if not spec.get("profile_dir"):
+        return None
+    from turbotune.bench.profile import StepProfile
+    return StepProfile(spec["method"], spec["profile_dir"], spec["device"] == "cuda")
+
+
+def _tokenizer(spec: dict, tmp: str):
+    """The model folder's own tokenizer (a preset's placeholder has one token per id); else a stand-in."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+    except Exception:  # noqa: BLE001 - a folder without a tokenizer
+        return stand_in_tokenizer(tmp)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _graphs_setting(model, spec) -> None:
+    from turbotune.training.trainer_step import trainer_step_of
+    step = trainer_step_of(model)
+    if step is not None and not spec.get("cuda_graphs", True):
+        step.graphs.disabled_reason = "turned off (--no-cuda-graphs)"
+
+
+def _step_notes(model, spec) -> list[str]:
+    from turbotune.training.trainer_step import trainer_step_of
+    step = trainer_step_of(model)
+    if step is None:
+        return []
+    g = step.graphs
+    state = g.disabled_reason or f"on ({g.replays} of {g.replays + g.eager_calls} calls replayed, {g.captures} graphs)"
+    return [f"CUDA graphs {state}"]

@@ -1,0 +1,283 @@
+"""`turbotune` / `python -m turbotune`: check, demo, train, generate, chat, export, bench.
+
+Errors the user can fix (TurbotuneError and the data module's DataError) print as one line and exit 1;
+everything else keeps its traceback, because that is a bug of ours to report.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from turbotune import __version__
+# Flags of `turbotune train`; their names (dashes → underscores) are TrainConfig's fields.
+_TRAIN_FLAGS = [
+    ("--model", dict(help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")),
+    ("--data", dict(help="JSONL/JSON training file (default: the packaged copywriting sample)")),
+    ("--format", dict(choices=["auto", "alpaca", "sharegpt", "messages", "text"], help="data format (default auto)")),
+    ("--output-dir", dict(help="where checkpoints, the log and the loss plot go (default outputs)")),
+    ("--load-in-4bit", dict(action="store_const", const=True, help="QLoRA: 4-bit NF4 base weights")),
+    ("--double-quant", dict(action="store_const", const=True, dest="double_quant",
+                            help="4-bit with the scales quantised again (the default)")),
+    ("--no-double-quant", dict(action="store_const", const=False, dest="double_quant",
+                               help="4-bit without double quantisation of the scales")),
+    ("--dtype", dict(choices=["bf16", "fp16", "fp32"], help="compute dtype (default: bf16 where supported)")),
+    ("--max-seq-length", dict(type=int, help="truncate samples to this many tokens (default 2048)")),
+    ("--max-steps", dict(type=int, help="optimizer steps, > 0 (overrides --epochs; default: train by epochs)")),
+    ("--epochs", dict(type=float, help="passes over the data (default 1)")),
+    ("--batch-size", dict(type=int, help="micro-batch size (default 2)")),
+    ("--grad-accum", dict(type=int, help="micro-batches per optimizer step (default 4)")),
+    ("--lr", dict(type=float, help="peak learning rate (default 2e-4)")),
+    ("--warmup-steps", dict(type=int, help="linear warm-up steps (default 5)")),
+    ("--lr-scheduler", dict(choices=["linear", "cosine", "constant"],
+                            help="learning-rate schedule after warm-up (default linear)")),
+    ("--weight-decay", dict(type=float, help="AdamW weight decay (default 0)")),
+    ("--lora-r", dict(type=int, help="LoRA rank (default 16)")),
+    ("--lora-alpha", dict(type=int, help="LoRA alpha (default = rank)")),
+    ("--lora-dropout", dict(type=float, help="LoRA dropout (default 0; > 0 disables the fused LoRA path)")),
+    ("--seed", dict(type=int, help="seed for LoRA init and data order (default 3407)")),
+    ("--logging-steps", dict(type=int, help="print a log row every N steps (default 1)")),
+    ("--save-steps", dict(type=int, help="write a checkpoint every N steps (default: only at the end)")),
+    ("--save-total-limit", dict(type=int, help="keep only the newest K checkpoints")),
+    ("--train-on-all-tokens", dict(action="store_const", const=False, dest="train_on_responses_only",
+                                   help="train on prompts too (default: only the answers)")),
+    ("--skip-bad-rows", dict(action="store_const", const=True, help="skip malformed rows with a summary")),
+    ("--resume", dict(action="store_const", const=True, help="continue from the latest checkpoint in --output-dir")),
+    ("--overwrite", dict(action="store_const", const=True, help="replace a different run in --output-dir")),
+    ("--skip-nonfinite", dict(action="store_const", const=True, help="skip steps whose loss is NaN/inf")),
+    ("--packing", dict(action="store_const", const=True,
+                       help="pack samples into rows of --max-seq-length: no compute spent on padding "
+                            "(default: on for GPU runs where the model's attention supports it)")),
+    ("--no-packing", dict(action="store_const", const=False, dest="packing", help="pad each micro-batch instead")),
+    ("--gradient-checkpointing", dict(metavar="MODE", choices=["true", "false", "offload", "auto"],
+                                      help="true: recompute every layer (default); false; offload: recompute, each "
+                                           "layer's input in pinned host memory; auto: the cheapest that the memory "
+                                           "planner predicts will fit")),
+    ("--no-gradient-checkpointing", dict(action="store_const", const=False, dest="gradient_checkpointing",
+                                         help="keep every activation instead of recomputing: faster, more memory")),
+    ("--allow-pickle", dict(action="store_const", const=True, help="allow pickle (*.bin) weights: they can run code")),
+    ("--trust-remote-code", dict(action="store_const", const=True, help="run the model repo's own Python code")),
+    ("--no-patch", dict(action="store_const", const=False, dest="patch",
+                        help="stock transformers + PEFT forwards (for comparison)")),
+    ("--no-cuda-graphs", dict(action="store_const", const=False, dest="cuda_graphs",
+                              help="run every micro-step eagerly (default: replay CUDA graphs on a GPU)")),
+    ("--adapter-precision", dict(choices=["peft", "input"],
+                                 help="LoRA math in the adapters' dtype as PEFT (peft, default) or in the "
+                                      "compute dtype (input: faster under bf16, as Unsloth)")),
+]
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA on a JSONL file (defaults: the embedded demo)")
+    p.add_argument("--config", help="YAML file with the same keys as these flags; flags override it")
+    for flag, kw in _TRAIN_FLAGS:
+        p.add_argument(flag, default=None, **kw)
+    return p
+
+
+def _cmd_train(args) -> int:
+    from turbotune.training.config import TrainConfig, build_config
+    from turbotune.cli.train import run_demo, run_training
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in TrainConfig.__dataclass_fields__ and v is not None}
+    if args.config is None and not overrides:
+        return run_demo()
+    cfg = build_config(args.config, overrides)
+    run_training(cfg)
+    return 0
+
+
+def _add_model_flags(p):
+    p.add_argument("--model", default=None, help="base model folder or hub id (default: the adapter's base)")
+    p.add_argument("--adapter", default=None, help="adapter folder written by `turbotune train`")
+    p.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit NF4 (less memory)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="compute dtype (default: bf16 where supported, fp32 on the CPU)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 = always the likeliest token (default: 0 for generate, 0.7 for chat)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (*.bin) weights: they can run code")
+
+
+def _cmd_generate(args) -> int:
+    from turbotune.inference import generate_reply, load_for_inference
+    model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.load_in_4bit,
+                                    allow_pickle=args.allow_pickle)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    temp = 0.0 if args.temperature is None else args.temperature
+    generate_reply(model, tok, messages, args.max_new_tokens, temp, stream=True)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from turbotune.inference import chat_loop, load_for_inference
+    model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.load_in_4bit,
+                                    allow_pickle=args.allow_pickle)
+    chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=0.7 if args.temperature is None else args.temperature)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from turbotune.export.export import export
+    path = export(args.adapter, args.out, how=args.how, base=args.model, dtype=args.dtype,
+                  merge_into=args.merge_into, quant=args.quant)
+    print(f"[turbotune] wrote {args.how} model to {path}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from turbotune.health.check import run_health_check
+    return run_health_check(as_json=args.json, self_test=not args.no_self_test)
+
+
+def _cmd_demo(args) -> int:
+    from turbotune.cli.train import run_demo
+    return run_demo(output_dir=args.output_dir, max_steps=args.max_steps)
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: argparse would read `--r 8` as `--resume` and a stray 8, silently."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Subcommand parsers are of the same class, so none of them takes abbreviations either.
+    parser = _Parser(prog="turbotune", description="Fast LoRA / QLoRA fine-tuning of open LLMs.")
+    parser.add_argument("--version", action="version", version=f"turbotune {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("check", help="environment report + one-step self test; ends with PASS or FAIL")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-self-test", action="store_true", help="only the environment report")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M + sample data, before/after answers")
+    p.add_argument("--output-dir", default="outputs/demo", help="where the demo's run goes (default outputs/demo)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps, > 0 (default 20)")
+    p.set_defaults(func=_cmd_demo)
+
+    _add_train(sub).set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="answer one prompt (chat template applied, streamed)")
+    _add_model_flags(p)
+    p.add_argument("--prompt", required=True, help="the user message to answer")
+    p.add_argument("--system", default=None, help="system message put before the prompt")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with a model (+ adapter)")
+    _add_model_flags(p)
+    p.add_argument("--system", default=None, help="system message at the start of the chat (kept on /reset)")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("export", help="save an adapter, merge it into 16-bit base weights, or write a GGUF")
+    p.add_argument("--adapter", required=True, help="adapter folder written by `turbotune train`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--how", choices=["adapter", "merged", "gguf"], default="merged",
+                   help="merged: base + adapter as one 16-bit model (default); adapter: copy the adapter only; "
+                        "gguf: base + adapter as one llama.cpp GGUF file, OUT/model-<quant>.gguf (llama, mistral "
+                        "and qwen2 models)")
+    p.add_argument("--quant", default=None, metavar="{f16,q8_0}",
+                   help="GGUF tensor type, with --how gguf: f16 (default) or q8_0 (8-bit, about half the size); "
+                        "norms stay f32. k-quants (q4_k_m...) need llama.cpp's llama-quantize on the f16 file")
+    p.add_argument("--model", default=None, help="base model (default: the adapter's base)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the merged weights (default: the base checkpoint's if 16-bit, else bf16)")
+    p.add_argument("--merge-into", choices=["auto", "nf4", "original"], default="auto",
+                   help="the base weights to merge into: nf4 (the 4-bit base dequantised, what a QLoRA adapter "
+                        "was trained against), original (the 16-bit weights), auto (nf4 for an adapter trained "
+                        "in 4 bits or a pre-quantised base; the default)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("plan", help="predict a training step's peak GPU memory from the model config")
+    from turbotune.cli.plan import add_plan_arguments, run_plan
+    add_plan_arguments(p)
+    p.set_defaults(func=run_plan)
+
+    p = sub.add_parser("bench", help="side-by-side benchmark: hf vs turbotune (vs unsloth, liger)")
+    try:
+        from turbotune.bench.harness import add_bench_arguments, run_bench
+        add_bench_arguments(p)
+        p.set_defaults(func=run_bench)
+    except ImportError as e:  # pragma: no cover - bench is part of the package
+        p.set_defaults(func=lambda a, e=e: _fail(f"bench is unavailable: {e}"))
+    return parser
+
+
+def _fail(msg: str) -> int:
+    print(f"turbotune: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def suggest_flag(parser: argparse.ArgumentParser, flag: str) -> str | None:
+    """The flag of `parser` an unknown one most likely means: via the config aliases (--learning-rate ->
+    --lr), else the closest spelling."""
+    import difflib
+
+    from turbotune.training.config import ALIASES
+
+    options = {s: a.dest for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    field = ALIASES.get(flag.lstrip("-").replace("-", "_").lower())
+    if field:
+        same_dest = sorted((s for s, dest in options.items() if dest == field), key=lambda s: s.startswith("--no-"))
+        if same_dest:
+            return same_dest[0]
+    close = difflib.get_close_matches(flag, list(options), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_arguments_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+    if not flags:  # stray words, e.g. an unquoted prompt
+        return f"unexpected argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}"
+    parts = []
+    for flag in flags:
+        hint = suggest_flag(parser, flag)
+        parts.append(flag + (f" (did you mean {hint}?)" if hint else ""))
+    return f"unknown flag{'s' if len(flags) > 1 else ''} {', '.join(parts)}"
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but an unknown flag is named with the flag it most likely means. Exits 2 as argparse does."""
+    args, extras = parser.parse_known_args(argv)
+    if args.command is None:  # `turbotune [--json]` is `turbotune check [--json]`
+        args, extras = parser.parse_known_args(["check"] + argv)
+    if extras:
+        sub = _subcommand_parser(parser, args.command)
+        sub.error(unknown_arguments_message(sub, extras))
+    return args
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parse_arguments(parser, list(sys.argv[1:] if argv is None else argv))
+    from turbotune.errors import TrainingStopped, TurbotuneError
+    try:
+        from turbotune.data.dataset import DataError
+    except ImportError:  # pragma: no cover
+        DataError = TurbotuneError  # noqa: N806
+    try:
+        return int(args.func(args) or 0)
+    except TrainingStopped as e:
+        print(f"turbotune: {e}", file=sys.stderr)
+        return e.exit_code
+    except (TurbotuneError, DataError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("\nturbotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

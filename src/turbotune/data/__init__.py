@@ -1,0 +1,1 @@
+"""Training data: file formats, chat templates, datasets and the packaged samples."""

@@ -1,0 +1,1 @@
+"""Shipping a trained adapter: merged folders, GGUF, the merge itself."""

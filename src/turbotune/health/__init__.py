@@ -1,0 +1,1 @@
+"""`turbotune check`: the environment check and the on-device self test."""

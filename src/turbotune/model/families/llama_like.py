@@ -1,0 +1,157 @@
+"""Patched forwards shared by the Llama-shaped families (llama, qwen2, qwen3, mistral, gemma2, gemma3, ...).
+
+Each `make_*(spec, state)` returns a function to be bound to one submodule instance (see
+registry.set_forward); `state` is the model's TurboState (toggles, fp32-adapter backend, originals). The
+functions read the module's own attributes (q_proj, head_dim, variance_epsilon, ...) at call time, so they
+work whether or not PEFT has wrapped the projections, and fall back to the stock forward wherever the
+fast path does not apply (a KV cache during generation, an unsupported LoRA setting, a requested output).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from turbotune._compat import attention_function, cache_from_kwargs, has_cache
+from turbotune.model.kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
+from turbotune.model.kernels.lora_parts import cached_lora_part
+from turbotune.model.kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
+from turbotune.model.kernels.rmsnorm import rms_norm
+from turbotune.model.kernels.rope import apply_rope_, rope_reference
+from turbotune.model.kernels.swiglu import geglu, swiglu
+from turbotune.model.recompute import checkpoint_phase, recomputing
+
+
+def _parts(state, *linears):
+    """LoRA parts for every projection (with the model's fp32-adapter backend), or None when any of them can't
+    take the fused path."""
+    parts = []
+    for lin in linears:
+        part = cached_lora_part(lin, state.fp32_adapter_backend)
+        if part is None:
+            return None
+        parts.append(part)
+    return parts
+
+
+def make_attention_forward(spec, state):
+    toggles = state.toggles
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        # Generation with a KV cache, or positional extras we don't know: the stock forward is exact there.
+        if args or has_cache(kwargs) or position_embeddings is None:
+            return state.original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        cache_from_kwargs(kwargs)  # None here: drop the keywords
+        bsz, seq, _ = hidden_states.shape
+        d = self.head_dim
+
+        parts = _parts(state, self.q_proj, self.k_proj, self.v_proj) if toggles.fused_lora else None
+        if parts is not None:
+            q, k, v = lora_qkv(hidden_states, *parts, adapter_precision=toggles.adapter_precision)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = q.view(bsz, seq, -1, d), k.view(bsz, seq, -1, d), v.view(bsz, seq, -1, d)
+        if getattr(self, "q_norm", None) is not None:  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+
+        cos, sin = position_embeddings
+        if toggles.rope:
+            q, k = apply_rope_(q, k, cos, sin)
+        else:
+            q, k = rope_reference(q, k, cos, sin)
+
+        extra = {}
+        if getattr(self, "sliding_window", None) is not None:
+            extra["sliding_window"] = self.sliding_window
+        if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2: soft-capped scores
+            extra["softcap"] = self.attn_logit_softcapping
+        attn, weights = attention_function(self.config, self)(
+            self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs)
+        attn = attn.reshape(bsz, seq, -1)
+
+        o_parts = _parts(state, self.o_proj) if toggles.fused_lora else None
+        out = lora_linear(attn, o_parts[0], toggles.adapter_precision) if o_parts is not None else self.o_proj(attn)
+        return out, weights
+
+    return forward
+
+
+def make_mlp_forward(spec, state):
+    toggles, act = state.toggles, spec.act
+
+    def forward(self, x):
+        parts = _parts(state, self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
+        if parts is not None:
+            # Very long sequences: tile over tokens so no [tokens, intermediate] tensor outlives one chunk.
+            chunk = mlp_token_chunk(x.numel() // x.shape[-1], parts[0].out_features, x.element_size()) \
+                if toggles.mlp_tiling else None
+            if chunk is not None:
+                return tiled_lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision,
+                                      chunk_tokens=chunk)
+            return lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision,
+                            output_unused=spec.mlp_output_only_to_residual and recomputing(),
+                            checkpoint_phase=checkpoint_phase())
+        if not toggles.act_mul:
+            return state.original_forward(self)(x)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        h = swiglu(gate, up) if act == "silu" else geglu(gate, up)
+        return self.down_proj(h)
+
+    return forward
+
+
+def make_norm_forward(spec, state):
+    def forward(self, hidden_states):
+        eps = getattr(self, "variance_epsilon", None)
+        if eps is None:
+            eps = self.eps
+        return rms_norm(hidden_states, self.weight, eps, offset=spec.rms_offset, casting=spec.rms_casting)
+
+    return forward
+
+
+def make_lm_forward(spec, state):
+    """Causal-LM head: with labels in training, a chunked linear + cross-entropy; no [tokens, vocab] logits."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from turbotune.model.kernels.fused_linear_ce import fused_linear_cross_entropy
+
+    toggles = state.toggles
+
+    def forward(self, *args, labels=None, **kwargs):
+        lm_head = self.get_output_embeddings()
+        plain_head = type(lm_head) is torch.nn.Linear
+        if labels is None or not self.training or not toggles.fused_ce or not plain_head or has_cache(kwargs) \
+                or kwargs.get("use_cache"):
+            return state.original_forward(self)(*args, labels=labels, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("return_dict", None)
+        outputs = self.model(*args, **kwargs)
+        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+        if shift_labels is None:
+            # Same shift as transformers' ForCausalLMLoss: token t predicts label t+1; the last predicts nothing.
+            shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)
+        cfg = self.config
+        loss = fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), lm_head.weight, shift_labels.reshape(-1).to(hidden.device),
+            bias=lm_head.bias, num_items_in_batch=num_items,
+            softcap=getattr(cfg, "final_logit_softcapping", None),
+            logit_scale=getattr(cfg, "logit_scale", None) or 1.0)
+        return CausalLMOutputWithPast(loss=loss, logits=None,
+                                      hidden_states=getattr(outputs, "hidden_states", None),
+                                      attentions=getattr(outputs, "attentions", None))
+
+    return forward
+
+
+def register_llama_shaped(name: str, model_types: tuple[str, ...], **spec):
+    """Register a family that runs on these shared forwards; `spec` holds only how it differs (FamilySpec's
+    fields: norm casting and offset, activation, whether the MLP's output only joins the residual stream)."""
+    from turbotune.model.families.registry import FamilySpec, register_family
+
+    return register_family(FamilySpec(name=name, model_types=model_types,
+                                      make_attention_forward=make_attention_forward,
+                                      make_mlp_forward=make_mlp_forward, make_norm_forward=make_norm_forward,
+                                      make_lm_forward=make_lm_forward, **spec))

@@ -1,0 +1,170 @@
+"""What the planner (and the bench's presets) know of a model: its shape, from a config, and the preset configs.
+
+A leaf module: it imports nothing else of turbotune's but errors.py, so the planner, its per-layer arithmetic
+and the bench's model builder all read from here without importing one another.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from turbotune.errors import TurbotuneError
+
+METHODS = ("turbotune", "hf")  # the training recipes the planner models
+
+class PlanError(TurbotuneError):
+    """A planner input we can't use (unknown model, unsupported architecture, bad size); one clear line."""
+
+
+# --------------------------------------------------------------------------------------------- model shape
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory arithmetic needs from a dense decoder-only config."""
+    model_type: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    max_positions: int | None = None
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of the seven per-layer projections."""
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def norm_params(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+    def bias_params(self) -> int:
+        per = 0
+        if self.qkv_bias:
+            per += self.q_dim + 2 * self.kv_dim
+        if self.o_bias:
+            per += self.hidden
+        if self.mlp_bias:
+            per += 2 * self.intermediate + self.hidden
+        return self.layers * per
+
+    def total_params(self) -> int:
+        return self.linear_params() + self.embedding_params() + self.norm_params() + self.bias_params()
+
+
+def _config_dict(config) -> dict:
+    if isinstance(config, dict):
+        cfg = dict(config)
+    elif hasattr(config, "to_dict"):
+        cfg = config.to_dict()
+    else:
+        raise PlanError(f"expected a config dict or a transformers config, got {type(config).__name__}")
+    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper
+        inner = dict(cfg["text_config"])
+        inner.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings"))
+        cfg = inner
+    return cfg
+
+
+def model_shape(config) -> ModelShape:
+    """ModelShape of a config dict, a transformers PretrainedConfig, or a ModelShape (returned as is)."""
+    if isinstance(config, ModelShape):
+        return config
+    cfg = _config_dict(config)
+    mtype = str(cfg.get("model_type") or "?")
+    for moe_key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if cfg.get(moe_key):
+            raise PlanError(f"model type {mtype!r} is a mixture-of-experts model ({moe_key}={cfg[moe_key]}); "
+                            "the planner handles dense decoder-only models only")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if not cfg.get(k)]
+    if missing:
+        raise PlanError(f"model type {mtype!r}: the config lacks {', '.join(missing)}; the planner needs a dense "
+                        "decoder-only (Llama-shaped) config")
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    head_dim = cfg.get("head_dim") or hidden // heads
+    attention_bias = bool(cfg.get("attention_bias", False))
+    qwen2_like = mtype in ("qwen2",)  # Qwen2 puts biases on q, k, v in the architecture itself
+    tied = cfg.get("tie_word_embeddings")
+    max_pos = cfg.get("max_position_embeddings")
+    return ModelShape(model_type=mtype, layers=int(cfg["num_hidden_layers"]), hidden=hidden,
+                      intermediate=int(cfg["intermediate_size"]), heads=heads,
+                      kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+                      vocab=int(cfg["vocab_size"]), tied=bool(tied) if tied is not None else False,
+                      qkv_bias=qwen2_like or attention_bias, o_bias=attention_bias and not qwen2_like,
+                      mlp_bias=bool(cfg.get("mlp_bias", False)),
+                      max_positions=int(max_pos) if max_pos else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets (public config facts; only what the architecture needs)
+# ----------------------------------------------------------------------------------------------------------
+PRESETS: dict[str, dict] = {
+    # CPU / CI: a 2-layer Llama small enough to train in seconds.
+    "tiny": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 512, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+        "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
+        "attention_bias": False, "mlp_bias": False,
+    },
+    # HuggingFaceTB/SmolLM2-135M
+    "smollm2-135m": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu",
+        "initializer_range": 0.041666666666666664, "bos_token_id": 1, "eos_token_id": 2,
+        "attention_bias": False, "mlp_bias": False,
+    },
+    # Qwen/Qwen2-1.5B-Instruct (q/k/v carry biases in the Qwen2 architecture itself)
+    "qwen2-1.5b": {
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+        "num_attention_heads": 12, "num_key_value_heads": 2,
+        "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu",
+        "initializer_range": 0.02, "bos_token_id": 151643, "eos_token_id": 151645,
+        "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21,
+    },
+    # meta-llama/Llama-3.1-8B
+    "llama3-8b": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+        "initializer_range": 0.02, "bos_token_id": 128000, "eos_token_id": 128001,
+        "attention_bias": False, "mlp_bias": False,
+    },
+}
+
+
+def preset_dict(name: str) -> dict:
+    """A deep copy of a preset's config (KeyError for an unknown name)."""
+    return json.loads(json.dumps(PRESETS[name]))

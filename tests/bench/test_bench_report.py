@@ -1,0 +1,27 @@
+"""The bench report's header: every condition a figure depends on is printed beside it."""
+from turbotune.bench.report import format_header
+
+
+def _header(**kw):
+    h = {"date_utc": "2026-11-28 08:00:00 UTC", "command": "python -m turbotune bench --preset tiny",
+         "device": {"type": "cuda", "name": "NVIDIA H200"},
+         "versions": {"torch": "2.11.0", "turbotune": "0.1.0"}, "preset": "tiny", "model_dir": None,
+         "model_type": "llama", "matmul": None, "flops_per_token": None,
+         "workload": {"seq_len": 64, "micro_batch": 2, "grad_accum": 1, "steps": 3, "warmup": 1, "timed_steps": 2,
+                      "tokens_per_step": 128, "lora_r": 4, "lora_alpha": 4, "qlora": False, "dtype": "bfloat16",
+                      "lr": 2e-4, "seed": 0},
+         "price_usd_per_gpu_hour": 2.5, "cost_steps": 1000}
+    h.update(kw)
+    return h
+
+
+def test_allocator_settings_are_printed_after_the_command():
+    lines = format_header(_header(alloc_conf="expandable_segments:True")).splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith("- command:"))
+    assert lines[i + 1] == "- environment: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+
+
+def test_no_environment_line_without_allocator_settings():
+    for h in (_header(), _header(alloc_conf=None)):
+        text = format_header(h)
+        assert "environment" not in text and "- command: `python -m turbotune bench --preset tiny`" in text

@@ -1,0 +1,190 @@
+"""Per family: the patched model computes what transformers + PEFT compute (fp32, CPU), and undo restores it."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from conftest import make_tiny_model, nonzero_lora_b  # noqa: E402
+
+from turbotune import FastModel  # noqa: E402
+from turbotune.model.families import is_patched, patch_model, unpatch_model  # noqa: E402
+
+FAMILIES = {
+    "llama": {},
+    "qwen2": {"tie_word_embeddings": False},
+    "mistral": {"sliding_window": 8},
+    "qwen3": {"head_dim": 16, "tie_word_embeddings": False},  # per-head q_norm / k_norm before RoPE
+    # soft-capped attention (eager) and logits, (1 + w) RMSNorm, GeGLU, post-norms; a sliding-window layer
+    "gemma2": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},  # + q/k norms, SDPA
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request, tmp_path_factory, smol_tokenizer):
+    fam = request.param
+    return fam, make_tiny_model(tmp_path_factory.mktemp(fam), smol_tokenizer, fam, **FAMILIES[fam])
+
+
+def _model(folder, patch, checkpointing=False):
+    model, _ = FastModel.from_pretrained(str(folder), verbose=False, patch=patch)
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16, random_state=5, verbose=False,
+                                     use_gradient_checkpointing=checkpointing)
+    return nonzero_lora_b(model)
+
+
+def _batch(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0  # right padding
+    labels[1, -4:] = -100
+    return ids, mask, labels
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_patched_matches_stock(family_dir, checkpointing):
+    fam, folder = family_dir
+    stock, fast = _model(folder, False, checkpointing), _model(folder, True, checkpointing)
+    assert is_patched(fast.get_base_model()) and not is_patched(stock.get_base_model())
+    ids, mask, labels = _batch(stock.config.vocab_size)
+
+    stock.train(), fast.train()
+    with torch.no_grad():  # logits (no labels: the patched layers run, then the stock head)
+        assert _rel(fast(input_ids=ids, attention_mask=mask).logits,
+                    stock(input_ids=ids, attention_mask=mask).logits) < 1e-5
+    out_s = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    out_f = fast(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out_f.logits is None  # no [tokens, vocab] logits in training
+    assert abs(out_f.loss.item() - out_s.loss.item()) <= 1e-5 * abs(out_s.loss.item())
+    out_s.loss.backward()
+    out_f.loss.backward()
+    grads_s = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
+    grads_f = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+    assert grads_s.keys() == grads_f.keys() and len(grads_s) == 2 * 7 * 2
+    for n in grads_s:
+        assert _rel(grads_f[n], grads_s[n]) < 1e-5, n
+
+
+def test_undo_restores_stock_forwards(family_dir):
+    fam, folder = family_dir
+    model = _model(folder, True)
+    base = model.get_base_model()
+    attn = base.model.layers[0].self_attn
+    assert "forward" in attn.__dict__
+    n = unpatch_model(base)
+    assert n > 0 and not is_patched(base)
+    assert "forward" not in attn.__dict__ and "forward" not in base.__dict__
+    assert type(attn).forward is attn.forward.__func__
+    # and patching again works, with a toggle off
+    report = patch_model(model, rms_norm=False)
+    assert "rms_norm" not in report.patched and report.patched["attention"] == base.config.num_hidden_layers
+
+
+def test_patches_do_not_leak_between_models(family_dir):
+    fam, folder = family_dir
+    patched = _model(folder, True)
+    other = _model(folder, False)
+    assert not is_patched(other.get_base_model())
+    assert "forward" not in other.get_base_model().model.layers[0].mlp.__dict__
+    assert is_patched(patched.get_base_model())
+
+
+def test_unknown_family_uses_generic_path(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    cfg = GPTNeoXConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+    smol_tokenizer.save_pretrained(str(tmp_path))
+
+    def build(patch):
+        m, _ = FastModel.from_pretrained(str(tmp_path), verbose=False, patch=patch)
+        return FastModel.get_peft_model(m, r=4, target_modules=["query_key_value", "dense"], random_state=3,
+                                        verbose=False, use_gradient_checkpointing=False)
+
+    stock, fast = build(False), build(True)
+    report = patch_model(fast)
+    assert report.family is None and "generic" in report.summary() and report.patched["lora_linear"] > 0
+    ids, mask, labels = _batch(cfg.vocab_size)
+    fast.train(), stock.train()
+    ls, lf = stock(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
+    assert abs(ls.item() - lf.item()) < 1e-5 * ls.item()
+
+
+def test_cached_parts_follow_disable_adapter_and_merge(family_dir):
+    """The per-module cache of LoRA parts must notice PEFT's disable_adapter() and merge/unmerge."""
+    fam, folder = family_dir
+    stock, fast = _model(folder, False), _model(folder, True)
+    ids, mask, _ = _batch(stock.config.vocab_size)
+    stock.eval(), fast.eval()
+    with torch.no_grad():
+        with_lora = fast(input_ids=ids, attention_mask=mask).logits
+        with fast.disable_adapter(), stock.disable_adapter():
+            off_f = fast(input_ids=ids, attention_mask=mask).logits
+            off_s = stock(input_ids=ids, attention_mask=mask).logits
+        assert _rel(off_f, off_s) < 1e-5 and _rel(off_f, with_lora) > 1e-4
+        assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-6
+        fast.merge_adapter()
+        assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-4
+        fast.unmerge_adapter()
+        assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-5
+
+
+def test_gemma2_loads_with_eager_attention_and_matches_stock(tmp_path, smol_tokenizer):
+    """transformers has no SDPA path for Gemma 2 (soft-capped attention): the loader falls back to eager and
+    says so, instead of failing; the generic path's loss equals the stock model's."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+    smol_tokenizer.save_pretrained(str(tmp_path))
+
+    def build(patch):
+        m, _ = FastModel.from_pretrained(str(tmp_path), verbose=False, patch=patch)
+        assert m.config._attn_implementation == "eager"
+        return FastModel.get_peft_model(m, r=4, random_state=3, verbose=False, use_gradient_checkpointing=False)
+
+    stock, fast = build(False), build(True)
+    ids, mask, labels = _batch(cfg.vocab_size)
+    fast.train(), stock.train()
+    ls, lf = stock(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
+    assert abs(ls.item() - lf.item()) < 1e-5 * ls.item()
+
+
+def test_phi3_fused_projections_get_lora(tmp_path, smol_tokenizer, capsys):
+    """Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): the default targets put LoRA on all four kinds of
+    projection, saying so, and the patched loss equals the stock model's."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    cfg = Phi3Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     pad_token_id=smol_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+    smol_tokenizer.save_pretrained(str(tmp_path))
+
+    def build(patch, verbose=False):
+        m, _ = FastModel.from_pretrained(str(tmp_path), verbose=False, patch=patch)
+        return nonzero_lora_b(FastModel.get_peft_model(m, r=4, random_state=3, verbose=verbose,
+                                                       use_gradient_checkpointing=False))
+
+    stock, fast = build(False), build(True, verbose=True)
+    assert "fused as qkv_proj" in capsys.readouterr().out
+    adapted = {n.split(".")[-1] for n, m in fast.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    ids, mask, labels = _batch(cfg.vocab_size)
+    fast.train(), stock.train()
+    ls, lf = stock(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
+    assert abs(ls.item() - lf.item()) < 1e-5 * ls.item()
