@@ -1,10 +1,9 @@
 """bf16 checks of the fused linear+CE and fused LoRA ops on CUDA at realistic sizes (Qwen2-1.5B-like shapes).
 
 Run: pytest tests/gpu/test_fused_gpu.py -q        (skipped without a GPU)
-     python tests/gpu/test_fused_gpu.py           (also prints timings and peak memory vs the references)
+Timings: bench/kernel_bench.py --op fused_linear_ce,lora_mlp.
 """
 import tempfile
-import time
 
 import pytest
 import torch
@@ -126,54 +125,3 @@ def test_fused_lora_bf16_cuda(quant4, adapter_precision):
 
 
 # --------------------------------------------------------------------------------------------- timings (manual)
-def _time(fn, reps=10):
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps * 1e3, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
-
-def _bench():
-    from turbotune.model.kernels.fused_lora import lora_mlp, lora_part, lora_qkv
-    print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    for train_w in (False, True):
-        hidden, weight, _, labels = _ce_inputs(train_w)
-        ts = [hidden, weight] if train_w else [hidden]
-
-        def run(f):
-            return lambda: torch.autograd.grad(f(), ts)
-        ms, mb = _time(run(lambda: linear_cross_entropy_reference(hidden, weight, labels)))
-        print(f"CE N={N_TOK} V={VOCAB} train_w={train_w}  reference: {ms:7.2f} ms  peak {mb:8.0f} MiB")
-        for c in (64, 128, 256, 512, 1024, None):
-            ms, mb = _time(run(lambda: fused_linear_cross_entropy(hidden, weight, labels, chunk_size=c)))
-            print(f"   fused chunk={c}: {ms:7.2f} ms  peak {mb:8.0f} MiB")
-    x = torch.randn(4, 2048, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-
-    def bwd(outs):
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    for quant4, fp32_adapters in [(False, True), (False, False), (True, True)]:
-        try:
-            attn, mlp = _peft_layer(quant4, fp32_adapters)
-        except BaseException as e:  # pytest.skip when bitsandbytes is missing
-            print("skipped", quant4, e)
-            continue
-        qkv, mlp3 = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        qkv_parts, mlp_parts = [lora_part(m) for m in qkv], [lora_part(m) for m in mlp3]
-        tag = f"4bit={quant4} fp32 adapters={fp32_adapters}"
-        for name, f in [("peft qkv", lambda: bwd([m(x) for m in qkv])),
-                        ("fused qkv", lambda: bwd(list(lora_qkv(x, *qkv_parts)))),
-                        ("peft mlp", lambda: bwd([mlp(x)])),
-                        ("fused mlp", lambda: bwd([lora_mlp(x, *mlp_parts)])),
-                        ("fused qkv input", lambda: bwd(list(lora_qkv(x, *qkv_parts, adapter_precision="input")))),
-                        ("fused mlp input", lambda: bwd([lora_mlp(x, *mlp_parts, adapter_precision="input")]))]:
-            ms, mb = _time(f)
-            print(f"{tag} {name:15s} N=8192: {ms:7.2f} ms  peak {mb:8.0f} MiB")
-        del attn, mlp
-
-if __name__ == "__main__":
-    _bench()

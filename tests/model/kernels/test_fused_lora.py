@@ -10,8 +10,10 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from turbotune.model.kernels.fused_lora import (fused_lora_unsupported_reason, lora_linear, lora_mlp,  # noqa: E402
-                                          lora_part, lora_qkv)
+from turbotune.model.kernels.fused_lora import (  # noqa: E402
+    fused_lora_unsupported_reason, lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_part,
+    lora_qkv, lora_qkv_reference,
+)
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -310,3 +312,28 @@ def test_fp32_adapter_backend_is_validated():
     from turbotune.model.kernels import lora_parts
     with pytest.raises(ValueError):
         lora_parts.set_fp32_adapter_backend("cuda", torch.nn.Linear(2, 2))
+
+
+# --------------------------------------------------------------------------------------------- the references
+@pytest.mark.parametrize("which", ["fp32", "4bit"])
+@pytest.mark.usefixtures("bnb_flat_dequant")
+def test_references_equal_peft_and_the_fused_functions(which, request):
+    """lora_*_reference (plain PyTorch, kept beside the fused functions) give PEFT's values and gradients, and
+    so do the fused functions: one chain fused == reference == PEFT."""
+    _, attn, mlp = request.getfixturevalue(f"llama_{which}")
+    x = _x()
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    mlp3 = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    for peft_outs, ref_fn, fused_fn, mods in [
+        (lambda: [m(x) for m in qkv], lambda: lora_qkv_reference(x, *map(lora_part, qkv)),
+         lambda: lora_qkv(x, *map(lora_part, qkv)), qkv),
+        (lambda: [attn.o_proj(x)], lambda: [lora_linear_reference(x, lora_part(attn.o_proj))],
+         lambda: [lora_linear(x, lora_part(attn.o_proj))], [attn.o_proj]),
+        (lambda: [mlp(x)], lambda: [lora_mlp_reference(x, *map(lora_part, mlp3))],
+         lambda: [lora_mlp(x, *map(lora_part, mlp3))], mlp3),
+    ]:
+        want = list(peft_outs())
+        want_g = _grads(want, x, mods)
+        for fn in (ref_fn, fused_fn):
+            got = list(fn())
+            _compare(want, got, want_g, _grads(got, x, mods), 1e-5 if which == "fp32" else 1e-4)

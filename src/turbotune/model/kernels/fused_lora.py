@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import torch
 
-from turbotune.model.kernels.lora_parts import (CastCache, LoRAPart, adapter_grads, adapter_product, adapter_products, autocast_dtype,
-                         dense_weight, down_adapter_grad, fused_lora_unsupported_reason, grad_to, input_grad_into,
-                         is_nf4, joint_a_grads, joint_a_route, lora_dtype, lora_part, no_autocast, project)
-from turbotune.model.kernels.swiglu import act_mul_backward, act_mul_forward
+from turbotune.model.kernels.lora_parts import (
+    CastCache, LoRAPart, adapter_grads, adapter_product, adapter_products, autocast_dtype, dense_weight,
+    down_adapter_grad, fused_lora_unsupported_reason, grad_to, input_grad_into, is_nf4, joint_a_grads,
+    joint_a_route, lora_dtype, lora_part, no_autocast, project,
+)
+from turbotune.model.kernels.swiglu import act_mul_backward, act_mul_forward, geglu_reference, swiglu_reference
 
 __all__ = ["LoRAPart", "lora_part", "fused_lora_unsupported_reason", "dense_weight",
            "lora_linear", "lora_qkv", "lora_mlp",
@@ -335,3 +337,29 @@ def lora_mlp(x: torch.Tensor, gate_part: LoRAPart, up_part: LoRAPart, down_part:
     with no_autocast(x.device.type):
         return LoRAMLPFunction.apply(x, *_ab(gate_part), *_ab(up_part), *_ab(down_part), parts, tuple(lds),
                                      act, backend, output_unused, checkpoint_phase)
+
+
+# --------------------------------------------------------------------------------------------- references
+# Plain PyTorch, PEFT's math written out: the base projection in x's dtype (an NF4 weight dequantised), the
+# adapter in the adapters' dtype ("peft": x upcast, as PEFT's _cast_input_dtype) or in x's ("input"), added, and the
+# sum cast back to x's dtype. Autograd gives the gradients the fused functions compute by hand.
+def lora_linear_reference(x: torch.Tensor, part: LoRAPart, adapter_precision: str = "peft") -> torch.Tensor:
+    w = dense_weight(part, x.dtype)
+    w = w.clone() if is_nf4(part) else w  # autograd keeps it for the backward; the dequant buffer is shared
+    y = torch.nn.functional.linear(x, w, part.bias)
+    if not part.has_lora:
+        return y
+    ld = part.A.dtype if adapter_precision == "peft" else x.dtype
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(x.to(ld), part.A.to(ld)), part.B.to(ld))
+    return (y + lora * part.scaling).to(x.dtype)
+
+
+def lora_qkv_reference(x, q_part, k_part, v_part, adapter_precision: str = "peft"):
+    return tuple(lora_linear_reference(x, p, adapter_precision) for p in (q_part, k_part, v_part))
+
+
+def lora_mlp_reference(x, gate_part, up_part, down_part, act: str = "silu", adapter_precision: str = "peft"):
+    gate = lora_linear_reference(x, gate_part, adapter_precision)
+    up = lora_linear_reference(x, up_part, adapter_precision)
+    h = (swiglu_reference if act == "silu" else geglu_reference)(gate, up)
+    return lora_linear_reference(h, down_part, adapter_precision)
