@@ -117,3 +117,16 @@ def test_the_layer_test_sees_a_violation(tmp_path, monkeypatch):
     fake.write_text("from turbotune.training import trainer\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path / "turbotune")
     assert layer(module_name(fake)) == "model" and "turbotune.training" in " ".join(imports(fake))
+
+
+def test_modules_and_functions_stay_small():
+    """No module over 500 lines, no function over 80: split by concern before that."""
+    big = []
+    for path in sources():
+        text = path.read_text()
+        if text.count("\n") > 500:
+            big.append(f"{module_name(path)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                big.append(f"{module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not big, "\n".join(big)
