@@ -74,7 +74,7 @@ def make_tiny_model(folder, tokenizer, family="llama", **overrides):
     """A tiny random model of a real architecture, saved and loadable through the real loading code."""
     import torch
     from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
-                              Qwen2Config, Qwen3Config)
+                              Phi3Config, Qwen2Config, Qwen3Config)
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -82,7 +82,7 @@ def make_tiny_model(folder, tokenizer, family="llama", **overrides):
                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     common.update(overrides)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
-           "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig}[family]
+           "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config}[family]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cls(**common))
     model.save_pretrained(str(folder))

@@ -11,21 +11,32 @@ from conftest import make_tiny_model, nonzero_lora_b  # noqa: E402
 from turbotune import FastModel  # noqa: E402
 from turbotune.model.families import is_patched, patch_model, unpatch_model  # noqa: E402
 
+# case -> (model_type, config overrides). Every registered model type needs a case (test_every_family_has_a_case).
 FAMILIES = {
-    "llama": {},
-    "qwen2": {"tie_word_embeddings": False},
-    "mistral": {"sliding_window": 8},
-    "qwen3": {"head_dim": 16, "tie_word_embeddings": False},  # per-head q_norm / k_norm before RoPE
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": False}),
+    "mistral": ("mistral", {"sliding_window": 8}),
+    "qwen3": ("qwen3", {"head_dim": 16, "tie_word_embeddings": False}),  # per-head q_norm / k_norm before RoPE
     # soft-capped attention (eager) and logits, (1 + w) RMSNorm, GeGLU, post-norms; a sliding-window layer
-    "gemma2": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
-    "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},  # + q/k norms, SDPA
+    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+    "gemma3_text": ("gemma3_text", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),  # + q/k norms
+    # fused qkv_proj and gate_up_proj (LoRA on the fused linears), config-wide sliding window shorter than the batch
+    "phi3": ("phi3", {"sliding_window": 8, "tie_word_embeddings": False}),
+    "phi3-partial-rotary": ("phi3", {"partial_rotary_factor": 0.5, "tie_word_embeddings": False}),  # Phi-4-mini
 }
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_dir(request, tmp_path_factory, smol_tokenizer):
-    fam = request.param
-    return fam, make_tiny_model(tmp_path_factory.mktemp(fam), smol_tokenizer, fam, **FAMILIES[fam])
+    model_type, overrides = FAMILIES[request.param]
+    return model_type, make_tiny_model(tmp_path_factory.mktemp(request.param), smol_tokenizer, model_type,
+                                       **overrides)
+
+
+def test_every_family_has_a_case():
+    """Adding a family to the registry without a parity case here fails."""
+    from turbotune.model.families import FAMILIES as REGISTERED
+    assert set(REGISTERED) <= {model_type for model_type, _ in FAMILIES.values()}
 
 
 def _model(folder, patch, checkpointing=False):
@@ -55,6 +66,8 @@ def test_patched_matches_stock(family_dir, checkpointing):
     fam, folder = family_dir
     stock, fast = _model(folder, False, checkpointing), _model(folder, True, checkpointing)
     assert is_patched(fast.get_base_model()) and not is_patched(stock.get_base_model())
+    layer = fast.get_base_model().model.layers[0]
+    assert "forward" in layer.self_attn.__dict__ and "forward" in layer.mlp.__dict__  # the family path, not stock
     ids, mask, labels = _batch(stock.config.vocab_size)
 
     stock.train(), fast.train()
@@ -69,7 +82,8 @@ def test_patched_matches_stock(family_dir, checkpointing):
     out_f.loss.backward()
     grads_s = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
     grads_f = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
-    assert grads_s.keys() == grads_f.keys() and len(grads_s) == 2 * 7 * 2
+    targets = 4 if fam == "phi3" else 7  # Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj
+    assert grads_s.keys() == grads_f.keys() and len(grads_s) == 2 * targets * 2
     for n in grads_s:
         assert _rel(grads_f[n], grads_s[n]) < 1e-5, n
 

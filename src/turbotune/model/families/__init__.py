@@ -5,7 +5,7 @@ from torch import nn
 
 from turbotune._compat import unwrap_peft
 from turbotune.model.state import turbo_state
-from turbotune.model.families import gemma, llama, mistral, qwen2, qwen3  # noqa: F401  (each registers its family)
+from turbotune.model.families import gemma, llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (each registers its family)
 from turbotune.model.families.generic import make_lora_linear_forward
 from turbotune.model.families.llama_like import make_lm_forward
 from turbotune.model.families.registry import (
@@ -52,10 +52,12 @@ def patch_model(model: nn.Module, **toggles) -> PatchReport:
 
     for _, module in lm.named_modules():
         cls = type(module).__name__
-        if cls.endswith(spec.attention_cls_suffix) and hasattr(module, "q_proj") and hasattr(module, "o_proj"):
+        projects_qkv = hasattr(module, "q_proj") or hasattr(module, "qkv_proj")  # separate, or fused (Phi-3)
+        gates = hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")
+        if cls.endswith(spec.attention_cls_suffix) and projects_qkv and hasattr(module, "o_proj"):
             set_forward(lm, module, spec.make_attention_forward(spec, state))
             count("attention")
-        elif cls.endswith(spec.mlp_cls_suffix) and hasattr(module, "gate_proj") and hasattr(module, "down_proj"):
+        elif cls.endswith(spec.mlp_cls_suffix) and gates and hasattr(module, "down_proj"):
             set_forward(lm, module, spec.make_mlp_forward(spec, state))
             count("mlp")
         elif cls.endswith(spec.norm_cls_suffix) and hasattr(module, "weight") and state.toggles.rms_norm:

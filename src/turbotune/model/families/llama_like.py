@@ -1,4 +1,4 @@
-"""Patched forwards shared by the Llama-shaped families (llama, qwen2, qwen3, mistral, gemma2, gemma3, ...).
+"""Patched forwards shared by the Llama-shaped families (llama, qwen2, qwen3, mistral, gemma2, gemma3, phi3).
 
 Each `make_*(spec, state)` returns a function to be bound to one submodule instance (see
 registry.set_forward); `state` is the model's TurboState (toggles, fp32-adapter backend, originals). The
@@ -33,6 +33,36 @@ def _parts(state, *linears):
     return parts
 
 
+def _project_qkv(attn, state, x):
+    """q, k, v [bsz, seq, heads * head_dim]: three projections (q/k/v_proj, one fused LoRA call) or one fused
+    projection split three ways (Phi-3's qkv_proj: LoRA on the fused linear, as PEFT puts it there)."""
+    toggles = state.toggles
+    fused = getattr(attn, "qkv_proj", None)
+    if fused is not None:
+        parts = _parts(state, fused) if toggles.fused_lora else None
+        qkv = lora_linear(x, parts[0], toggles.adapter_precision) if parts is not None else fused(x)
+        nq = attn.config.num_attention_heads * attn.head_dim
+        nkv = attn.config.num_key_value_heads * attn.head_dim
+        # q and k as tensors of their own: RoPE rotates them in place, which autograd forbids on views of a custom
+        # Function's output (v stays a view)
+        return qkv[..., :nq].contiguous(), qkv[..., nq:nq + nkv].contiguous(), qkv[..., nq + nkv:]
+    parts = _parts(state, attn.q_proj, attn.k_proj, attn.v_proj) if toggles.fused_lora else None
+    if parts is not None:
+        return lora_qkv(x, *parts, adapter_precision=toggles.adapter_precision)
+    return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
+
+def _rotate(q, k, position_embeddings, fused: bool):
+    """RoPE on q and k [bsz, seq, heads, head_dim]. A partial rotary (cos narrower than head_dim: Phi-4-mini's
+    partial_rotary_factor) rotates the leading dimensions only, out of place."""
+    cos, sin = position_embeddings
+    rot = cos.shape[-1]
+    if rot != q.shape[-1]:
+        qr, kr = rope_reference(q[..., :rot], k[..., :rot], cos, sin)
+        return torch.cat([qr, q[..., rot:]], dim=-1), torch.cat([kr, k[..., rot:]], dim=-1)
+    return apply_rope_(q, k, cos, sin) if fused else rope_reference(q, k, cos, sin)
+
+
 def make_attention_forward(spec, state):
     toggles = state.toggles
 
@@ -44,24 +74,17 @@ def make_attention_forward(spec, state):
         bsz, seq, _ = hidden_states.shape
         d = self.head_dim
 
-        parts = _parts(state, self.q_proj, self.k_proj, self.v_proj) if toggles.fused_lora else None
-        if parts is not None:
-            q, k, v = lora_qkv(hidden_states, *parts, adapter_precision=toggles.adapter_precision)
-        else:
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = _project_qkv(self, state, hidden_states)
         q, k, v = q.view(bsz, seq, -1, d), k.view(bsz, seq, -1, d), v.view(bsz, seq, -1, d)
         if getattr(self, "q_norm", None) is not None:  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-
-        cos, sin = position_embeddings
-        if toggles.rope:
-            q, k = apply_rope_(q, k, cos, sin)
-        else:
-            q, k = rope_reference(q, k, cos, sin)
+        q, k = _rotate(q, k, position_embeddings, toggles.rope)
 
         extra = {}
-        if getattr(self, "sliding_window", None) is not None:
-            extra["sliding_window"] = self.sliding_window
+        window = getattr(self.config, "sliding_window", None) if spec.sliding_window_from_config \
+            else getattr(self, "sliding_window", None)
+        if window is not None:
+            extra["sliding_window"] = window
         if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2: soft-capped scores
             extra["softcap"] = self.attn_logit_softcapping
         attn, weights = attention_function(self.config, self)(
@@ -80,6 +103,8 @@ def make_mlp_forward(spec, state):
     toggles, act = state.toggles, spec.act
 
     def forward(self, x):
+        if getattr(self, "gate_up_proj", None) is not None:
+            return _fused_gate_up_mlp(self, state, x, act)
         parts = _parts(state, self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
         if parts is not None:
             # Very long sequences: tile over tokens so no [tokens, intermediate] tensor outlives one chunk.
@@ -98,6 +123,19 @@ def make_mlp_forward(spec, state):
         return self.down_proj(h)
 
     return forward
+
+
+def _fused_gate_up_mlp(mlp, state, x, act):
+    """Phi-3's MLP: one gate_up_proj (gate then up halves, LoRA on the fused linear), the gated activation, then
+    down_proj; each projection through the fused LoRA linear."""
+    toggles = state.toggles
+    parts = _parts(state, mlp.gate_up_proj, mlp.down_proj) if toggles.fused_lora else None
+    if parts is None and not toggles.act_mul:
+        return state.original_forward(mlp)(x)
+    gate_up = lora_linear(x, parts[0], toggles.adapter_precision) if parts is not None else mlp.gate_up_proj(x)
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = swiglu(gate, up) if act == "silu" else geglu(gate, up)
+    return lora_linear(h, parts[1], toggles.adapter_precision) if parts is not None else mlp.down_proj(h)
 
 
 def make_norm_forward(spec, state):

@@ -57,6 +57,9 @@ class FamilySpec:
     # The decoder layer only adds the MLP's output to the residual stream (no norm or scale after it): the
     # recompute may then skip the down projection (recompute.py).
     mlp_output_only_to_residual: bool = False
+    # Every layer uses config.sliding_window (Phi-3), rather than the window a layer sets for itself (Mistral,
+    # Gemma, Qwen: the attribute `sliding_window` on the attention module).
+    sliding_window_from_config: bool = False
     make_attention_forward: object = None
     make_mlp_forward: object = None
     make_norm_forward: object = None
