@@ -350,3 +350,20 @@ def test_longest_sequence_search_crosses_the_mlp_tiling_dip():
     assert n >= t
     assert predict_peak(shape, n, 1, checkpointing="none").total_bytes <= at
     assert predict_peak(shape, n + 1, 1, checkpointing="none").total_bytes > at
+
+
+# The published parameter counts of the presets' models (model cards; Gemma 3 4B: its text model, without the
+# 0.42B vision tower): the preset configs' facts checked through the planner's own shape arithmetic.
+PUBLISHED_PARAMS = {"smollm2-135m": 0.135e9, "qwen2-1.5b": 1.54e9, "llama3-8b": 8.03e9, "qwen3-8b": 8.19e9,
+                    "gemma2-9b": 9.24e9, "phi3-mini": 3.82e9, "gemma3-4b": 3.88e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_preset_configs_build_and_match_published_sizes(name):
+    from transformers import AutoConfig
+
+    from turbotune.planner.shapes import model_shape, preset_dict
+    d = preset_dict(name)
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)  # transformers accepts every field
+    assert abs(model_shape(cfg).total_params() / PUBLISHED_PARAMS[name] - 1) < 0.01
+    assert predict_peak(cfg, 2048, 2, qlora=True, lora_r=16).total_bytes > 0

@@ -162,6 +162,49 @@ PRESETS: dict[str, dict] = {
         "initializer_range": 0.02, "bos_token_id": 128000, "eos_token_id": 128001,
         "attention_bias": False, "mlp_bias": False,
     },
+    # Qwen/Qwen3-8B (per-head q/k norms, no q/k/v bias)
+    "qwen3-8b": {
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+        "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu",
+        "initializer_range": 0.02, "bos_token_id": 151643, "eos_token_id": 151645,
+        "attention_bias": False, "use_sliding_window": False,
+    },
+    # google/gemma-2-9b (soft-capped attention and logits, every other layer a 4,096-token window)
+    "gemma2-9b": {
+        "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"],
+        "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+        "vocab_size": 256000, "max_position_embeddings": 8192, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256,
+        "sliding_window": 4096, "attention_bias": False,
+    },
+    # microsoft/Phi-3-mini-4k-instruct (fused qkv_proj and gate_up_proj)
+    "phi3-mini": {
+        "model_type": "phi3", "architectures": ["Phi3ForCausalLM"],
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32064, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+        "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+        "sliding_window": 2047,
+    },
+    # google/gemma-3-4b-it, its text model (5 local layers of a 1,024-token window per global one)
+    "gemma3-4b": {
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "vocab_size": 262208, "max_position_embeddings": 131072, "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+        "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
+        "attention_bias": False,
+    },
 }
 
 
