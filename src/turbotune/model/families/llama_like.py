@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from turbotune._compat import attention_function, cache_from_kwargs, has_cache
+from turbotune.model.head import output_projection
 from turbotune.model.kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
 from turbotune.model.kernels.lora_parts import cached_lora_part
 from turbotune.model.kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
@@ -157,9 +158,8 @@ def make_lm_forward(spec, state):
     toggles = state.toggles
 
     def forward(self, *args, labels=None, **kwargs):
-        lm_head = self.get_output_embeddings()
-        plain_head = type(lm_head) is torch.nn.Linear
-        if labels is None or not self.training or not toggles.fused_ce or not plain_head or has_cache(kwargs) \
+        projection = output_projection(self.get_output_embeddings())  # None: a head we don't compute ourselves
+        if labels is None or not self.training or not toggles.fused_ce or projection is None or has_cache(kwargs) \
                 or kwargs.get("use_cache"):
             return state.original_forward(self)(*args, labels=labels, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
@@ -173,8 +173,8 @@ def make_lm_forward(spec, state):
             shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)
         cfg = self.config
         loss = fused_linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), lm_head.weight, shift_labels.reshape(-1).to(hidden.device),
-            bias=lm_head.bias, num_items_in_batch=num_items,
+            hidden.reshape(-1, hidden.shape[-1]), projection[0], shift_labels.reshape(-1).to(hidden.device),
+            bias=projection[1], num_items_in_batch=num_items,
             softcap=getattr(cfg, "final_logit_softcapping", None),
             logit_scale=getattr(cfg, "logit_scale", None) or 1.0)
         return CausalLMOutputWithPast(loss=loss, logits=None,
