@@ -178,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="save an adapter, merge it into 16-bit base weights, or write a GGUF")
     p.add_argument("--adapter", required=True, help="adapter folder written by `turbotune train`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--how", choices=["adapter", "merged", "gguf"], default="merged",
+    p.add_argument("--how", choices=["adapter", "merged", "gguf", "ollama"], default="merged",
                    help="merged: base + adapter as one 16-bit model (default); adapter: copy the adapter only; "
                         "gguf: base + adapter as one llama.cpp GGUF file, OUT/model-<quant>.gguf (llama, mistral "
-                        "and qwen2 models)")
+                        "and qwen2 models); ollama: that GGUF plus OUT/Modelfile (chat template, stop tokens) for "
+                        "`ollama create NAME -f OUT/Modelfile` (--quant applies)")
     p.add_argument("--quant", default=None, metavar="{f16,q8_0}",
                    help="GGUF tensor type, with --how gguf: f16 (default) or q8_0 (8-bit, about half the size); "
                         "norms stay f32. k-quants (q4_k_m...) need llama.cpp's llama-quantize on the f16 file")

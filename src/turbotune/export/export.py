@@ -6,7 +6,8 @@ on a 4-bit base is merged into that base as training saw it (NF4, dequantised; m
 `merge_into="original"`; either way the merged model is a plain 16-bit checkpoint that any transformers install
 loads, and the export prints how far its logits are from the adapter's on the base it was trained against.
 `how="gguf"` merges the same way (in fp32) and writes one llama.cpp GGUF file, F16 or Q8_0 (`quant=`), for the
-Llama-shaped families (export/gguf.py).
+Llama-shaped families (export/gguf.py); `how="ollama"` writes that GGUF plus an Ollama Modelfile beside it: its chat
+template in Ollama's syntax and every end-of-turn token as a stop (export/ollama.py).
 """
 from __future__ import annotations
 
@@ -26,16 +27,19 @@ def export(adapter, out, how="merged", base=None, dtype=None, stream=None, merge
         raise TurbotuneError(f"{adapter} is not an adapter folder (no adapter_config.json)")
     if how == "adapter":
         return _copy_adapter(adapter, Path(out))
-    if quant is not None and how != "gguf":
-        raise TurbotuneError(f"quant={quant!r} is for GGUF export (how='gguf'), not {how!r}")
+    if quant is not None and how not in ("gguf", "ollama"):
+        raise TurbotuneError(f"quant={quant!r} is for GGUF export (how='gguf' or 'ollama'), not {how!r}")
     if how == "merged":
         return merge_adapter(adapter, Path(out), base=base, dtype=dtype, stream=stream, merge_into=merge_into)
-    if how == "gguf":
+    if how in ("gguf", "ollama"):
         if dtype is not None:
             raise TurbotuneError("dtype is for merged exports; a GGUF's tensor types come from quant= (f16, q8_0)")
-        from turbotune.export.gguf import export_gguf
-        return export_gguf(adapter, Path(out), quant=quant or "f16", base=base, stream=stream, merge_into=merge_into)
-    raise TurbotuneError(f"unknown export kind {how!r}: use 'adapter', 'merged' or 'gguf'")
+        if how == "ollama":
+            from turbotune.export.ollama import export_ollama as write
+        else:
+            from turbotune.export.gguf import export_gguf as write
+        return write(adapter, Path(out), quant=quant or "f16", base=base, stream=stream, merge_into=merge_into)
+    raise TurbotuneError(f"unknown export kind {how!r}: use 'adapter', 'merged', 'gguf' or 'ollama'")
 
 
 def _copy_adapter(adapter: Path, out: Path) -> Path:
