@@ -97,3 +97,12 @@ def test_gradient_checkpointing_mode_flag(monkeypatch):
     monkeypatch.setattr(runner, "run_training", lambda cfg, *a, **k: seen.setdefault("cfg", cfg))
     assert main(["train", "--model", "m", "--data", "d.jsonl", "--gradient-checkpointing", "auto"]) == 0
     assert seen["cfg"].gradient_checkpointing == "auto"
+
+
+def test_export_push_flags_are_checked_before_any_work(tmp_path, capsys):
+    """A malformed --push-to-hub repo id, or --private without it, fails at once: nothing is merged or written."""
+    out = tmp_path / "out"
+    rc = main(["export", "--adapter", str(tmp_path / "none"), "--out", str(out), "--push-to-hub", "alice/bad name"])
+    assert rc != 0 and "not a Hub repo id" in capsys.readouterr().err and not out.exists()
+    rc = main(["export", "--adapter", str(tmp_path / "none"), "--out", str(out), "--private"])
+    assert rc != 0 and "--private goes with --push-to-hub" in capsys.readouterr().err and not out.exists()

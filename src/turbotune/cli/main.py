@@ -122,9 +122,19 @@ def _cmd_chat(args) -> int:
 
 def _cmd_export(args) -> int:
     from turbotune.export.export import export
+    if args.push_to_hub:
+        from turbotune.export.hub import check_repo_id
+        check_repo_id(args.push_to_hub)  # a malformed id fails before the (slow) merge
+    elif args.private:
+        from turbotune.errors import ConfigError
+        raise ConfigError("--private goes with --push-to-hub USER/REPO; add that, or drop --private")
     path = export(args.adapter, args.out, how=args.how, base=args.model, dtype=args.dtype,
                   merge_into=args.merge_into, quant=args.quant)
     print(f"[turbotune] wrote {args.how} model to {path}")
+    if args.push_to_hub:
+        from turbotune.export.hub import push_to_hub, run_folder_of
+        url = push_to_hub(path, args.push_to_hub, private=args.private, run_dir=run_folder_of(args.adapter))
+        print(f"[turbotune] pushed {path} to {url}")
     return 0
 
 
@@ -193,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base weights to merge into: nf4 (the 4-bit base dequantised, what a QLoRA adapter "
                         "was trained against), original (the 16-bit weights), auto (nf4 for an adapter trained "
                         "in 4 bits or a pre-quantised base; the default)")
+    p.add_argument("--push-to-hub", default=None, metavar="USER/REPO",
+                   help="then upload OUT to this Hugging Face Hub model repo (created if missing), with a model card "
+                        "from the run; needs `hf auth login` or HF_TOKEN")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plan", help="predict a training step's peak GPU memory from the model config")
