@@ -193,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "gguf: base + adapter as one llama.cpp GGUF file, OUT/model-<quant>.gguf (llama, mistral "
                         "and qwen2 models); ollama: that GGUF plus OUT/Modelfile (chat template, stop tokens) for "
                         "`ollama create NAME -f OUT/Modelfile` (--quant applies)")
-    p.add_argument("--quant", default=None, metavar="{f16,q8_0}",
-                   help="GGUF tensor type, with --how gguf: f16 (default) or q8_0 (8-bit, about half the size); "
-                        "norms stay f32. k-quants (q4_k_m...) need llama.cpp's llama-quantize on the f16 file")
+    p.add_argument("--quant", default=None, metavar="{f16,bf16,q8_0,q5_1,q5_0,q4_1,q4_0,q4_k_m,...}",
+                   help="GGUF tensor type, with --how gguf or ollama: f16 (default), bf16, q8_0 (about 53%% of f16's "
+                        "size), q5_1, q5_0, q4_1, q4_0 (about 38/34/31/28%%); matrices whose rows are not a multiple "
+                        "of 32 stay f16, norms f32. k-quants (q4_k_m, q5_k_m, q6_k...) are made by llama.cpp from "
+                        "the f16 file: with llama-cpp-python installed turbotune runs it, otherwise it writes "
+                        "model-f16.gguf and prints the llama-quantize command")
     p.add_argument("--model", default=None, help="base model (default: the adapter's base)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="dtype of the merged weights (default: the base checkpoint's if 16-bit, else bf16)")

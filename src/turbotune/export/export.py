@@ -5,9 +5,10 @@ bf16 or fp16, else in bf16 (fp32's exponent range, so nothing overflows); `dtype
 on a 4-bit base is merged into that base as training saw it (NF4, dequantised; merge.py), unless
 `merge_into="original"`; either way the merged model is a plain 16-bit checkpoint that any transformers install
 loads, and the export prints how far its logits are from the adapter's on the base it was trained against.
-`how="gguf"` merges the same way (in fp32) and writes one llama.cpp GGUF file, F16 or Q8_0 (`quant=`), for the
-Llama-shaped families (export/gguf.py); `how="ollama"` writes that GGUF plus an Ollama Modelfile beside it: its chat
-template in Ollama's syntax and every end-of-turn token as a stop (export/ollama.py).
+`how="gguf"` merges the same way (in fp32) and writes one llama.cpp GGUF file (`quant=`: F16, BF16, Q8_0, Q5_1,
+Q5_0, Q4_1, Q4_0; k-quants through llama.cpp) for the Llama-shaped families (export/gguf.py); `how="ollama"` writes
+that GGUF plus an Ollama Modelfile beside it: its chat template in Ollama's syntax and every end-of-turn token as a
+stop (export/ollama.py).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def export(adapter, out, how="merged", base=None, dtype=None, stream=None, merge
         return merge_adapter(adapter, Path(out), base=base, dtype=dtype, stream=stream, merge_into=merge_into)
     if how in ("gguf", "ollama"):
         if dtype is not None:
-            raise TurbotuneError("dtype is for merged exports; a GGUF's tensor types come from quant= (f16, q8_0)")
+            raise TurbotuneError("dtype is for merged exports; a GGUF's tensor types come from quant= "
+                                 "(f16, bf16, q8_0, q4_0, ...)")
         if how == "ollama":
             from turbotune.export.ollama import export_ollama as write
         else:

@@ -1,14 +1,16 @@
 """GGUF export: the merged model (base + adapter, merged in fp32 by export.merge_adapter) written as one .gguf file
 for llama.cpp, with the `gguf` package's GGUFWriter.
 
-Families: the Llama-shaped ones (`llama`, `mistral`, `qwen2` model_types). Tensor types follow llama.cpp's
-convert_hf_to_gguf.py: `f16` writes every matrix in F16, `q8_0` every matrix whose rows are a multiple of 32 in
-Q8_0 (the rest in F16); 1-D tensors (norms, biases) stay F32 either way. As llama.cpp does for the `llama`
-architecture (Llama and Mistral), the rows of q_proj and k_proj are permuted from Hugging Face's rotate-half RoPE
-layout to llama.cpp's interleaved one; Qwen2 uses NeoX RoPE in llama.cpp and is written unpermuted.
-The tokenizer goes in as metadata: byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Qwen2) with its merges, the
-special token ids and the chat template. k-quants (Q4_K_M and friends) need llama.cpp's own quantiser
-(`llama-quantize` on the f16 file); they are not available here yet.
+Families: the Llama-shaped ones (`llama`, `mistral`, `qwen2` model_types). Tensor types (gguf_tensors.py): every
+matrix in the asked type, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (gguf-py's own quantisers), falling back to
+f16 where its rows are not a multiple of the type's 32-value blocks; 1-D tensors (norms, biases) stay F32. As
+llama.cpp does for the `llama` architecture (Llama and Mistral), the rows of q_proj and k_proj are permuted from
+Hugging Face's rotate-half RoPE layout to llama.cpp's interleaved one; Qwen2 uses NeoX RoPE in llama.cpp and is
+written unpermuted. The tokenizer goes in as metadata: byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Qwen2) with
+its merges, the special token ids and the chat template.
+The k-quants (q4_k_m and friends), i-quants and the other llama.cpp file types need llama.cpp's own quantiser:
+the f16 file is written, then quantised by llama-cpp-python's `llama_model_quantize` when that package is
+installed, else the export stops with the `llama-quantize` command line that makes it.
 """
 from __future__ import annotations
 
@@ -20,22 +22,31 @@ from pathlib import Path
 import numpy as np
 
 from turbotune.errors import TurbotuneError
+from turbotune.export.gguf_tensors import WRITTEN, add_tensors, describe, file_size
 
 FAMILIES = ("llama", "mistral", "qwen2")
-QUANTS = ("f16", "q8_0")
-_K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q3_k_m", "q3_k_s",
-             "q3_k_l", "iq4_xs", "iq4_nl", "q4_0", "q4_1", "q5_0", "q5_1")
+QUANTS = WRITTEN  # what turbotune writes itself
+_ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # as llama-quantize reads them
+
+
+def llama_cpp_quants() -> dict[str, str]:
+    """The file types only llama.cpp's quantiser makes: name (q4_k_m) → gguf.LlamaFileType member (MOSTLY_Q4_K_M)."""
+    import gguf
+
+    return {m.name.removeprefix("MOSTLY_").lower(): m.name for m in gguf.LlamaFileType
+            if m.name.startswith("MOSTLY_") and m.name.removeprefix("MOSTLY_").lower() not in QUANTS}
 
 
 def check_quant(quant) -> str:
+    """The quant's canonical name: one of QUANTS, or of llama_cpp_quants() (made from the f16 file)."""
     q = str(quant or "f16").lower()
+    q = _ALIASES.get(q, q)
     if q in QUANTS:
         return q
-    if q in _K_QUANTS or q.startswith(("q", "iq")):
-        raise TurbotuneError(f"GGUF quant {quant!r} is not supported: supported are {', '.join(QUANTS)}; "
-                             f"k-quants and the other llama.cpp types need llama.cpp's quantiser (llama-quantize on "
-                             f"the f16 file), which turbotune does not run yet")
-    raise TurbotuneError(f"unknown GGUF quant {quant!r}: supported are {', '.join(QUANTS)}")
+    if q in llama_cpp_quants():
+        return q
+    raise TurbotuneError(f"unknown GGUF quant {quant!r}: turbotune writes {', '.join(QUANTS)}; llama.cpp's "
+                         f"quantiser makes the k-quants (q4_k_m, q5_k_m, q6_k...) from the f16 file")
 
 
 def check_family(model_type: str) -> None:
@@ -50,14 +61,15 @@ def gguf_file_name(quant: str) -> str:
 
 def export_gguf(adapter: Path, out: Path, quant="f16", base=None, stream=None, merge_into="auto") -> Path:
     """Merge (fp32, as merge_adapter does) into a temporary folder, then write `out/model-<quant>.gguf` atomically,
-    with the merge report beside it."""
+    with the merge report beside it. A quant only llama.cpp makes: `out/model-f16.gguf`, then llama_cpp_quantize."""
     import sys
 
     from turbotune.training.checkpoints import write_atomically
     from turbotune.export.export import MERGE_REPORT, merge_adapter
     from turbotune.model.loader import load_config, resolve_model_path
 
-    quant = check_quant(quant)
+    asked = check_quant(quant)
+    quant = asked if asked in QUANTS else "f16"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     base_name = base or cfg.get("base_model_name_or_path")
     path, local_only = resolve_model_path(base_name)
@@ -68,20 +80,58 @@ def export_gguf(adapter: Path, out: Path, quant="f16", base=None, stream=None, m
         said = io.StringIO()
         merged = merge_adapter(adapter, Path(tmp) / "merged", base=base, dtype="fp32", stream=said,
                                merge_into=merge_into)
+        stores = quant if asked == quant else f"f16 (llama.cpp's quantiser makes {asked} from it)"
         for line in said.getvalue().splitlines():  # its dtype line is about the temporary fp32 folder: say ours
             print(line if "merged weights written" not in line else
-                  f"[turbotune] merged in fp32; the GGUF stores matrices in {quant}, norms and biases in f32",
+                  f"[turbotune] merged in fp32; the GGUF stores matrices in {stores}, norms and biases in f32",
                   file=say, flush=True)
+        types = {}
 
         def write(dest: Path):
-            write_gguf(merged, dest / gguf_file_name(quant), quant, name=f"{Path(str(base_name)).name}-{adapter.name}")
+            types.update(write_gguf(merged, dest / gguf_file_name(quant), quant,
+                                    name=f"{Path(str(base_name)).name}-{adapter.name}"))
             report = json.loads((merged / MERGE_REPORT).read_text())  # its logits: the fp32 merge, before GGUF
-            report.update(gguf_file=gguf_file_name(quant), gguf_quant=quant)
+            report.update(gguf_file=gguf_file_name(quant), gguf_quant=quant,
+                          gguf_tensor_types={k: len(v) for k, v in types.items()})
             (dest / MERGE_REPORT).write_text(json.dumps(report, indent=2))
 
         written = write_atomically(out, write)
-    print(f"[turbotune] GGUF ({quant}) written to {written / gguf_file_name(quant)}", file=say, flush=True)
+    file = written / gguf_file_name(quant)
+    print(f"[turbotune] GGUF ({quant}) written to {file}: {file_size(file.stat().st_size)}; "
+          f"{describe(types, quant)}", file=say, flush=True)
+    if asked != quant:
+        made = llama_cpp_quantize(file, asked)
+        report = json.loads((written / MERGE_REPORT).read_text())
+        report.update(gguf_llama_cpp_file=made.name, gguf_llama_cpp_quant=asked)
+        (written / MERGE_REPORT).write_text(json.dumps(report, indent=2))
+        print(f"[turbotune] GGUF ({asked}) made by llama.cpp's quantiser: {made}: "
+              f"{file_size(made.stat().st_size)}", file=say, flush=True)
     return written
+
+
+def llama_cpp_quantize(f16: Path, quant: str) -> Path:
+    """`f16` quantised to `quant` beside it by llama-cpp-python's llama_model_quantize (llama.cpp's own quantiser,
+    with its default tensor mix). Without that package: a one-line TurbotuneError with the llama-quantize command."""
+    import shlex
+
+    ftype = llama_cpp_quants()[quant]
+    dest = f16.with_name(gguf_file_name(quant))
+    try:
+        import llama_cpp
+        value = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}")
+    except (ImportError, OSError, AttributeError):  # not installed, its library won't load, or it predates the type
+        command = f"llama-quantize {shlex.quote(str(f16))} {shlex.quote(str(dest))} {ftype.removeprefix('MOSTLY_')}"
+        raise TurbotuneError(f"wrote {f16}; {quant} is made by llama.cpp's quantiser, not turbotune (it writes "
+                             f"{', '.join(QUANTS)}): run `{command}`, or `pip install llama-cpp-python` and export "
+                             "again") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = value
+    partial = dest.with_name(f".{dest.name}.partial")
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(partial).encode(), params) != 0:
+        partial.unlink(missing_ok=True)
+        raise TurbotuneError(f"llama.cpp's quantiser failed to make {quant} from {f16} (the f16 file is written)")
+    partial.replace(dest)
+    return dest
 
 
 def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -100,12 +150,14 @@ def _load_state(folder: Path) -> dict:
     return state
 
 
-def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = None) -> Path:
-    """Write the merged HF folder `merged` (safetensors, config, tokenizer) as a GGUF file at `dest`."""
+def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = None) -> dict:
+    """Write the merged HF folder `merged` (safetensors, config, tokenizer) as a GGUF file at `dest`, its matrices
+    in `quant` (one of QUANTS). Returns, per stored type, the (name, row length) of its tensors."""
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
-    quant = check_quant(quant)
+    if quant not in QUANTS:
+        raise TurbotuneError(f"write_gguf writes {', '.join(QUANTS)}, not {quant!r}")
     config = AutoConfig.from_pretrained(str(merged))
     check_family(config.model_type)
     scaling = getattr(config, "rope_scaling", None) or {}
@@ -113,17 +165,35 @@ def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = 
     if rope_type not in (None, "default"):
         raise TurbotuneError(f"GGUF export does not write RoPE scaling yet (this model uses {rope_type!r})")
     arch = gguf.MODEL_ARCH.QWEN2 if config.model_type == "qwen2" else gguf.MODEL_ARCH.LLAMA
-    arch_name = gguf.MODEL_ARCH_NAMES[arch]
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    rope_params = getattr(config, "rope_parameters", None) or {}
-    rope_theta = (rope_params.get("rope_theta") if isinstance(rope_params, dict) else None) \
-        or getattr(config, "rope_theta", None) or 10000.0
 
-    writer = gguf.GGUFWriter(str(dest), arch_name)
+    writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
     # Mistral is llama.cpp's `llama` architecture (transformers reads such a file back as Llama: the same model,
     # less Mistral's sliding window, which llama.cpp does not apply either).
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or merged.name)).name or "model")
+    _add_hyperparameters(writer, config)
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(writer, AutoTokenizer.from_pretrained(str(merged)), config.vocab_size)
+    types = add_tensors(writer, _tensors(merged, config, arch), quant)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return types
+
+
+def _heads(config) -> tuple[int, int, int]:
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    return n_head, n_kv, getattr(config, "head_dim", None) or config.hidden_size // n_head
+
+
+def _add_hyperparameters(writer, config) -> None:
+    n_head, n_kv, head_dim = _heads(config)
+    rope_params = getattr(config, "rope_parameters", None) or {}
+    rope_theta = (rope_params.get("rope_theta") if isinstance(rope_params, dict) else None) \
+        or getattr(config, "rope_theta", None) or 10000.0
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -137,17 +207,17 @@ def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = 
     writer.add_rope_freq_base(float(rope_theta))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    _add_tokenizer(writer, AutoTokenizer.from_pretrained(str(merged)), config.vocab_size)
 
+def _tensors(merged: Path, config, arch):
+    """(llama.cpp name, fp32 array) for every tensor the file holds, q/k rows permuted for the `llama` arch."""
+    import gguf
+
+    n_head, n_kv, _ = _heads(config)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, w in _load_state(merged).items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        if hf_name.endswith("rotary_emb.inv_freq"):
+        if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
             continue
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
@@ -157,19 +227,7 @@ def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = 
             w = _permute(w, n_head, n_head)
         elif arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("k_proj.weight"):
             w = _permute(w, n_head, n_kv)
-        if w.ndim < 2:
-            writer.add_tensor(new, np.ascontiguousarray(w, dtype=np.float32))
-        elif quant == "q8_0" and w.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-            q = gguf.quants.quantize(np.ascontiguousarray(w), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(new, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(new, np.ascontiguousarray(w, dtype=np.float16))
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dest
+        yield new, w
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
