@@ -238,3 +238,21 @@ def test_cli_flags():
 
     args = build_parser().parse_args(["export", "--adapter", "a", "--out", "o", "--how", "gguf", "--quant", "q4_0"])
     assert (args.how, args.quant) == ("gguf", "q4_0")
+
+
+def test_demo_model_gguf_continues_like_the_merged_model(tmp_path, smol_dir):
+    """The embedded demo (SmolLM2-135M-Instruct) with an adapter: its F16 GGUF, read back by transformers, gives the
+    same greedy 20 tokens on a chat prompt as the merged fp32 model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = _adapter(smol_dir, tmp_path / "adapter")
+    folder = export(adapter, tmp_path / "gguf", how="gguf", quant="f16")
+    merged = _merged_fp32(smol_dir, adapter)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="model-f16.gguf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(smol_dir))
+    ids = tok.apply_chat_template([{"role": "user", "content": "Write a tagline for a bakery."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        want = merged.generate(input_ids=ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        got = gguf_model.generate(input_ids=ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert got[0, ids.shape[1]:].tolist() == want[0, ids.shape[1]:].tolist()
