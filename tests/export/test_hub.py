@@ -264,26 +264,25 @@ def test_no_token_says_log_in_before_any_request(fake_hub, tmp_path):
     assert fake_hub.requests == []
 
 
-def test_no_write_access_says_permission(tmp_path):
-    server = FakeHub(mode="403")
+def _push_without_write_access(tmp_path, mode):
+    """A push to someone else's repo through a fake Hub in `mode`; (the error message, the server)."""
+    server = FakeHub(mode=mode)
     try:
         adapter = make_run(tmp_path) / "last_checkpoint"
         result = push(server.url, tmp_path, folder=adapter, repo_id="someone-else/their-repo")
     finally:
         server.stop()
-    message = result["error"]
+    return result["error"], server
+
+
+def test_no_write_access_says_permission(tmp_path):
+    message, server = _push_without_write_access(tmp_path, "403")
     assert "no permission to write to someone-else/their-repo" in message and "403" in message, message
     assert "write access" in message and server.files == {}
 
 
 def test_existing_repo_without_write_access(tmp_path):
-    server = FakeHub(mode="read-only")
-    try:
-        adapter = make_run(tmp_path) / "last_checkpoint"
-        result = push(server.url, tmp_path, folder=adapter, repo_id="someone-else/their-repo")
-    finally:
-        server.stop()
-    message = result["error"]
+    message, server = _push_without_write_access(tmp_path, "read-only")
     assert "no permission to write to someone-else/their-repo" in message and "did not complete" in message, message
     assert server.files == {} and server.unexpected == []
 
