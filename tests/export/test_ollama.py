@@ -327,7 +327,10 @@ def test_export_writes_gguf_and_modelfile(tiny_adapter, smol_tokenizer, tmp_path
     assert f"GGUF (f16) written to {out / 'model-f16.gguf'}" in said and ".ollama-" not in said
     assert f"Ollama Modelfile written to {out / 'Modelfile'}" in said and "without TEMPLATE" not in said
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
-    again = export(tiny_adapter, tmp_path / "ollama", how="ollama", quant="q8_0")  # replaces, as the other kinds do
+    with pytest.raises(TurbotuneError, match="exists and is not empty"):  # nothing replaced unasked
+        export(tiny_adapter, tmp_path / "ollama", how="ollama", quant="q8_0")
+    assert (out / "model-f16.gguf").is_file()
+    again = export(tiny_adapter, tmp_path / "ollama", how="ollama", quant="q8_0", overwrite=True)  # replaced whole
     assert parse_modelfile((again / "Modelfile").read_text())["from"] == ["./model-q8_0.gguf"]
     assert (again / "model-q8_0.gguf").is_file() and not (again / "model-f16.gguf").exists()
 

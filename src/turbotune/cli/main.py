@@ -129,7 +129,7 @@ def _cmd_export(args) -> int:
         from turbotune.errors import ConfigError
         raise ConfigError("--private goes with --push-to-hub USER/REPO; add that, or drop --private")
     path = export(args.adapter, args.out, how=args.how, base=args.model, dtype=args.dtype,
-                  merge_into=args.merge_into, quant=args.quant)
+                  merge_into=args.merge_into, quant=args.quant, overwrite=args.overwrite)
     print(f"[turbotune] wrote {args.how} model to {path}")
     if args.push_to_hub:
         from turbotune.export.hub import push_to_hub, run_folder_of
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then upload OUT to this Hugging Face Hub model repo (created if missing), with a model card "
                         "from the run; needs `hf auth login` or HF_TOKEN")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (it is replaced whole, "
+                   "atomically, once the new export is complete)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plan", help="predict a training step's peak GPU memory from the model config")

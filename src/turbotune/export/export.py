@@ -22,10 +22,14 @@ from turbotune.training.checkpoints import write_atomically
 from turbotune.errors import TurbotuneError
 
 
-def export(adapter, out, how="merged", base=None, dtype=None, stream=None, merge_into="auto", quant=None) -> Path:
+def export(adapter, out, how="merged", base=None, dtype=None, stream=None, merge_into="auto", quant=None,
+           overwrite=False) -> Path:
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise TurbotuneError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+    if not overwrite and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise TurbotuneError(f"{out} exists and is not empty: nothing was written. Choose another --out, or pass "
+                             "--overwrite (overwrite=True) to replace it")
     if how == "adapter":
         return _copy_adapter(adapter, Path(out))
     if quant is not None and how not in ("gguf", "ollama"):
