@@ -129,6 +129,7 @@ def test_preset_configs_build():
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         assert config.vocab_size == cfg["vocab_size"], name
         rope = getattr(config, "rope_parameters", None) or {}
+        rope = rope.get("full_attention", rope)  # Gemma 3: one RoPE per layer type (global layers: rope_theta)
         theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
         assert theta == cfg["rope_theta"], name
     llama = dict(PRESETS["llama3-8b"])
