@@ -63,6 +63,9 @@ def run_training(cfg: TrainConfig, stream=None, progress=None):
     from turbotune.training.trainer import Trainer
 
     check_values(cfg)  # before anything slow: a config built in code skips build_config's checks
+    from turbotune.training.distributed import init_from_env
+    world = init_from_env()  # under torchrun: the process group, and on GPUs this rank's device, before the load
+    stream = world.quiet(stream or sys.stdout)  # only rank 0 prints
     torch.manual_seed(cfg.seed)
     model, tokenizer, dataset, _ = load_everything(cfg, stream)
     trainer = Trainer(cfg, model, tokenizer, dataset, progress=progress, stream=stream)

@@ -6,7 +6,9 @@ data order), a checkpoint on Ctrl-C/SIGTERM, a clear stop on a non-finite loss o
 models it trains still work in transformers' Trainer and TRL's SFTTrainer (tests/test_trainer_compat.py).
 
 Gradient accumulation divides the summed token losses of all micro-batches of a step by the number of
-target tokens in the whole step (`num_items_in_batch`), so a step equals one big batch.
+target tokens in the whole step (`num_items_in_batch`), so a step equals one big batch. Under torchrun the
+ranks share the data and add their gradients once per step (training/distributed.py): the step then equals
+one process's with N× the micro-batch.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from turbotune.training import checkpoints as ckpt
 from turbotune._compat import unwrap_peft
 from turbotune.errors import ConfigError, TrainingStopped
 from turbotune.training.config import TrainConfig, check_values, dump
+from turbotune.training.distributed import init_from_env
 from turbotune.model.state import turbo_state
 from turbotune.training.log import LogTable, memory_now, plot_losses, write_log
 
@@ -120,13 +123,15 @@ class Trainer:
             raise ConfigError("the training dataset is empty")
         self.cfg, self.model, self.tokenizer, self.data = cfg, model, tokenizer, train_dataset
         self.out = Path(cfg.output_dir)
-        self.stream = stream or sys.stdout
-        self.progress = sys.stderr.isatty() if progress is None else progress
         self.device = next(p for p in model.parameters()).device
+        self.world = init_from_env(self.device)  # one process unless torchrun started this one
+        self.stream = self.world.quiet(stream or sys.stdout)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.world.is_main
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters; add LoRA with FastModel.get_peft_model first")
         self.params = params
+        self.world.broadcast_(params)
         # The units a micro-batch is drawn from: samples (padded per batch) or packed rows of samples.
         if cfg.packing is None:
             cfg.packing, why = auto_packing(model, self.device)
@@ -153,7 +158,7 @@ class Trainer:
             from turbotune.data.dataset import DataCollator
             self.units = train_dataset
             self.collate = DataCollator(tokenizer)
-        self.n_micro = math.ceil(len(self.units) / cfg.batch_size)
+        self.n_micro = math.ceil(len(self.units) / (cfg.batch_size * self.world.size))  # global micro-batches
         check_values(cfg)  # also for configs built in code: max_steps=0 or -1 must not mean "use epochs"
         if cfg.max_steps is not None:
             self.total_steps = cfg.max_steps
@@ -167,11 +172,14 @@ class Trainer:
         self.skipped = 0
 
     # ----- data order: a pure function of (seed, micro-batch index), so resuming needs only the step -----
-    def _micro_batch(self, index: int) -> dict:
+    def _micro_batch(self, index: int) -> dict | None:
+        """This rank's part of micro-batch `index` (all of it in one process); None: no rows left for it."""
         epoch, pos = divmod(index, self.n_micro)
         g = torch.Generator().manual_seed(self.cfg.seed + epoch)
         perm = torch.randperm(len(self.units), generator=g).tolist()
-        rows = [self.units[i] for i in perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]]
+        rows = [self.units[i] for i in self.world.rows_of(perm, pos, self.cfg.batch_size)]
+        if not rows:
+            return None
         batch = self.collate(rows)
         if self.micro.active and len(rows) < self.cfg.batch_size:  # the epoch's last, short micro-batch
             from turbotune.training.packing import fill_rows
@@ -230,6 +238,10 @@ class Trainer:
         print(f"[turbotune] {text}", file=self.stream, flush=True)
 
     def save(self, final: bool = False) -> Path:
+        """Written by rank 0 alone; every rank returns once it is on disk."""
+        return self.world.run_on_main(lambda: self._save(final))
+
+    def _save(self, final: bool) -> Path:
         if final:
             target = self.out / ckpt.LAST
             extra = {"run_config.json": dump(self.cfg)}
@@ -242,6 +254,8 @@ class Trainer:
         return path
 
     def _write_outputs(self) -> None:
+        if not self.world.is_main:
+            return
         write_log(self.out, self.history, {"steps": self.step, "skipped_nonfinite": self.skipped})
         plot_losses(self.out, self.history)
 
@@ -249,8 +263,9 @@ class Trainer:
     def _train_step(self) -> tuple[float, int]:
         ga = self.cfg.grad_accum
         first = self.step * ga
-        batches = [self._micro_batch(first + i) for i in range(ga)]
+        batches = [b for b in (self._micro_batch(first + i) for i in range(ga)) if b is not None]
         n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_targets = self.world.global_count(n_targets, self.device)  # every rank divides by the step's total
         num_items = torch.tensor(max(n_targets, 1), device=self.device)
         total, tokens = None, 0
         for b in batches:
@@ -260,7 +275,8 @@ class Trainer:
             # use_cache=False matters for packing: with a cache transformers skips its document-mask detection.
             loss = self.micro({**b, "num_items_in_batch": num_items, "use_cache": False})
             total = loss if total is None else total + loss
-        return float(total), tokens  # one wait for the device per step, not per micro-batch
+        # one wait for the device per step, not per micro-batch; with several ranks, their gradient sum
+        return self.world.reduce_step(self.params, total, tokens)
 
     def _zero_grad(self) -> None:
         self.micro.zero_grad(self.optimizer)  # in place while graphs accumulate into these tensors
@@ -301,7 +317,7 @@ class Trainer:
         if resume_from_checkpoint:
             self.cfg.resume = True
         self.model.train()
-        resume_path = self._prepare_output_dir()
+        resume_path = self.world.run_on_main(self._prepare_output_dir)
         if isinstance(resume_from_checkpoint, (str, Path)):
             resume_path = Path(resume_from_checkpoint)
             if not (resume_path / "trainer_state.json").is_file():
@@ -364,8 +380,9 @@ class Trainer:
                     window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
                 if self.cfg.save_steps and self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
                     self.save()
-                if guard.received is not None:
-                    return guard.received
+                stop = self.world.agree_on_stop(guard.received)  # every rank stops after the same step
+                if stop is not None:
+                    return stop
         return None
 
     def _skip_nonfinite(self, loss: float) -> None:
@@ -400,7 +417,8 @@ class Trainer:
         label, peak = memory_now()
         summary = {"steps": self.step, "skipped_nonfinite": self.skipped, "peak_memory_gib": peak,
                    "memory_kind": label, "last_checkpoint": str(last)}
-        write_log(self.out, self.history, summary)
+        if self.world.is_main:
+            write_log(self.out, self.history, summary)
         self._say(f"done: {self.step} steps, final loss {self.history[-1]['loss']:.4f}, peak {label} {peak:.2f} GiB; "
                   f"adapter + tokenizer in {last}; loss plot {self.out / 'loss.png'}")
         return TrainResult(self.step, self.history, self.out, last, self.skipped, False, summary)
