@@ -1,13 +1,14 @@
 """GGUF export: the merged model (base + adapter, merged in fp32 by export.merge_adapter) written as one .gguf file
 for llama.cpp, with the `gguf` package's GGUFWriter.
 
-Families: the Llama-shaped ones (`llama`, `mistral`, `qwen2` model_types). Tensor types (gguf_tensors.py): every
-matrix in the asked type, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (gguf-py's own quantisers), falling back to
-f16 where its rows are not a multiple of the type's 32-value blocks; 1-D tensors (norms, biases) stay F32. As
-llama.cpp does for the `llama` architecture (Llama and Mistral), the rows of q_proj and k_proj are permuted from
-Hugging Face's rotate-half RoPE layout to llama.cpp's interleaved one; Qwen2 uses NeoX RoPE in llama.cpp and is
-written unpermuted. The tokenizer goes in as metadata: byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Qwen2) with
-its merges, the special token ids and the chat template.
+Families (gguf_families.py, with what each needs): `llama`, `mistral` (llama.cpp's `llama` arch, q/k rows permuted
+from rotate-half RoPE to interleaved pairs), `qwen2`, `qwen3` (per-head q/k norms), `phi3` (fused qkv and gate/up),
+`gemma2` and `gemma3_text` (RMSNorm weights stored as 1 + w, soft-capping and sliding window as keys); a model whose
+settings the file cannot carry is refused before the merge. Tensor types (gguf_tensors.py): every matrix in the
+asked type, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (gguf-py's own quantisers), falling back to f16 where its
+rows are not a multiple of the type's 32-value blocks; 1-D tensors (norms, biases) stay F32. The tokenizer goes in
+as metadata: byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Qwen2/3, Phi-4) with its merges, the special token ids
+and the chat template (SentencePiece-style vocabularies, as Gemma's and Phi-3's, are refused).
 The k-quants (q4_k_m and friends), i-quants and the other llama.cpp file types need llama.cpp's own quantiser:
 the f16 file is written, then quantised by llama-cpp-python's `llama_model_quantize` when that package is
 installed, else the export stops with the `llama-quantize` command line that makes it.
@@ -19,12 +20,10 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from turbotune.errors import TurbotuneError
+from turbotune.export.gguf_families import add_hyperparameters, check_model, gguf_tensors
 from turbotune.export.gguf_tensors import WRITTEN, add_tensors, describe, file_size
 
-FAMILIES = ("llama", "mistral", "qwen2")
 QUANTS = WRITTEN  # what turbotune writes itself
 _ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # as llama-quantize reads them
 
@@ -49,12 +48,6 @@ def check_quant(quant) -> str:
                          f"quantiser makes the k-quants (q4_k_m, q5_k_m, q6_k...) from the f16 file")
 
 
-def check_family(model_type: str) -> None:
-    if model_type not in FAMILIES:
-        raise TurbotuneError(f"GGUF export supports the {', '.join(FAMILIES)} model types; this model is "
-                             f"{model_type!r} (use --how merged and llama.cpp's convert_hf_to_gguf.py)")
-
-
 def gguf_file_name(quant: str) -> str:
     return f"model-{quant}.gguf"
 
@@ -66,14 +59,16 @@ def export_gguf(adapter: Path, out: Path, quant="f16", base=None, stream=None, m
 
     from turbotune.training.checkpoints import write_atomically
     from turbotune.export.export import MERGE_REPORT, merge_adapter
-    from turbotune.model.loader import load_config, resolve_model_path
+    from turbotune.model.loader import load_config, load_tokenizer, resolve_model_path
 
     asked = check_quant(quant)
     quant = asked if asked in QUANTS else "f16"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     base_name = base or cfg.get("base_model_name_or_path")
     path, local_only = resolve_model_path(base_name)
-    check_family(load_config(path, local_only).model_type)  # before the (slow) merge
+    check_model(load_config(path, local_only))  # before the (slow) merge, as is the tokenizer merge_adapter copies
+    own_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    _bpe_spec(load_tokenizer(str(adapter) if own_tokenizer else path, True if own_tokenizer else local_only))
     say = stream or sys.stdout
     out.parent.mkdir(parents=True, exist_ok=True)  # the fp32 merge goes beside `out`, on its disk, not in /tmp
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
@@ -134,13 +129,6 @@ def llama_cpp_quantize(f16: Path, quant: str) -> Path:
     return dest
 
 
-def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """llama.cpp's LlamaModel.permute: rotate-half RoPE rows → interleaved pairs."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _load_state(folder: Path) -> dict:
     from safetensors.numpy import load_file
 
@@ -159,75 +147,20 @@ def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = 
     if quant not in QUANTS:
         raise TurbotuneError(f"write_gguf writes {', '.join(QUANTS)}, not {quant!r}")
     config = AutoConfig.from_pretrained(str(merged))
-    check_family(config.model_type)
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
-    if rope_type not in (None, "default"):
-        raise TurbotuneError(f"GGUF export does not write RoPE scaling yet (this model uses {rope_type!r})")
-    arch = gguf.MODEL_ARCH.QWEN2 if config.model_type == "qwen2" else gguf.MODEL_ARCH.LLAMA
-
-    writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
-    # Mistral is llama.cpp's `llama` architecture (transformers reads such a file back as Llama: the same model,
-    # less Mistral's sliding window, which llama.cpp does not apply either).
+    family = check_model(config)
+    writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or merged.name)).name or "model")
-    _add_hyperparameters(writer, config)
+    add_hyperparameters(writer, config, family)
     writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, AutoTokenizer.from_pretrained(str(merged)), config.vocab_size)
-    types = add_tensors(writer, _tensors(merged, config, arch), quant)
+    types = add_tensors(writer, gguf_tensors(_load_state(merged), config, family), quant)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return types
-
-
-def _heads(config) -> tuple[int, int, int]:
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    return n_head, n_kv, getattr(config, "head_dim", None) or config.hidden_size // n_head
-
-
-def _add_hyperparameters(writer, config) -> None:
-    n_head, n_kv, head_dim = _heads(config)
-    rope_params = getattr(config, "rope_parameters", None) or {}
-    rope_theta = (rope_params.get("rope_theta") if isinstance(rope_params, dict) else None) \
-        or getattr(config, "rope_theta", None) or 10000.0
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope_theta))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
-
-
-def _tensors(merged: Path, config, arch):
-    """(llama.cpp name, fp32 array) for every tensor the file holds, q/k rows permuted for the `llama` arch."""
-    import gguf
-
-    n_head, n_kv, _ = _heads(config)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, w in _load_state(merged).items():
-        if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
-            continue
-        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise TurbotuneError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")
-        w = np.asarray(w, dtype=np.float32)
-        if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("q_proj.weight"):
-            w = _permute(w, n_head, n_head)
-        elif arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("k_proj.weight"):
-            w = _permute(w, n_head, n_kv)
-        yield new, w
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
@@ -242,17 +175,25 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     return "default"
 
 
-def _add_tokenizer(writer, tok, vocab_size: int) -> None:
-    import gguf
-
-    spec = json.loads(tok.backend_tokenizer.to_str())
+def _bpe_spec(tok) -> dict:
+    """The tokenizer's tokenizers-library description, when it is a byte-level BPE (what the GGUF writes)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
     byte_level = model.get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer") or {}) \
         + json.dumps(spec.get("decoder") or {})
     if not byte_level:
-        raise TurbotuneError("GGUF export writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen2) "
-                             f"only; this one is {model.get('type')!r} without ByteLevel (sentencepiece-style "
-                             "vocabularies are not supported yet)")
+        raise TurbotuneError("GGUF export writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen2/3, "
+                             f"Phi-4) only; this one is {model.get('type')!r} without ByteLevel (SentencePiece-style "
+                             "vocabularies, as Gemma's and Phi-3's, are not supported yet)")
+    return spec
+
+
+def _add_tokenizer(writer, tok, vocab_size: int) -> None:
+    import gguf
+
+    spec = _bpe_spec(tok)
+    model = spec.get("model", {})
     vocab = tok.get_vocab()
     reverse = {i: t for t, i in vocab.items()}
     added = tok.added_tokens_decoder
