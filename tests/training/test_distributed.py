@@ -200,3 +200,23 @@ def test_ranks_share_each_global_micro_batch_without_duplicates(world_size, batc
     for pos in range(n_micro):
         parts = [World(r, world_size).rows_of(order, pos, batch) for r in range(world_size)]
         assert sum(parts, []) == World().rows_of(order, pos, world_size * batch)  # the single process's batch
+
+
+def test_resume_a_two_rank_run_in_one_process(ddp_run, single_run, tiny_llama_dir, data_file, tmp_path):
+    """The 2-rank run's checkpoint at step 2 resumed by one process with the same global batch (4 per micro-batch
+    instead of 2 per rank): steps 3 and 4 are those of the process that trained all 4 steps alone (data order,
+    optimizer and scheduler state carried over; the world size recorded in the checkpoint)."""
+    import shutil
+
+    ddp_out, _, _ = ddp_run
+    single_out, _ = single_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ddp_out, resumed)
+    shutil.rmtree(resumed / "last_checkpoint")  # the run as it stood after step 2's checkpoint
+    (resumed / "training_log.json").unlink()
+    assert json.loads((resumed / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
+    run_training(TrainConfig(model=str(tiny_llama_dir), data=str(data_file), output_dir=str(resumed), resume=True,
+                             batch_size=4, max_steps=4, **COMMON), progress=False)
+    got, want = _history(resumed), _history(single_out)
+    assert [h["step"] for h in got] == [1, 2, 3, 4]
+    torch.testing.assert_close([h["loss"] for h in got], [h["loss"] for h in want], rtol=1e-5, atol=0)

@@ -12,6 +12,7 @@ one process's with N× the micro-batch.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -189,7 +190,7 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "epoch": self.step * self.cfg.grad_accum / self.n_micro,
                 "total_steps": self.total_steps, "history": self.history, "skipped_nonfinite": self.skipped,
-                "config": self.cfg.to_dict(),
+                "config": self.cfg.to_dict(), "world_size": self.world.size,
                 # what a 4-bit base was dequantised to: the export merges into exactly those weights (merge.py)
                 "compute_dtype": str(unwrap_peft(self.model).dtype).replace("torch.", "")}
 
@@ -200,13 +201,12 @@ class Trainer:
         run_file = self.out / "run_config.json"
         existing = None
         if run_file.is_file():
-            import json
             existing = json.loads(run_file.read_text(encoding="utf-8"))
         has_work = bool(ckpt.list_checkpoints(self.out)) or (self.out / ckpt.LAST).exists()
         if existing is not None and not self.cfg.overwrite:
-            theirs = {k: existing.get(k) for k in TrainConfig.IDENTITY}
-            if theirs != self.cfg.identity():
-                diff = [k for k in TrainConfig.IDENTITY if theirs.get(k) != self.cfg.identity()[k]]
+            theirs, ours = self._global_identity(existing), self._global_identity(self.cfg.to_dict(), self.world.size)
+            if theirs != ours:
+                diff = [k for k in TrainConfig.IDENTITY if theirs.get(k) != ours[k]]
                 raise ConfigError(f"{self.out} already holds a different run (differs in: {', '.join(diff)}); "
                                   "choose another --output-dir, or pass --overwrite to replace it")
             if has_work and not self.cfg.resume:
@@ -220,6 +220,19 @@ class Trainer:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         ckpt.write_json_atomically(run_file, self.cfg.to_dict())
         return ckpt.latest_checkpoint(self.out) if self.cfg.resume else None
+
+    def _global_identity(self, config: dict, world_size: int | None = None) -> dict:
+        """The settings a run is identified by, batch_size counted over all ranks: a run's world size is in its
+        checkpoints (1 before there were several), so a run resumes with another number of ranks as long as
+        the global batch is the same."""
+        if world_size is None:
+            last = ckpt.latest_checkpoint(self.out)
+            state = json.loads((last / "trainer_state.json").read_text(encoding="utf-8")) if last is not None else {}
+            world_size = int(state.get("world_size", 1))
+        identity = {k: config.get(k) for k in TrainConfig.IDENTITY}
+        if isinstance(identity["batch_size"], int):
+            identity["batch_size"] *= world_size
+        return identity
 
     def _resume_from(self, path: Path) -> None:
         state, tensors = ckpt.load_trainer_state(path)
