@@ -98,20 +98,10 @@ def run_sft(model, spec: dict, result: dict, log) -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:spec["steps"]]
-    result["losses"] = losses
-    result["step_times_s"] = [b - a for a, b in zip([t0] + times[:-1], times)]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = [sum(fed[i * spec["grad_accum"]:(i + 1) * spec["grad_accum"]]) for i in range(len(times))]
-    result["real_tokens_per_step"] = tokens
-    timed = range(spec["warmup"], len(times))
-    seconds = sum(result["step_times_s"][i] for i in timed)
-    result["real_tokens_per_s"] = sum(tokens[i] for i in timed) / seconds if seconds > 0 else None
-    result["notes"] = list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec)
-    result["memory_kind"] = "cuda" if cuda else "rss"
-    result["peak_rss_bytes"] = _peak_rss_bytes()
-    if cuda:
-        result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
-        result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+    _record(result, spec, losses, [b - a for a, b in zip([t0] + times[:-1], times)], tokens,
+            list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec))
 
 
 def run_own_trainer(model, spec: dict, result: dict, log) -> None:
@@ -154,18 +144,25 @@ def run_own_trainer(model, spec: dict, result: dict, log) -> None:
         t0 = time.perf_counter()
         out = trainer.train()
     times = [b[0] - a for a, b in zip([t0] + [m[0] for m in marks[:-1]], marks)]
-    result["losses"] = [h["loss"] for h in out.history][:spec["steps"]]
-    result["step_times_s"] = times
-    result["real_tokens_per_step"] = tokens = [m[1] for m in marks]
-    timed = range(spec["warmup"], len(times))
-    seconds = sum(times[i] for i in timed)
-    result["real_tokens_per_s"] = sum(tokens[i] for i in timed) / seconds if seconds > 0 else None
     micro = trainer.micro
-    result["notes"] = [f"{len(samples)} rows packed into rows of {seq_len}; CUDA graphs "
-                       + (micro.disabled_reason or f"on ({micro.replays} replays, {micro.captures} graphs)")]
-    result["memory_kind"] = "cuda" if cuda else "rss"
+    _record(result, spec, [h["loss"] for h in out.history], times, [m[1] for m in marks],
+            [f"{len(samples)} rows packed into rows of {seq_len}; CUDA graphs "
+             + (micro.disabled_reason or f"on ({micro.replays} replays, {micro.captures} graphs)")])
+
+
+def _record(result: dict, spec: dict, losses, step_times, tokens, notes) -> None:
+    """What both SFT rows report: losses, step times, real tokens per step and per second over the timed steps,
+    notes, and the run's peak memory."""
+    import torch
+
+    result.update(losses=list(losses)[:spec["steps"]], step_times_s=step_times, real_tokens_per_step=tokens,
+                  notes=notes)
+    timed = range(spec["warmup"], len(step_times))
+    seconds = sum(step_times[i] for i in timed)
+    result["real_tokens_per_s"] = sum(tokens[i] for i in timed) / seconds if seconds > 0 else None
+    result["memory_kind"] = "cuda" if spec["device"] == "cuda" else "rss"
     result["peak_rss_bytes"] = _peak_rss_bytes()
-    if cuda:
+    if spec["device"] == "cuda":
         result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
         result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 
 from turbotune.planner.search import max_batch_size, max_seq_len
+from turbotune.model.host_buffers import host_memory_bytes
 from turbotune.planner.summary import gib
 from turbotune.planner.predict import (
     ADAPTER_BYTES,
@@ -45,14 +45,6 @@ def parse_memory(text) -> int:
 
 
 HOST_FRACTION = 0.8  # of the host's RAM that pinned (unswappable) offload buffers may take
-
-
-def host_memory_bytes() -> int | None:
-    """This machine's physical RAM, or None where the OS doesn't say."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def host_max_seq_len(plan: Plan, host_bytes: int | None) -> int | None:

@@ -91,12 +91,11 @@ class HostBufferPool:
 
     def clear(self) -> None:
         """Forget every buffer. The caller must not use one afterwards."""
-        free = [b for bufs in self._free.values() for b in bufs]
         self._free.clear()
-        self._unpin(free, every=True)
+        self._unpin(every=True)
         self.allocated = self.bytes = 0
 
-    def _unpin(self, bufs, every: bool = False) -> None:
+    def _unpin(self, bufs=(), every: bool = False) -> None:
         ptrs = list(self._registered) if every else [b.data_ptr() for b in bufs if b.data_ptr() in self._registered]
         if not ptrs:
             return
@@ -116,6 +115,6 @@ class HostBufferPool:
 def host_memory_bytes() -> int | None:
     """Physical memory of this machine, or None where the OS does not say."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return None
