@@ -15,28 +15,24 @@ from functools import lru_cache
 
 from packaging.version import Version
 
-# Where turbotune works at all: pyproject.toml allows these ranges, and outside them `turbotune check` FAILs.
-TESTED_RANGES: dict[str, tuple[str, str]] = {
-    "torch": ("2.4", "3.0"),
-    "transformers": ("4.57", "6.0"),
-    "peft": ("0.17", "1.0"),
-    "trl": ("0.20", "2.0"),
-    "accelerate": ("1.0", "2.0"),
-    "bitsandbytes": ("0.45", "1.0"),
-    "triton": ("3.0", "4.0"),
+# Per package, two windows of releases:
+# - works: where turbotune works at all. pyproject.toml allows these ranges, and outside them `turbotune check`
+#   FAILs (TESTED_RANGES; the upper end is excluded).
+# - tested: the releases (major.minor, both ends included) the tests ran on: CI's pinned stack (constraints.txt,
+#   checked by tests/test_compat.py) and the GPU machine's (torch 2.11, transformers 5.17, TRL 1.15). Outside
+#   this window `turbotune check` warns: it likely works, but nobody has run the tests on it (TESTED_VERSIONS).
+_VERSION_WINDOWS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    #                 works             tested
+    "torch":          (("2.4", "3.0"),  ("2.11", "2.13")),
+    "transformers":   (("4.57", "6.0"), ("5.17", "5.25")),
+    "peft":           (("0.17", "1.0"), ("0.21", "0.21")),
+    "trl":            (("0.20", "2.0"), ("1.15", "1.16")),
+    "accelerate":     (("1.0", "2.0"),  ("1.15", "1.16")),
+    "bitsandbytes":   (("0.45", "1.0"), ("0.50", "0.50")),
+    "triton":         (("3.0", "4.0"),  ("3.6", "3.9")),
 }
-# The releases (major.minor, both ends included) the tests ran on: CI's pinned stack (constraints.txt, checked
-# by tests/test_compat.py) and the GPU machine's (torch 2.11, transformers 5.17, TRL 1.15). Outside this window
-# `turbotune check` warns: it likely works, but nobody has run the tests on it.
-TESTED_VERSIONS: dict[str, tuple[str, str]] = {
-    "torch": ("2.11", "2.13"),
-    "transformers": ("5.17", "5.25"),
-    "peft": ("0.21", "0.21"),
-    "trl": ("1.15", "1.16"),
-    "accelerate": ("1.15", "1.16"),
-    "bitsandbytes": ("0.50", "0.50"),
-    "triton": ("3.6", "3.9"),
-}
+TESTED_RANGES: dict[str, tuple[str, str]] = {name: works for name, (works, _) in _VERSION_WINDOWS.items()}
+TESTED_VERSIONS: dict[str, tuple[str, str]] = {name: tested for name, (_, tested) in _VERSION_WINDOWS.items()}
 
 
 def python_older_than(minimum: tuple[int, int]) -> str | None:
@@ -350,3 +346,11 @@ def triton_usable() -> bool:
         return True
     except Exception:
         return False
+
+
+def trl_train_metrics(trainer) -> dict | None:
+    """TRL's per-call training metric lists (its trainers' `_metrics["train"]`: name -> list of floats, averaged
+    at each log), or None for a trainer without them."""
+    metrics = getattr(trainer, "_metrics", None)
+    train = metrics.get("train") if isinstance(metrics, dict) else None
+    return train if isinstance(train, dict) else None

@@ -10,67 +10,82 @@ import os
 import sys
 
 from turbotune import __version__
+
+
+# Keywords of the two common kinds of flag, so a row below says only its type or constant and its help.
+def _int(text: str) -> dict:
+    return dict(type=int, help=text)
+
+
+def _float(text: str) -> dict:
+    return dict(type=float, help=text)
+
+
+def _const(value, text: str, dest: str | None = None) -> dict:
+    """A switch that stores `value` (into `dest`, when it is another flag's field)."""
+    kw = dict(action="store_const", const=value, help=text)
+    if dest is not None:
+        kw["dest"] = dest
+    return kw
+
+
 # Flags of `turbotune train`; their names (dashes → underscores) are TrainConfig's fields.
-_TRAIN_FLAGS = [
-    ("--model", dict(help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")),
-    ("--data", dict(help="JSONL/JSON training file (default: the packaged copywriting sample)")),
-    ("--format", dict(choices=["auto", "alpaca", "sharegpt", "messages", "text"], help="data format (default auto)")),
-    ("--output-dir", dict(help="where checkpoints, the log and the loss plot go (default outputs)")),
-    ("--load-in-4bit", dict(action="store_const", const=True, help="QLoRA: 4-bit NF4 base weights")),
-    ("--double-quant", dict(action="store_const", const=True, dest="double_quant",
-                            help="4-bit with the scales quantised again (the default)")),
-    ("--no-double-quant", dict(action="store_const", const=False, dest="double_quant",
-                               help="4-bit without double quantisation of the scales")),
-    ("--dtype", dict(choices=["bf16", "fp16", "fp32"], help="compute dtype (default: bf16 where supported)")),
-    ("--max-seq-length", dict(type=int, help="truncate samples to this many tokens (default 2048)")),
-    ("--max-steps", dict(type=int, help="optimizer steps, > 0 (overrides --epochs; default: train by epochs)")),
-    ("--epochs", dict(type=float, help="passes over the data (default 1)")),
-    ("--batch-size", dict(type=int, help="micro-batch size (default 2)")),
-    ("--grad-accum", dict(type=int, help="micro-batches per optimizer step (default 4)")),
-    ("--lr", dict(type=float, help="peak learning rate (default 2e-4)")),
-    ("--warmup-steps", dict(type=int, help="linear warm-up steps (default 5)")),
-    ("--lr-scheduler", dict(choices=["linear", "cosine", "constant"],
-                            help="learning-rate schedule after warm-up (default linear)")),
-    ("--weight-decay", dict(type=float, help="AdamW weight decay (default 0)")),
-    ("--lora-r", dict(type=int, help="LoRA rank (default 16)")),
-    ("--lora-alpha", dict(type=int, help="LoRA alpha (default = rank)")),
-    ("--lora-dropout", dict(type=float, help="LoRA dropout (default 0; > 0 disables the fused LoRA path)")),
-    ("--seed", dict(type=int, help="seed for LoRA init and data order (default 3407)")),
-    ("--logging-steps", dict(type=int, help="print a log row every N steps (default 1)")),
-    ("--save-steps", dict(type=int, help="write a checkpoint every N steps (default: only at the end)")),
-    ("--save-total-limit", dict(type=int, help="keep only the newest K checkpoints")),
-    ("--train-on-all-tokens", dict(action="store_const", const=False, dest="train_on_responses_only",
-                                   help="train on prompts too (default: only the answers)")),
-    ("--skip-bad-rows", dict(action="store_const", const=True, help="skip malformed rows with a summary")),
-    ("--resume", dict(action="store_const", const=True, help="continue from the latest checkpoint in --output-dir")),
-    ("--overwrite", dict(action="store_const", const=True, help="replace a different run in --output-dir")),
-    ("--skip-nonfinite", dict(action="store_const", const=True, help="skip steps whose loss is NaN/inf")),
-    ("--packing", dict(action="store_const", const=True,
-                       help="pack samples into rows of --max-seq-length: no compute spent on padding "
-                            "(default: on for GPU runs where the model's attention supports it)")),
-    ("--no-packing", dict(action="store_const", const=False, dest="packing", help="pad each micro-batch instead")),
-    ("--gradient-checkpointing", dict(metavar="MODE", choices=["true", "false", "offload", "auto"],
-                                      help="true: recompute every layer (default); false; offload: recompute, each "
-                                           "layer's input in pinned host memory; auto: the cheapest that the memory "
-                                           "planner predicts will fit")),
-    ("--no-gradient-checkpointing", dict(action="store_const", const=False, dest="gradient_checkpointing",
-                                         help="keep every activation instead of recomputing: faster, more memory")),
-    ("--allow-pickle", dict(action="store_const", const=True, help="allow pickle (*.bin) weights: they can run code")),
-    ("--trust-remote-code", dict(action="store_const", const=True, help="run the model repo's own Python code")),
-    ("--no-patch", dict(action="store_const", const=False, dest="patch",
-                        help="stock transformers + PEFT forwards (for comparison)")),
-    ("--no-cuda-graphs", dict(action="store_const", const=False, dest="cuda_graphs",
-                              help="run every micro-step eagerly (default: replay CUDA graphs on a GPU)")),
-    ("--adapter-precision", dict(choices=["peft", "input"],
-                                 help="LoRA math in the adapters' dtype as PEFT (peft, default) or in the "
-                                      "compute dtype (input: faster under bf16, as Unsloth)")),
-]
+_TRAIN_FLAGS = {
+    "--model": dict(help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)"),
+    "--data": dict(help="JSONL/JSON training file (default: the packaged copywriting sample)"),
+    "--format": dict(choices=["auto", "alpaca", "sharegpt", "messages", "text"], help="data format (default auto)"),
+    "--output-dir": dict(help="where checkpoints, the log and the loss plot go (default outputs)"),
+    "--load-in-4bit": _const(True, "QLoRA: 4-bit NF4 base weights"),
+    "--double-quant": _const(True, "4-bit with the scales quantised again (the default)", "double_quant"),
+    "--no-double-quant": _const(False, "4-bit without double quantisation of the scales", "double_quant"),
+    "--dtype": dict(choices=["bf16", "fp16", "fp32"], help="compute dtype (default: bf16 where supported)"),
+    "--max-seq-length": _int("truncate samples to this many tokens (default 2048)"),
+    "--max-steps": _int("optimizer steps, > 0 (overrides --epochs; default: train by epochs)"),
+    "--epochs": _float("passes over the data (default 1)"),
+    "--batch-size": _int("micro-batch size (default 2)"),
+    "--grad-accum": _int("micro-batches per optimizer step (default 4)"),
+    "--lr": _float("peak learning rate (default 2e-4)"),
+    "--warmup-steps": _int("linear warm-up steps (default 5)"),
+    "--lr-scheduler": dict(choices=["linear", "cosine", "constant"],
+                           help="learning-rate schedule after warm-up (default linear)"),
+    "--weight-decay": _float("AdamW weight decay (default 0)"),
+    "--lora-r": _int("LoRA rank (default 16)"),
+    "--lora-alpha": _int("LoRA alpha (default = rank)"),
+    "--lora-dropout": _float("LoRA dropout (default 0; > 0 disables the fused LoRA path)"),
+    "--seed": _int("seed for LoRA init and data order (default 3407)"),
+    "--logging-steps": _int("print a log row every N steps (default 1)"),
+    "--save-steps": _int("write a checkpoint every N steps (default: only at the end)"),
+    "--save-total-limit": _int("keep only the newest K checkpoints"),
+    "--train-on-all-tokens": _const(False, "train on prompts too (default: only the answers)",
+                                    "train_on_responses_only"),
+    "--skip-bad-rows": _const(True, "skip malformed rows with a summary"),
+    "--resume": _const(True, "continue from the latest checkpoint in --output-dir"),
+    "--overwrite": _const(True, "replace a different run in --output-dir"),
+    "--skip-nonfinite": _const(True, "skip steps whose loss is NaN/inf"),
+    "--packing": _const(True, "pack samples into rows of --max-seq-length: no compute spent on padding "
+                              "(default: on for GPU runs where the model's attention supports it)"),
+    "--no-packing": _const(False, "pad each micro-batch instead", "packing"),
+    "--gradient-checkpointing": dict(metavar="MODE", choices=["true", "false", "offload", "auto"],
+                                     help="true: recompute every layer (default); false; offload: recompute, each "
+                                          "layer's input in pinned host memory; auto: the cheapest that the memory "
+                                          "planner predicts will fit"),
+    "--no-gradient-checkpointing": _const(False, "keep every activation instead of recomputing: faster, more memory",
+                                          "gradient_checkpointing"),
+    "--allow-pickle": _const(True, "allow pickle (*.bin) weights: they can run code"),
+    "--trust-remote-code": _const(True, "run the model repo's own Python code"),
+    "--no-patch": _const(False, "stock transformers + PEFT forwards (for comparison)", "patch"),
+    "--no-cuda-graphs": _const(False, "run every micro-step eagerly (default: replay CUDA graphs on a GPU)",
+                               "cuda_graphs"),
+    "--adapter-precision": dict(choices=["peft", "input"],
+                                help="LoRA math in the adapters' dtype as PEFT (peft, default) or in the "
+                                     "compute dtype (input: faster under bf16, as Unsloth)"),
+}
 
 
 def _add_train(sub):
     p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA on a JSONL file (defaults: the embedded demo)")
     p.add_argument("--config", help="YAML file with the same keys as these flags; flags override it")
-    for flag, kw in _TRAIN_FLAGS:
+    for flag, kw in _TRAIN_FLAGS.items():
         p.add_argument(flag, default=None, **kw)
     return p
 
@@ -118,6 +133,44 @@ def _cmd_chat(args) -> int:
     chat_loop(model, tok, system=args.system, max_new_tokens=args.max_new_tokens,
               temperature=0.7 if args.temperature is None else args.temperature)
     return 0
+
+
+# Flags of `turbotune export`.
+_EXPORT_FLAGS = {
+    "--adapter": dict(required=True, help="adapter folder written by `turbotune train`"),
+    "--out": dict(required=True, help="output folder"),
+    "--how": dict(choices=["adapter", "merged", "gguf", "ollama"], default="merged",
+                  help="merged: base + adapter as one 16-bit model (default); adapter: copy the adapter only; "
+                       "gguf: base + adapter as one llama.cpp GGUF file, OUT/model-<quant>.gguf (llama, mistral "
+                       "and qwen2 models); ollama: that GGUF plus OUT/Modelfile (chat template, stop tokens) for "
+                       "`ollama create NAME -f OUT/Modelfile` (--quant applies)"),
+    "--quant": dict(default=None, metavar="{f16,bf16,q8_0,q5_1,q5_0,q4_1,q4_0,q4_k_m,...}",
+                    help="GGUF tensor type, with --how gguf or ollama: f16 (default), bf16, q8_0 (about 53%% of f16's "
+                         "size), q5_1, q5_0, q4_1, q4_0 (about 38/34/31/28%%); matrices whose rows are not a multiple "
+                         "of 32 stay f16, norms f32. k-quants (q4_k_m, q5_k_m, q6_k...) are made by llama.cpp from "
+                         "the f16 file: with llama-cpp-python installed turbotune runs it, otherwise it writes "
+                         "model-f16.gguf and prints the llama-quantize command"),
+    "--model": dict(default=None, help="base model (default: the adapter's base)"),
+    "--dtype": dict(choices=["bf16", "fp16", "fp32"], default=None,
+                    help="dtype of the merged weights (default: the base checkpoint's if 16-bit, else bf16)"),
+    "--merge-into": dict(choices=["auto", "nf4", "original"], default="auto",
+                         help="the base weights to merge into: nf4 (the 4-bit base dequantised, what a QLoRA adapter "
+                              "was trained against), original (the 16-bit weights), auto (nf4 for an adapter trained "
+                              "in 4 bits or a pre-quantised base; the default)"),
+    "--push-to-hub": dict(default=None, metavar="USER/REPO",
+                          help="then upload OUT to this Hugging Face Hub model repo (created if missing), with a model "
+                               "card from the run; needs `hf auth login` or HF_TOKEN"),
+    "--private": dict(action="store_true", help="with --push-to-hub: create the repo private"),
+    "--overwrite": dict(action="store_true", help="replace OUT if it exists (it is replaced whole, atomically, once "
+                                                  "the new export is complete)"),
+}
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="save an adapter, merge it into 16-bit base weights, or write a GGUF")
+    for flag, kw in _EXPORT_FLAGS.items():
+        p.add_argument(flag, **kw)
+    return p
 
 
 def _cmd_export(args) -> int:
@@ -185,34 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message at the start of the chat (kept on /reset)")
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("export", help="save an adapter, merge it into 16-bit base weights, or write a GGUF")
-    p.add_argument("--adapter", required=True, help="adapter folder written by `turbotune train`")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--how", choices=["adapter", "merged", "gguf", "ollama"], default="merged",
-                   help="merged: base + adapter as one 16-bit model (default); adapter: copy the adapter only; "
-                        "gguf: base + adapter as one llama.cpp GGUF file, OUT/model-<quant>.gguf (llama, mistral "
-                        "and qwen2 models); ollama: that GGUF plus OUT/Modelfile (chat template, stop tokens) for "
-                        "`ollama create NAME -f OUT/Modelfile` (--quant applies)")
-    p.add_argument("--quant", default=None, metavar="{f16,bf16,q8_0,q5_1,q5_0,q4_1,q4_0,q4_k_m,...}",
-                   help="GGUF tensor type, with --how gguf or ollama: f16 (default), bf16, q8_0 (about 53%% of f16's "
-                        "size), q5_1, q5_0, q4_1, q4_0 (about 38/34/31/28%%); matrices whose rows are not a multiple "
-                        "of 32 stay f16, norms f32. k-quants (q4_k_m, q5_k_m, q6_k...) are made by llama.cpp from "
-                        "the f16 file: with llama-cpp-python installed turbotune runs it, otherwise it writes "
-                        "model-f16.gguf and prints the llama-quantize command")
-    p.add_argument("--model", default=None, help="base model (default: the adapter's base)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="dtype of the merged weights (default: the base checkpoint's if 16-bit, else bf16)")
-    p.add_argument("--merge-into", choices=["auto", "nf4", "original"], default="auto",
-                   help="the base weights to merge into: nf4 (the 4-bit base dequantised, what a QLoRA adapter "
-                        "was trained against), original (the 16-bit weights), auto (nf4 for an adapter trained "
-                        "in 4 bits or a pre-quantised base; the default)")
-    p.add_argument("--push-to-hub", default=None, metavar="USER/REPO",
-                   help="then upload OUT to this Hugging Face Hub model repo (created if missing), with a model card "
-                        "from the run; needs `hf auth login` or HF_TOKEN")
-    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (it is replaced whole, "
-                   "atomically, once the new export is complete)")
-    p.set_defaults(func=_cmd_export)
+    _add_export(sub).set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plan", help="predict a training step's peak GPU memory from the model config")
     from turbotune.cli.plan import add_plan_arguments, run_plan

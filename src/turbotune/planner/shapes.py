@@ -119,92 +119,66 @@ def model_shape(config) -> ModelShape:
 # ----------------------------------------------------------------------------------------------------------
 # Presets (public config facts; only what the architecture needs)
 # ----------------------------------------------------------------------------------------------------------
+def _decoder(model_type: str, architecture: str, *, hidden: int, intermediate: int, layers: int, heads: int,
+             kv_heads: int, head_dim: int | None = None, vocab: int, max_positions: int, rope_theta: float, eps: float,
+             tied: bool, init: float = 0.02, bos: int, eos: int, **family) -> dict:
+    """A preset's config: the keys every dense decoder config has (head_dim where the config states it), under
+    the short names above, then the family's own keys as transformers spells them."""
+    shape = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+             "num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    if head_dim is not None:
+        shape["head_dim"] = head_dim
+    return {"model_type": model_type, "architectures": [architecture], **shape, "vocab_size": vocab,
+            "max_position_embeddings": max_positions, "rope_theta": rope_theta, "rms_norm_eps": eps,
+            "tie_word_embeddings": tied, "initializer_range": init, "bos_token_id": bos, "eos_token_id": eos,
+            **family}
+
+
 PRESETS: dict[str, dict] = {
     # CPU / CI: a 2-layer Llama small enough to train in seconds.
-    "tiny": {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "vocab_size": 512, "max_position_embeddings": 4096, "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
-        "attention_bias": False, "mlp_bias": False,
-    },
+    "tiny": _decoder("llama", "LlamaForCausalLM", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                     head_dim=16, vocab=512, max_positions=4096, rope_theta=10000.0, eps=1e-5, tied=False, bos=1,
+                     eos=2, hidden_act="silu", attention_bias=False, mlp_bias=False),
     # HuggingFaceTB/SmolLM2-135M
-    "smollm2-135m": {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-        "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu",
-        "initializer_range": 0.041666666666666664, "bos_token_id": 1, "eos_token_id": 2,
-        "attention_bias": False, "mlp_bias": False,
-    },
+    "smollm2-135m": _decoder("llama", "LlamaForCausalLM", hidden=576, intermediate=1536, layers=30, heads=9,
+                             kv_heads=3, head_dim=64, vocab=49152, max_positions=8192, rope_theta=100000.0,
+                             eps=1e-5, tied=True, init=0.041666666666666664, bos=1, eos=2, hidden_act="silu",
+                             attention_bias=False, mlp_bias=False),
     # Qwen/Qwen2-1.5B-Instruct (q/k/v carry biases in the Qwen2 architecture itself)
-    "qwen2-1.5b": {
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-        "num_attention_heads": 12, "num_key_value_heads": 2,
-        "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": 151643, "eos_token_id": 151645,
-        "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21,
-    },
+    "qwen2-1.5b": _decoder("qwen2", "Qwen2ForCausalLM", hidden=1536, intermediate=8960, layers=28, heads=12,
+                           kv_heads=2, vocab=151936, max_positions=32768, rope_theta=1000000.0, eps=1e-6, tied=True,
+                           bos=151643, eos=151645, hidden_act="silu", sliding_window=32768,
+                           use_sliding_window=False, max_window_layers=21),
     # meta-llama/Llama-3.1-8B
-    "llama3-8b": {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-        "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": 128000, "eos_token_id": 128001,
-        "attention_bias": False, "mlp_bias": False,
-    },
+    "llama3-8b": _decoder("llama", "LlamaForCausalLM", hidden=4096, intermediate=14336, layers=32, heads=32,
+                          kv_heads=8, head_dim=128, vocab=128256, max_positions=131072, rope_theta=500000.0,
+                          eps=1e-5, tied=False, bos=128000, eos=128001, hidden_act="silu",
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                          attention_bias=False, mlp_bias=False),
     # Qwen/Qwen3-8B (per-head q/k norms, no q/k/v bias)
-    "qwen3-8b": {
-        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
-        "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-        "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": 151643, "eos_token_id": 151645,
-        "attention_bias": False, "use_sliding_window": False,
-    },
+    "qwen3-8b": _decoder("qwen3", "Qwen3ForCausalLM", hidden=4096, intermediate=12288, layers=36, heads=32,
+                         kv_heads=8, head_dim=128, vocab=151936, max_positions=40960, rope_theta=1000000.0, eps=1e-6,
+                         tied=False, bos=151643, eos=151645, hidden_act="silu", attention_bias=False,
+                         use_sliding_window=False),
     # google/gemma-2-9b (soft-capped attention and logits, every other layer a 4,096-token window)
-    "gemma2-9b": {
-        "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"],
-        "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
-        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
-        "vocab_size": 256000, "max_position_embeddings": 8192, "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
-        "initializer_range": 0.02, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
-        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256,
-        "sliding_window": 4096, "attention_bias": False,
-    },
+    "gemma2-9b": _decoder("gemma2", "Gemma2ForCausalLM", hidden=3584, intermediate=14336, layers=42, heads=16,
+                          kv_heads=8, head_dim=256, vocab=256000, max_positions=8192, rope_theta=10000.0, eps=1e-6,
+                          tied=True, bos=2, eos=1, hidden_activation="gelu_pytorch_tanh", pad_token_id=0,
+                          attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=256,
+                          sliding_window=4096, attention_bias=False),
     # microsoft/Phi-3-mini-4k-instruct (fused qkv_proj and gate_up_proj)
-    "phi3-mini": {
-        "model_type": "phi3", "architectures": ["Phi3ForCausalLM"],
-        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32,
-        "vocab_size": 32064, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
-        "sliding_window": 2047,
-    },
+    "phi3-mini": _decoder("phi3", "Phi3ForCausalLM", hidden=3072, intermediate=8192, layers=32, heads=32,
+                          kv_heads=32, vocab=32064, max_positions=4096, rope_theta=10000.0, eps=1e-5, tied=False,
+                          bos=1, eos=32000, original_max_position_embeddings=4096, hidden_act="silu",
+                          pad_token_id=32000, sliding_window=2047),
     # google/gemma-3-4b-it, its text model (5 local layers of a 1,024-token window per global one)
-    "gemma3-4b": {
-        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
-        "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
-        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-        "vocab_size": 262208, "max_position_embeddings": 131072, "rope_theta": 1000000.0,
-        "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
-        "initializer_range": 0.02, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
-        "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
-        "attention_bias": False,
-    },
+    "gemma3-4b": _decoder("gemma3_text", "Gemma3ForCausalLM", hidden=2560, intermediate=10240, layers=34, heads=8,
+                          kv_heads=4, head_dim=256, vocab=262208, max_positions=131072, rope_theta=1000000.0,
+                          eps=1e-6, tied=True, bos=2, eos=1, rope_local_base_freq=10000.0,
+                          rope_scaling={"rope_type": "linear", "factor": 8.0},
+                          hidden_activation="gelu_pytorch_tanh", pad_token_id=0, query_pre_attn_scalar=256,
+                          sliding_window=1024, sliding_window_pattern=6, attention_bias=False),
 }
 
 

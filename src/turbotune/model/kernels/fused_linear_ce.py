@@ -120,6 +120,16 @@ if HAS_TRITON:
         return z, t
 
     @triton.jit
+    def _capped_tile(ptr, off, n_cols, scale, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+        """(cols, mask, z, t) of the row's vocab tile at `off`: its columns, which of them are in the row, and
+        `_capped` of its logits (read in fp32, 0 past the row's end)."""
+        cols = off + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        o = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        z, t = _capped(o, scale, softcap, HAS_SOFTCAP)
+        return cols, mask, z, t
+
+    @triton.jit
     def _ce_rows_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, inv_denom_ptr, ent_ptr, top1_ptr, n_cols,
                         ignore_index, scale, softcap, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
                         WRITE_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -143,10 +153,7 @@ if HAS_TRITON:
         m = float("-inf")
         d = 0.0
         for off in range(0, n_cols, BLOCK_V):
-            cols = off + tl.arange(0, BLOCK_V)
-            mask = cols < n_cols
-            o = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            z, _ = _capped(o, scale, softcap, HAS_SOFTCAP)
+            _, mask, z, _ = _capped_tile(ptr, off, n_cols, scale, softcap, HAS_SOFTCAP, BLOCK_V)
             z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -159,10 +166,7 @@ if HAS_TRITON:
             coef = scale * tl.load(inv_denom_ptr)
             pz = 0.0
             for off in range(0, n_cols, BLOCK_V):
-                cols = off + tl.arange(0, BLOCK_V)
-                mask = cols < n_cols
-                o = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                z, t = _capped(o, scale, softcap, HAS_SOFTCAP)
+                cols, mask, z, t = _capped_tile(ptr, off, n_cols, scale, softcap, HAS_SOFTCAP, BLOCK_V)
                 p = tl.exp(z - lse)
                 if WRITE_STATS:
                     pz += tl.sum(tl.where(mask, p * z, 0.0), axis=0)

@@ -87,24 +87,27 @@ def _block_r(r: int) -> int:
     return max(16, next_power_of_2(r))  # tl.dot needs every dimension >= 16
 
 
-def _check(wide: torch.Tensor, thin: torch.Tensor, rank: int) -> None:
+def _checked_rank(wide: torch.Tensor, thin: torch.Tensor, rank_axis: int, wide_axis: int, mismatch: str) -> int:
+    """The rank (thin's size along `rank_axis`) once both operands pass: 2-D, thin in fp32, rank in 1..MAX_RANK,
+    and thin's other axis as long as wide's `wide_axis` (else ValueError: `mismatch` with the two lengths)."""
     if wide.dim() != 2 or thin.dim() != 2:
         raise ValueError("skinny fp32 products take 2-D operands")
     if thin.dtype != torch.float32:
         raise ValueError(f"the thin operand must be fp32 (the adapters' dtype), got {thin.dtype}")
+    rank = thin.shape[rank_axis]
     if not 1 <= rank <= MAX_RANK:
         raise ValueError(f"rank {rank} outside 1..{MAX_RANK}")
+    if thin.shape[1 - rank_axis] != wide.shape[wide_axis]:
+        raise ValueError(mismatch.format(wide.shape[wide_axis], thin.shape[1 - rank_axis]))
+    return rank
 
 
 def skinny_mm_t(x: torch.Tensor, a: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """x A^T in fp32: x [N, K] (any float dtype, any strides), A [R, K] fp32 (any strides) -> [N, R] fp32."""
-    n, k = x.shape
-    r = a.shape[0]
-    _check(x, a, r)
-    if a.shape[1] != k:
-        raise ValueError(f"x has {k} columns but A has {a.shape[1]}")
+    r = _checked_rank(x, a, 0, 1, "x has {} columns but A has {}")
     if not use_triton(x, backend):
         return skinny_mm_t_reference(x, a)
+    n, k = x.shape
     out = torch.empty(n, r, dtype=torch.float32, device=x.device)
     if n == 0:
         return out
@@ -117,13 +120,10 @@ def skinny_mm_t(x: torch.Tensor, a: torch.Tensor, backend: str = "auto") -> torc
 
 def skinny_tn(y: torch.Tensor, z: torch.Tensor, backend: str = "auto", split: int | None = None) -> torch.Tensor:
     """Y^T Z in fp32: Y [N, M] (any float dtype, any strides), Z [N, R] fp32 -> [M, R] fp32."""
-    n, m = y.shape
-    r = z.shape[1]
-    _check(y, z, r)
-    if z.shape[0] != n:
-        raise ValueError(f"Y has {n} rows but Z has {z.shape[0]}")
+    r = _checked_rank(y, z, 1, 0, "Y has {} rows but Z has {}")
     if not use_triton(y, backend):
         return skinny_tn_reference(y, z)
+    n, m = y.shape
     m_blocks = triton.cdiv(m, _TN_BLOCK_M)
     if split is None:
         split = max(1, min(triton.cdiv(n, 4 * _TN_BLOCK_N), triton.cdiv(_TARGET_PROGRAMS, m_blocks)))
