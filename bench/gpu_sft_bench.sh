@@ -2,7 +2,9 @@
 # Issue 16 on the device, one call: TESTS (pytest paths) first, then `turbotune bench --trainer sft` once per
 # argument ("label:bench arguments") while time is left; logs and JSON under $OUT. From the repo root (carry .whl):
 #   TESTS=tests/gpu/test_trainer_step_gpu.py bash bench/gpu_sft_bench.sh "lora:--preset qwen2-1.5b --methods hf,turbotune"
-# Leading VAR=value words of a stage's arguments are set in the bench's environment ("ab:TURBOTUNE_X=1 --qlora").
+# Leading VAR=value words of a stage's arguments are set in the bench's environment ("ab:TURBOTUNE_X=1 --qlora");
+# SRC=DIR runs that stage on another source tree (an A/B against an older commit exported to a carried folder),
+# TRAINER=loop runs turbotune's own-loop bench instead of TRL's SFTTrainer.
 BUDGET=${BUDGET:-575}; . "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-}" ]; then
   timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
@@ -13,8 +15,16 @@ for stage in "$@"; do
   [ $(left) -lt 60 ] && { echo "== $label: skipped, $(left) s left"; continue; }
   echo "== $label ($(left) s left)"
   envs=(); args=($extra)
-  while [[ ${#args[@]} -gt 0 && ${args[0]} == [A-Z]*=* ]]; do envs+=("${args[0]}"); args=("${args[@]:1}"); done
-  timeout $(( $(left) - 15 )) env "${envs[@]}" python3 -m turbotune bench --trainer sft --cache-dir /tmp/bench-cache \
+  trainer=sft
+  while [[ ${#args[@]} -gt 0 && ${args[0]} == [A-Z]*=* ]]; do
+    case ${args[0]} in
+      SRC=*) envs+=("PYTHONPATH=/tmp/site:$PWD/${args[0]#SRC=}") ;;
+      TRAINER=*) trainer=${args[0]#TRAINER=} ;;
+      *) envs+=("${args[0]}") ;;
+    esac
+    args=("${args[@]:1}")
+  done
+  timeout $(( $(left) - 15 )) env "${envs[@]}" python3 -m turbotune bench --trainer $trainer --cache-dir /tmp/bench-cache \
     --json "$OUT/sft-$label.json" "${args[@]}" > "$OUT/sft-$label.txt" 2>&1
   grep -E "^\| |^- (turbotune|unsloth|hf|liger)|Error|error:" "$OUT/sft-$label.txt" | grep -v -- "---|" | cut -c1-300 | tail -14
 done
