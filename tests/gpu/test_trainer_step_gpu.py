@@ -1,6 +1,7 @@
-"""The fast step under an unmodified SFTTrainer / transformers.Trainer on a GPU: after the warm-up each micro-step
-is replayed from CUDA graphs (counters), replayed steps equal eager ones, and padded batches of changing lengths
-reuse a bounded number of graphs.
+"""The fast step under an unmodified SFTTrainer / transformers.Trainer on a GPU: after the warm-up each pass
+(a micro-batch, or the micro-batches of one optimizer step run together: step_coalescing.py) is replayed from
+CUDA graphs (counters), replayed steps equal eager ones, and padded batches of changing lengths reuse a bounded
+number of graphs.
 
 Run on a GPU: pytest tests/gpu/test_trainer_step_gpu.py -q
 """
@@ -72,11 +73,13 @@ def test_sfttrainer_replays_and_equals_eager(tiny_dir, tmp_path):
 
 def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path):
     lengths = [17 + (i * 37) % 180 for i in range(80)]  # every micro-batch pads to another length
-    step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=10, batch=4)
+    step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=20, batch=4)
     assert step.graphs.disabled_reason is None
-    # 20 micro-batches of 4 rows: packed totals 4..800 tokens fall in a handful of buckets (256 .. 896)
+    # 40 micro-batches of 4 rows, two to a step, run together where both fit 4 x 200 tokens: packed totals of
+    # up to 800 tokens fall in a handful of buckets (256 .. 896)
+    assert 20 <= step.window.passes < 40, vars(step.window)
     assert 1 <= step.graphs.captures <= 7 and step.graphs.replays >= 10, vars(step.graphs)
-    eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=10, batch=4)
+    eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=20, batch=4)
     for a, b in zip(logs, eager_logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
 
@@ -90,4 +93,6 @@ def test_transformers_trainer_replays(tiny_dir, tmp_path):
                              report_to=[], save_strategy="no", bf16=True)
     Trainer(model=model, args=args, train_dataset=data,
             data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
-    assert step.graphs.disabled_reason is None and step.graphs.replays == 10 - step.graphs.warmup
+    # each step's two micro-batches of 2 x ~100 tokens run as one pass (fits 2 x max_seq_length 512)
+    assert step.window.passes == 5 and step.window.micro_batches == 10, vars(step.window)
+    assert step.graphs.disabled_reason is None and step.graphs.replays == 5 - step.graphs.warmup

@@ -62,6 +62,8 @@ def test_sfttrainer_losses_equal_stock(tiny_llama_dir, tmp_path, monkeypatch, co
     assert trainer_step.trainer_step_of(model) is not None and served and all(served)  # ours, not TRL's head
     if config.get("packing") is False:
         assert any(packed), "the padded batches were not packed"
+        window = trainer_step.trainer_step_of(model).window  # each step's 2 micro-batches ran as one pass
+        assert (window.steps, window.micro_batches, window.passes) == (4, 8, 4)
     stock_model, stock = _sft(tiny_llama_dir, tmp_path, False, **config)
     assert trainer_step.trainer_step_of(stock_model) is None
     assert len(ours) == len(stock) == 4
@@ -85,6 +87,9 @@ def test_transformers_trainer_losses_equal_stock(tiny_llama_dir, tmp_path):
         trainer = Trainer(model=model, args=args, train_dataset=data,
                           data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
         trainer.train()
+        if patch:  # the two micro-batches of each step ran as one pass
+            window = trainer_step.trainer_step_of(model).window
+            assert (window.steps, window.micro_batches, window.passes) == (3, 6, 3), vars(window)
         return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     ours, stock = run(True), run(False)

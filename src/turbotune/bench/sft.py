@@ -205,4 +205,7 @@ def _step_notes(model, spec) -> list[str]:
         return []
     g = step.graphs
     state = g.disabled_reason or f"on ({g.replays} of {g.replays + g.eager_calls} calls replayed, {g.captures} graphs)"
-    return [f"CUDA graphs {state}"]
+    w = step.window
+    passes = (f"{w.micro_batches} micro-batches of {w.steps} optimizer steps ran as {w.passes} passes"
+              if w.steps else w.line() or "micro-batches run one by one")
+    return [f"CUDA graphs {state}", passes]

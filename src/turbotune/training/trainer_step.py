@@ -42,6 +42,8 @@ def install(peft_model, verbose: bool = True) -> "TrainerStep":
         return step
     step = TrainerStep(peft_model, verbose=verbose)
     peft_model.forward = step
+    from turbotune.training.step_coalescing import patch_trainer
+    patch_trainer()  # the micro-batches of one optimizer step as fewer passes (step_coalescing.py)
     # Trainers switch checkpointing on at train() (TRL's SFTConfig does by default), which would replace the
     # mode chosen in get_peft_model (auto / offload / none) with plain recompute: that choice stays.
     for name in _CHECKPOINTING_SWITCHES:
@@ -90,6 +92,11 @@ class TrainerStep:
         self._modules = None  # every module, read after the last full train() walk
         self._kernel_models: list = []  # the transformers models among them (their kernels mode)
         self.passthrough = None  # why every call goes straight to the original forward (set by turbotune's loops)
+        from turbotune.training.step_coalescing import Window
+        self.window = Window()  # the optimizer step's micro-batches kept by the trainer wrap (step_coalescing)
+        self.pass_tokens = None  # real tokens per coalesced pass at most, once known
+        self.largest_batch = 0
+        self.last_token_metrics = None
 
     def train(self, mode: bool = True):
         """nn.Module.train, skipped when it would change nothing: every module already in `mode` and transformers'
@@ -135,7 +142,9 @@ class TrainerStep:
         if mode == "auto":
             from turbotune.training.auto_checkpointing import plan_checkpointing
             rows, length = tensors["input_ids"].shape
-            seq = max(int(getattr(unwrap_peft(model), "max_seq_length", None) or length), int(length))
+            seq = max(int(self.max_seq_length() or length), int(length))
+            if self.pass_tokens:  # coalesced micro-batches: a packed row of at most this many tokens
+                rows, seq = 1, max(int(self.pass_tokens), seq * int(self.window.rows or 1))
             line = plan_checkpointing(model, seq, int(rows)).line()
             self.graphs.reset()
         elif mode is None:
@@ -158,16 +167,23 @@ class TrainerStep:
         checkpointing = None if self._announced else self._checkpointing_line(tensors)  # plans on the fed batch
         if self.remove_padding:
             from turbotune.training.padding import remove_padding
-            tensors = remove_padding(tensors, pad_id=self._pad_id())
+            tensors = remove_padding(tensors, pad_id=self.pad_id())
         if not self._announced:
             self._announce(tensors, others, checkpointing)
-        return self.graphs(tensors, others)
+        out = self.graphs(tensors, others)
+        # TRL's per-token metric tensors of this call (detached), for step_coalescing's per-micro-batch metrics
+        self.last_token_metrics = _token_metrics(out)
+        return out
 
     def _training_call(self, kwargs) -> bool:
         return (self.peft_model.training and torch.is_grad_enabled()
                 and (kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None))
 
-    def _pad_id(self) -> int:
+    def max_seq_length(self) -> int | None:
+        """The length the model was loaded for (FastModel's max_seq_length), if known."""
+        return getattr(unwrap_peft(self.peft_model), "max_seq_length", None)
+
+    def pad_id(self) -> int:
         cfg = unwrap_peft(self.peft_model).config
         pad = getattr(cfg, "pad_token_id", None)
         return int(pad) if isinstance(pad, int) and pad >= 0 else 0
@@ -194,6 +210,9 @@ class TrainerStep:
         on = [checkpointing]
         if "position_ids" in tensors and "attention_mask" not in tensors:
             on.append("padding removed (packed rows, bucketed lengths)")
+        on.append(self.window.line() or (f"the micro-batches of each optimizer step run together (passes of at most "
+                                         f"{self.pass_tokens} real tokens)" if self.pass_tokens else
+                                         "micro-batches run one by one"))
         if others.get("fused_lm_head"):
             why = self._head_refusal()
             on.append("TRL's fused_lm_head served by turbotune's fused head" if why is None
@@ -261,6 +280,12 @@ def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return trl_fused_output_class()(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
                                     is_top1=is_top1, label_mask=mask)
+
+
+def _token_metrics(out):
+    """(entropy, is_top1, label_mask) of a fused-head output, detached; None for other outputs."""
+    fields = [getattr(out, name, None) for name in ("entropy", "is_top1", "label_mask")]
+    return None if any(f is None for f in fields) else tuple(f.detach() for f in fields)
 
 
 def _logit_scale(cfg) -> float:
