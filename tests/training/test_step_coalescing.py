@@ -7,7 +7,7 @@ import torch
 from turbotune.training import step_coalescing as sc
 from turbotune.training import trainer_step
 
-from tests.training.test_trainer_step import _model, _rows
+from tests.training.test_trainer_step import _model, _rows, assert_same_logs
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -45,15 +45,6 @@ def _train(folder, tmp_path, patch, name, trainer_kwargs=None, **config):
     return model, [h for h in trainer.state.log_history if "loss" in h]
 
 
-def _same_logs(ours, stock):
-    assert len(ours) == len(stock) == 3
-    for a, b in zip(ours, stock):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (ours, stock)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-        assert a["mean_token_accuracy"] == pytest.approx(b["mean_token_accuracy"], abs=1e-6)
-        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-4)
-
-
 def test_budget_splits_a_step_into_passes_with_the_same_losses(tiny_llama_dir, tmp_path, monkeypatch):
     """max_length 96 x 2 rows: at most 192 real tokens a pass, so a step's 4 micro-batches need several."""
     tokens = []
@@ -64,7 +55,7 @@ def test_budget_splits_a_step_into_passes_with_the_same_losses(tiny_llama_dir, t
     window = trainer_step.trainer_step_of(model).window
     assert window.steps == 3 and window.micro_batches == 12 and 3 < window.passes < 12, vars(window)
     assert tokens and max(tokens) <= 192
-    _same_logs(ours, _train(tiny_llama_dir, tmp_path, False, "budget", max_length=96)[1])
+    assert_same_logs(ours, _train(tiny_llama_dir, tmp_path, False, "budget", max_length=96)[1], steps=3)
 
 
 def test_a_loss_function_of_the_users_keeps_micro_batches_apart(tiny_llama_dir, tmp_path):
