@@ -68,3 +68,10 @@ def test_a_loss_function_of_the_users_keeps_micro_batches_apart(tiny_llama_dir, 
     assert window.steps == 0 and "not a sum" in window.off_reason
     stock = _train(tiny_llama_dir, tmp_path, False, "func", trainer_kwargs=dict(compute_loss_func=loss_func))[1]
     assert [h["loss"] for h in ours] == pytest.approx([h["loss"] for h in stock], rel=1e-5)
+
+
+def test_turned_off_by_the_environment(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOTUNE_COALESCE", "0")
+    model, _ = _train(tiny_llama_dir, tmp_path, True, "off")
+    window = trainer_step.trainer_step_of(model).window
+    assert window.steps == 0 and window.off_reason == "TURBOTUNE_COALESCE=0"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -66,7 +67,7 @@ class Window:
 
     def __init__(self):
         self.kept: list = []
-        self.enabled = True
+        self.enabled = os.environ.get("TURBOTUNE_COALESCE", "1") != "0"  # 0: one pass per micro-batch (A/B runs)
         self.off_reason = None  # why the last micro-batch was not coalesced (None: it was, or none came yet)
         self.steps = self.micro_batches = self.passes = 0
         self.rows = None  # the trainer's rows per micro-batch (per_device_train_batch_size)
@@ -100,7 +101,7 @@ def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs
 def _why_not(trainer, window: Window, inputs: dict, num_items_in_batch) -> str | None:
     """Why this micro-batch must run as it came, or None."""
     if not window.enabled:
-        return "coalescing turned off"
+        return "TURBOTUNE_COALESCE=0"
     if num_items_in_batch is None:
         return "no num_items_in_batch: the loss is a mean per micro-batch"
     scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
