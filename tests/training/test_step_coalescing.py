@@ -75,3 +75,17 @@ def test_turned_off_by_the_environment(tiny_llama_dir, tmp_path, monkeypatch):
     model, _ = _train(tiny_llama_dir, tmp_path, True, "off")
     window = trainer_step.trainer_step_of(model).window
     assert window.steps == 0 and window.off_reason == "TURBOTUNE_COALESCE=0"
+
+
+def test_a_trainer_with_its_own_compute_loss_is_left_alone(tiny_llama_dir, tmp_path):
+    class Custom(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    model, tok = _model(tiny_llama_dir, True)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "custom"), per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, max_steps=1, report_to=[], save_strategy="no",
+                         bf16=False, fp16=False, max_length=64)
+    Custom(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows(8)), processing_class=tok).train()
+    window = trainer_step.trainer_step_of(model).window
+    assert window.steps == 0 and "Custom's loss is not known" in window.off_reason

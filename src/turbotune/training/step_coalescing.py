@@ -20,8 +20,9 @@ user's settings could feed in one micro-step (`per_device_train_batch_size x max
 seen), so a pass never needs more memory than a micro-step of those settings could. Each pass is one padded batch
 that the hook then turns into one packed row, and runs through the trainer's own training_step.
 
-Not coalesced (each micro-batch runs as it came, said once at the start): no `num_items_in_batch` or a loss the
-trainer scales per micro-step, a `compute_loss_func`, label smoothing, MoE auxiliary losses, DataParallel, DeepSpeed,
+Not coalesced (each micro-batch runs as it came, said once at the start): a trainer whose compute_loss is not
+transformers' or SFTTrainer's (DPO, KTO, GRPO, user overrides), no `num_items_in_batch` or a loss the trainer
+scales per micro-step, a `compute_loss_func`, label smoothing, MoE auxiliary losses, DataParallel, DeepSpeed,
 context parallelism, left padding, or keys other than input_ids / attention_mask / labels / position_ids (TRL's
 packed rows come without padding already). What changes: metrics TRL computes per call (token accuracy, entropy)
 are averaged per pass, not per micro-batch.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 
 import torch
 
@@ -102,6 +104,8 @@ def _why_not(trainer, window: Window, inputs: dict, num_items_in_batch) -> str |
     """Why this micro-batch must run as it came, or None."""
     if not window.enabled:
         return "TURBOTUNE_COALESCE=0"
+    if not _loss_is_a_token_sum(trainer):
+        return f"{type(trainer).__name__}'s loss is not known to be a sum over tokens"
     if num_items_in_batch is None:
         return "no num_items_in_batch: the loss is a mean per micro-batch"
     scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
@@ -119,6 +123,16 @@ def _why_not(trainer, window: Window, inputs: dict, num_items_in_batch) -> str |
     if config is not None and (getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False)):
         return "context or sequence parallelism"
     return _shape_refusal(inputs)
+
+
+def _loss_is_a_token_sum(trainer) -> bool:
+    """Only the compute_loss of transformers' Trainer and of TRL's SFTTrainer are known to give a sum of token
+    losses over num_items_in_batch; preference and RL trainers (DPO, KTO, GRPO) and user overrides are left alone."""
+    from transformers import Trainer
+
+    fn = type(trainer).compute_loss
+    sft = getattr(sys.modules.get("trl.trainer.sft_trainer"), "SFTTrainer", None)  # imported if one is in use
+    return fn is Trainer.compute_loss or (sft is not None and fn is sft.compute_loss)
 
 
 def _shape_refusal(inputs: dict) -> str | None:
