@@ -103,3 +103,16 @@ def _gather(x: torch.Tensor, where: torch.Tensor, tail: int, fill) -> torch.Tens
     extra = (torch.arange(tail, dtype=x.dtype, device=x.device) if fill is None
              else torch.full((tail,), fill, dtype=x.dtype, device=x.device))
     return torch.cat([out, extra])
+
+
+def targets_in_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-target values of a packed row ([1, T - 1]: target i predicts packed token i + 1) back in the rows of
+    the right-padded batch it came from ([B, L - 1]: target j of row r predicts its token j + 1), zero (False)
+    where the padded batch has no target. Each sample's first token is never a target in either layout."""
+    lengths = mask.ne(0).sum(-1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    j = torch.arange(mask.shape[1] - 1, device=mask.device)
+    valid = (j + 1).unsqueeze(0) < lengths.unsqueeze(1)
+    src = (starts.unsqueeze(1) + j).clamp(max=values.shape[-1] - 1)
+    picked = values.reshape(-1)[src]
+    return torch.where(valid, picked, torch.zeros((), dtype=values.dtype, device=values.device))

@@ -86,6 +86,7 @@ def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs
     hook = trainer_step_of(self.model) if getattr(self, "model", None) is not None else None
     if hook is None:
         return _original(self, model, inputs, num_items_in_batch, *args, **kwargs)
+    hook.keep_rows = not _loss_is_a_token_sum(self)
     window = hook.window
     why = "extra arguments to training_step" if args or kwargs else _why_not(self, window, inputs, num_items_in_batch)
     if why is not None:

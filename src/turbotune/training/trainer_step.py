@@ -11,7 +11,7 @@ training call it:
 2. **serves TRL's `fused_lm_head=True`** with turbotune's fused head (`kernels/fused_token_logprobs.py`):
    per-token log-probs, entropies and top-1 hits, no `[tokens, vocab]` logits, nothing the host must wait for
    (TRL's own head indexes the valid positions, a host sync that no CUDA graph can hold);
-3. **replays the call from CUDA graphs** (`GraphedCall`): once a shape has run `warmup` times eagerly, its
+3. **replays the call from CUDA graphs** (`GraphedCall`, graphed_call.py): once a shape has run `warmup` times eagerly, its
    forward and its backward are captured as two graphs of one autograd callable, the LoRA parameters as its
    inputs, so the trainer's loss scaling, accumulation, clipping and optimizer see ordinary `.grad`s.
 
@@ -22,17 +22,14 @@ captured from (GPU tests).
 from __future__ import annotations
 
 import sys
-import warnings
 
 import torch
 
 from turbotune._compat import trl_fused_output_class, unwrap_peft
 from turbotune.model.state import turbo_state
+from turbotune.training.graphed_call import GraphedCall
 
 _UNCHECKED = object()
-WARMUP = 2       # eager calls of the first shape before it is captured (lazy initialisation, Triton compilation);
-                 # later shapes need one
-MAX_GRAPHS = 16  # shapes captured at most (bucketed lengths: about 4 per octave of tokens)
 
 
 def install(peft_model, verbose: bool = True) -> "TrainerStep":
@@ -97,6 +94,10 @@ class TrainerStep:
         self.pass_tokens = None  # real tokens per coalesced pass at most, once known
         self.largest_batch = 0
         self.last_token_metrics = None
+        # Set by the trainer wrap (step_coalescing): the trainer's loss needs each sample's own row (DPO, KTO,
+        # GRPO: per-sequence log-probs), so padding is removed only for TRL's fused head, whose per-token
+        # outputs are put back in rows; other calls keep their padded rows.
+        self.keep_rows = False
 
     def train(self, mode: bool = True):
         """nn.Module.train, skipped when it would change nothing: every module already in `mode` and transformers'
@@ -165,12 +166,20 @@ class TrainerStep:
             return self.original(*args, **kwargs)
         tensors, others = _split(kwargs)
         checkpointing = None if self._announced else self._checkpointing_line(tensors)  # plans on the fed batch
-        if self.remove_padding:
+        rows_mask = None  # the padded batch's mask, where the caller needs its per-token outputs back in rows
+        if self.remove_padding and (not self.keep_rows or (others.get("fused_lm_head")
+                                                            and self._head_refusal() is None)):
             from turbotune.training.padding import remove_padding
-            tensors = remove_padding(tensors, pad_id=self.pad_id())
+            packed = remove_padding(tensors, pad_id=self.pad_id())
+            if self.keep_rows and packed.get("input_ids") is not None \
+                    and packed["input_ids"].shape != tensors["input_ids"].shape:
+                rows_mask = tensors["attention_mask"]
+            tensors = packed
         if not self._announced:
             self._announce(tensors, others, checkpointing)
         out = self.graphs(tensors, others)
+        if rows_mask is not None:
+            out = _in_rows(out, rows_mask)
         # TRL's per-token metric tensors of this call (detached), for step_coalescing's per-micro-batch metrics
         self.last_token_metrics = _token_metrics(out)
         return out
@@ -282,6 +291,16 @@ def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_
                                     is_top1=is_top1, label_mask=mask)
 
 
+def _in_rows(out, mask):
+    """A fused-head output of a packed row, its per-target fields back in the padded batch's rows."""
+    from turbotune.training.padding import targets_in_rows
+
+    fields = {name: getattr(out, name) for name in ("log_probs", "entropy", "is_top1", "label_mask")}
+    if any(not torch.is_tensor(v) for v in fields.values()):
+        return out
+    return type(out)(**{**dict(out), **{k: targets_in_rows(v, mask) for k, v in fields.items()}})
+
+
 def _token_metrics(out):
     """(entropy, is_top1, label_mask) of a fused-head output, detached; None for other outputs."""
     fields = [getattr(out, name, None) for name in ("entropy", "is_top1", "label_mask")]
@@ -293,7 +312,7 @@ def _logit_scale(cfg) -> float:
     return 1.0 if scale is None else float(scale)
 
 
-# ---------------------------------------------------------------------------------------------- CUDA graphs
+# ---------------------------------------------------------------------------------------------- the call's inputs
 def _split(kwargs: dict) -> tuple[dict, dict]:
     tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
     others = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
@@ -302,198 +321,3 @@ def _split(kwargs: dict) -> tuple[dict, dict]:
         device = next(iter(tensors.values())).device
         tensors["num_items_in_batch"] = torch.tensor(others.pop("num_items_in_batch"), device=device)
     return tensors, others
-
-
-class GraphedCall:
-    """`fn(**tensors, **others)` per distinct shape: `warmup` eager calls, then a forward graph and a backward
-    graph (the `torch.cuda.make_graphed_callables` scheme) replayed through `_Replay`.
-
-    Replay equals the eager call because the same kernels run on the same (static) buffers: the batch is
-    copied into the captured input tensors, the outputs are copied out, the upstream gradients copied in
-    before the backward graph and the parameter gradients copied out after it. One memory pool serves every
-    graph: a trainer replays one forward, then its backward, never two forwards in between. Call `reset()`
-    after changing the model (adapters, checkpointing, patches)."""
-
-    def __init__(self, fn, model, enabled: bool = True, warmup: int = WARMUP, max_graphs: int = MAX_GRAPHS):
-        self.fn, self.model = fn, model
-        self.warmup, self.max_graphs = warmup, max_graphs
-        self.disabled_reason = None if enabled else "turned off"
-        self.replays = self.captures = self.eager_calls = 0
-        self.reset()
-
-    def reset(self) -> None:
-        self._entries: dict = {}
-        self._seen: dict = {}
-        self._pool = None
-        self._params = None  # the trainable parameters, read once (not per micro-step)
-
-    def params(self) -> list[torch.Tensor]:
-        if self._params is None:
-            self._params = [p for p in self.model.parameters() if p.requires_grad]
-            if self.disabled_reason is None:
-                from turbotune.model.checkpointing import get_offloaded_checkpointing
-                from turbotune.training.cuda_graphs import why_not_graphable
-                if get_offloaded_checkpointing(self.model) is not None:
-                    # Seen on an H100 (bench/NOTES.md, 2026-12-06): the capture fails, likely because the
-                    # offload's copy events would cross from the forward graph into the backward one.
-                    # cuda_graphs.GraphedMicroStep holds it in one graph; here it stays eager for now.
-                    self.disabled_reason = "offloaded checkpointing is not captured in the trainer step yet"
-                else:
-                    self.disabled_reason = why_not_graphable(self.model, self._params)
-        return self._params
-
-    def why_off(self) -> str | None:
-        self.params()
-        return self.disabled_reason
-
-    def __call__(self, tensors: dict, others: dict):
-        if _capturing():  # inside a graph someone else captures: a sync or a nested capture would break theirs
-            return self.fn(**tensors, **others)
-        params = self.params()
-        key = self._key(tensors, others)
-        entry = self._entries.get(key) if key is not None else None
-        if entry is None and key is not None:
-            seen = self._seen.get(key, 0)
-            # After the first capture the code paths are warm: a new shape needs one eager call (for any Triton
-            # specialisation of its sizes), not `warmup`.
-            needed = self.warmup if not self._entries else min(self.warmup, 1)
-            if seen >= needed and len(self._entries) < self.max_graphs:
-                entry = self._capture(key, tensors, others, params)
-            else:
-                self._seen[key] = seen + 1
-        if entry is None:
-            self.eager_calls += 1
-            return self.fn(**tensors, **others)
-        for k, buf in entry.inputs.items():
-            buf.copy_(tensors[k], non_blocking=True)
-        outs = _Replay.apply(entry, *entry.params)
-        self.replays += 1
-        return entry.rebuild(outs)
-
-    def _key(self, tensors, others):
-        if self.disabled_reason is not None:
-            return None
-        key = []
-        for k, v in sorted(tensors.items()):
-            if v.device.type != "cuda":
-                return None
-            key.append((k, tuple(v.shape), v.dtype))
-        for k, v in sorted(others.items()):
-            if v is not None and not isinstance(v, (bool, int, float, str)):
-                return None  # a cache object, a list: stay eager
-            key.append((k, v))
-        return tuple(key)
-
-    def _capture(self, key, tensors, others, params):
-        from turbotune.training.cuda_graphs import one_sequence_per_row
-        inputs = {k: v.clone() for k, v in tensors.items()}
-        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        try:
-            torch.cuda.synchronize()
-            # thread_local: a trainer's data-loading threads may touch CUDA (pinned memory) meanwhile.
-            with torch.cuda.graph(fwd, pool=self._pool, capture_error_mode="thread_local"), \
-                    one_sequence_per_row(inputs):
-                out = self.fn(**inputs, **others)
-            entry = _Entry(out, inputs, params)
-            # The trainer runs its backward outside the forward's autocast (accelerate's bf16 wrapper): so here.
-            with torch.cuda.graph(bwd, pool=self._pool, capture_error_mode="thread_local"), \
-                    torch.autocast("cuda", enabled=False):
-                grads = torch.autograd.grad(entry.diff_outputs(), params, grad_outputs=entry.grad_inputs,
-                                            allow_unused=True)
-        except Exception as exc:  # noqa: BLE001 - eager from now on, said once
-            torch.cuda.synchronize()
-            self.disabled_reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-            self.reset()
-            warnings.warn(f"turbotune: CUDA graphs off in the trainer step: {self.disabled_reason}", stacklevel=4)
-            return None
-        entry.fwd, entry.bwd, entry.grads = fwd, bwd, grads
-        entry.foreach_grads = _foreach_grads_allowed()
-        entry.detach_outputs()
-        self._entries[key] = entry
-        self.captures += 1
-        return entry
-
-
-class _Entry:
-    """One captured shape: static inputs, the forward's outputs and gradient buffers, the two graphs."""
-
-    def __init__(self, out, inputs, params):
-        self.inputs, self.params = inputs, params
-        self.cls = type(out)
-        self.names = [k for k, v in out.items() if torch.is_tensor(v)]
-        self.outputs = [out[k] for k in self.names]
-        self.diff = [o.requires_grad for o in self.outputs]
-        self.grad_inputs = [torch.empty_like(o) for o, d in zip(self.outputs, self.diff) if d]
-        self.fwd = self.bwd = self.grads = None
-        self.foreach_grads = False
-
-    def diff_outputs(self):
-        return [o for o, d in zip(self.outputs, self.diff) if d]
-
-    def detach_outputs(self):
-        self.outputs = [o.detach() for o in self.outputs]
-
-    def rebuild(self, outs):
-        return self.cls(**dict(zip(self.names, outs)))
-
-
-class _Replay(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, entry, *params):
-        entry.fwd.replay()
-        ctx.entry = entry
-        outs = tuple(o.clone() for o in entry.outputs)
-        ctx.mark_non_differentiable(*[o for o, d in zip(outs, entry.diff) if not d])
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        entry = ctx.entry
-        bufs = iter(entry.grad_inputs)
-        for g, d in zip(grad_outs, entry.diff):
-            if d:
-                buf = next(bufs)
-                if g is None:
-                    buf.zero_()
-                else:
-                    buf.copy_(g)
-        entry.bwd.replay()
-        if entry.foreach_grads:
-            _accumulate_foreach(entry.params, entry.grads)
-            return (None,) * (1 + len(entry.grads))
-        return (None, *[g.clone() if g is not None else None for g in entry.grads])
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _foreach_grads_allowed() -> bool:
-    """Whether replayed gradients may go straight into `.grad` with one multi-tensor add instead of one clone and
-    one AccumulateGrad per parameter (~400 launches for a 7-projection LoRA). Not under torch.distributed, whose
-    gradient hooks must see autograd's accumulation; TURBOTUNE_GRAPH_GRADS=autograd turns it off (A/B runs)."""
-    import os
-    if os.environ.get("TURBOTUNE_GRAPH_GRADS", "foreach") == "autograd":
-        return False
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
-
-
-def _accumulate_foreach(params, grads) -> None:
-    """`p.grad += g` for every parameter, as AccumulateGrad would, in two multi-tensor launches."""
-    add_to, add_from, fresh, fresh_from = [], [], [], []
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        if p.grad is None:
-            fresh.append(p)
-            fresh_from.append(g)
-        else:
-            add_to.append(p.grad)
-            add_from.append(g)
-    if add_to:
-        torch._foreach_add_(add_to, add_from)
-    if fresh:
-        for p, g in zip(fresh, torch._foreach_mul(fresh_from, 1.0)):
-            p.grad = g
