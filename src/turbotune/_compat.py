@@ -354,3 +354,30 @@ def trl_train_metrics(trainer) -> dict | None:
     metrics = getattr(trainer, "_metrics", None)
     train = metrics.get("train") if isinstance(metrics, dict) else None
     return train if isinstance(train, dict) else None
+
+
+def fsdp2():
+    """(fully_shard, MixedPrecisionPolicy, DTensor, distribute_tensor) of this torch: public under
+    torch.distributed.fsdp / torch.distributed.tensor from 2.6 (2.5 for DTensor), under _composable / _tensor before."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # pragma: no cover - torch < 2.6
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # pragma: no cover - torch < 2.5
+        from torch.distributed._tensor import DTensor, distribute_tensor
+    return fully_shard, MixedPrecisionPolicy, DTensor, distribute_tensor
+
+
+def fsdp_sum_gradients(module) -> None:
+    """Make a fully_shard-ed module's gradient reduction a plain sum over the ranks (FSDP2 averages by default).
+    A divide factor of 1 alone asks for ReduceOp.PREMUL_SUM(1.0), which gloo rejects ("Cannot use
+    ReduceOp.PREMUL_SUM with Gloo"); with sum-only collectives as well (set_force_sum_reduction_for_comms, which
+    torch 2.13 has) FSDP2 reduces with SUM and divides by nothing. Older releases name the factor's setter
+    set_reduce_scatter_divide_factor and may lack the sum-only switch (fine on NCCL, which has PREMUL_SUM)."""
+    setter = getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor
+    setter(1.0)
+    force_sum = getattr(module, "set_force_sum_reduction_for_comms", None)
+    if force_sum is not None:
+        force_sum(True)

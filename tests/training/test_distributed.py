@@ -75,8 +75,9 @@ def _env():
     return dict(env, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def _torchrun(tiny_dir, data_file, tmp, max_steps, **popen):
-    """torchrun with 2 ranks of `turbotune train` (2 per micro-batch per rank); returns (Popen, out, rec)."""
+def _torchrun(tiny_dir, data_file, tmp, max_steps, extra=(), **popen):
+    """torchrun with 2 ranks of `turbotune train` (2 per micro-batch per rank) and `extra` flags; returns
+    (Popen, out, rec)."""
     out, rec = tmp / "run", tmp / "rec"
     rec.mkdir()
     script = tmp / "entry.py"
@@ -84,7 +85,7 @@ def _torchrun(tiny_dir, data_file, tmp, max_steps, **popen):
     args = ["train", "--model", str(tiny_dir), "--data", str(data_file), "--output-dir", str(out),
             "--batch-size", "2", "--grad-accum", "2", "--max-seq-length", "64", "--lora-r", "4", "--lr", "5e-3",
             "--warmup-steps", "1", "--seed", "11", "--logging-steps", "1", "--save-steps", "2",
-            "--max-steps", str(max_steps), "--no-gradient-checkpointing"]
+            "--max-steps", str(max_steps), "--no-gradient-checkpointing", *extra]
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script), *args]
     return subprocess.Popen(cmd, env=_env(), text=True, **popen), out, rec
 
@@ -93,15 +94,20 @@ def _history(out):
     return json.loads((Path(out) / "training_log.json").read_text())["history"]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tiny_llama_dir, data_file, tmp_path_factory):
+def finished_run(tiny_dir, data_file, tmp, max_steps, extra=()):
+    """`_torchrun` to its end, which must be a success: (out, rec, rank 0's stdout)."""
     t0 = time.perf_counter()
-    proc, out, rec = _torchrun(tiny_llama_dir, data_file, tmp_path_factory.mktemp("ddp"), 4,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc, out, rec = _torchrun(tiny_dir, data_file, tmp, max_steps, extra, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
-    print(f"torchrun, 2 ranks, 4 steps: {time.perf_counter() - t0:.1f} s")
+    print(f"torchrun {' '.join(extra)}, 2 ranks, {max_steps} steps: {time.perf_counter() - t0:.1f} s")
     return out, rec, stdout
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_llama_dir, data_file, tmp_path_factory):
+    return finished_run(tiny_llama_dir, data_file, tmp_path_factory.mktemp("ddp"), 4)
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +121,21 @@ def single_run(tiny_llama_dir, data_file, tmp_path_factory):
     return out, result
 
 
-def test_two_ranks_equal_one_process_with_the_global_batch(ddp_run, single_run):
-    ddp_out, _, _ = ddp_run
-    single_out, _ = single_run
-    ddp, single = _history(ddp_out), _history(single_out)
-    assert [h["step"] for h in ddp] == [1, 2, 3, 4]
-    torch.testing.assert_close([h["loss"] for h in ddp], [h["loss"] for h in single], rtol=1e-5, atol=0)
-    assert [h["epoch"] for h in ddp] == [h["epoch"] for h in single]
-    theirs = load_file(str(ddp_out / "last_checkpoint" / "adapter_model.safetensors"))
+def assert_same_run(got_out, single_out):
+    """Per-step losses, epochs and final LoRA weights (fp32) of a 4-step run equal the single process's."""
+    got, single = _history(got_out), _history(single_out)
+    assert [h["step"] for h in got] == [1, 2, 3, 4]
+    torch.testing.assert_close([h["loss"] for h in got], [h["loss"] for h in single], rtol=1e-5, atol=0)
+    assert [h["epoch"] for h in got] == [h["epoch"] for h in single]
+    theirs = load_file(str(got_out / "last_checkpoint" / "adapter_model.safetensors"))
     ours = load_file(str(single_out / "last_checkpoint" / "adapter_model.safetensors"))
     assert theirs.keys() == ours.keys() and len(ours) > 0
     for name, w in ours.items():
         torch.testing.assert_close(theirs[name], w, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_two_ranks_equal_one_process_with_the_global_batch(ddp_run, single_run):
+    assert_same_run(ddp_run[0], single_run[0])
 
 
 def test_only_rank_0_writes_the_output_folder(ddp_run):

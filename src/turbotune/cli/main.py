@@ -76,6 +76,8 @@ _TRAIN_FLAGS = {
     "--no-patch": _const(False, "stock transformers + PEFT forwards (for comparison)", "patch"),
     "--no-cuda-graphs": _const(False, "run every micro-step eagerly (default: replay CUDA graphs on a GPU)",
                                "cuda_graphs"),
+    "--fsdp": _const("fsdp", "under torchrun: shard the model over the ranks with FSDP2, for a base too big for one "
+                             "card (default: DDP, a whole copy per rank)", "distributed"),
     "--adapter-precision": dict(choices=["peft", "input"],
                                 help="LoRA math in the adapters' dtype as PEFT (peft, default) or in the "
                                      "compute dtype (input: faster under bf16, as Unsloth)"),

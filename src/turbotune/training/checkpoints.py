@@ -125,12 +125,19 @@ def _as_python_state(s):
     return (s[0], tuple(s[1]), s[2])
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, tokenizer=None, extra_files=None) -> Path:
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, tokenizer=None, extra_files=None,
+                    adapter_state=None, optimizer_state=None) -> Path:
+    """adapter_state / optimizer_state: what to write instead of the model's and the optimizer's own state dicts
+    (whole tensors gathered from an FSDP2-sharded model, training/fsdp.py)."""
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+
     def write(tmp: Path):
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True,
+                              **({"state_dict": adapter_state} if adapter_state is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
+        torch.save({"optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict() if scheduler else None,
                     "rng": rng_state()}, tmp / "trainer_state.pt")
         for name, text in (extra_files or {}).items():
@@ -148,8 +155,9 @@ def load_trainer_state(path: Path) -> tuple[dict, dict]:
     return state, tensors
 
 
-def load_adapter_weights(model, path: Path) -> None:
-    """Load a checkpoint's adapter into a PEFT model; a shape mismatch means another base model."""
+def load_adapter_weights(model, path: Path, prepare=None) -> None:
+    """Load a checkpoint's adapter into a PEFT model; a shape mismatch means another base model. prepare: applied
+    to the loaded tensors first (FSDP2 splits them as the sharded parameters)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -159,7 +167,8 @@ def load_adapter_weights(model, path: Path) -> None:
     if not f.is_file():
         raise TurbotuneError(f"{path} has no adapter_model.safetensors; it is not a turbotune/PEFT checkpoint")
     try:
-        result = set_peft_model_state_dict(model, load_file(str(f)))
+        tensors = load_file(str(f))
+        result = set_peft_model_state_dict(model, prepare(tensors) if prepare else tensors)
     except RuntimeError as e:
         if "size mismatch" in str(e):
             raise TurbotuneError(f"the adapter in {path} was trained on a different base model (shape mismatch); "

@@ -59,6 +59,8 @@ class TrainConfig:
     patch: bool = True                  # turbotune's fused forwards (False = stock transformers + PEFT)
     cuda_graphs: bool = True            # replay each micro-step's kernels from a CUDA graph (GPU, fixed shapes)
     adapter_precision: str = "peft"     # LoRA math: "peft" (exact PEFT dtypes) | "input" (compute dtype, faster)
+    distributed: str = "ddp"            # under torchrun: "ddp" (a whole model per rank, distributed.py) | "fsdp"
+                                        # (the model sharded over the ranks with FSDP2, fsdp.py)
 
     # Keys that describe *what* is trained: an output dir holding a run with other values is a different run.
     IDENTITY = ("model", "data", "format", "load_in_4bit", "max_seq_length", "lora_r", "lora_alpha",
@@ -238,6 +240,11 @@ def check_values(cfg: TrainConfig) -> None:
         cfg.gradient_checkpointing = named[mode]
     if cfg.lr_scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"'lr_scheduler' must be linear, cosine or constant, got {cfg.lr_scheduler!r}")
+    if cfg.distributed not in ("ddp", "fsdp"):
+        raise ConfigError(f"'distributed' must be ddp or fsdp, got {cfg.distributed!r}")
+    if cfg.distributed == "fsdp" and cfg.load_in_4bit:
+        from turbotune.training.fsdp import FOUR_BIT_REFUSAL
+        raise ConfigError(FOUR_BIT_REFUSAL)
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError("'save_total_limit' must be at least 1")
 

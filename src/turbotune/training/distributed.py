@@ -35,6 +35,9 @@ Rank 0 alone writes the output folder (run_config.json, checkpoints, the log, th
 `run_on_main`, which also makes every rank wait for the write and fail together if it fails. Stopping:
 the loss is reduced, so a non-finite loss stops or skips on every rank; a signal on any rank is shared
 by `agree_on_stop` after each step, so all ranks stop after the same step, once rank 0 has saved.
+
+With --fsdp the ranks shard the model instead of each holding a copy (FSDP2, training/fsdp.py); the data order,
+the loss normalisation, the writes and the stopping above stay as they are.
 """
 from __future__ import annotations
 
@@ -135,15 +138,18 @@ class World:
             for t, v in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
                 t.copy_(v)
 
-    def reduce_step(self, params, loss, tokens: int) -> tuple[float, int]:
+    def reduce_step(self, params, loss, tokens: int, grads: bool = True) -> tuple[float, int]:
         """After the step's last micro-step: sum every trainable gradient, the loss (None: this rank had no
         micro-batch) and the token count over the ranks. Gradients are summed in place, so buffers a CUDA
-        graph owns keep their addresses; a parameter no rank gave a gradient keeps `grad=None`."""
+        graph owns keep their addresses; a parameter no rank gave a gradient keeps `grad=None`.
+        grads=False: the loss and the count only (under FSDP2 its reduce-scatter has summed the gradients)."""
         if not self.enabled:
             return float(loss), tokens
         import torch.distributed as dist
 
         device = params[0].device
+        if not grads:
+            params = []
         present = [p.grad is not None for p in params]
         scalars = torch.tensor([0.0, float(tokens), *map(float, present)], dtype=torch.float64, device=device)
         if loss is not None:

@@ -8,7 +8,7 @@ models it trains still work in transformers' Trainer and TRL's SFTTrainer (tests
 Gradient accumulation divides the summed token losses of all micro-batches of a step by the number of
 target tokens in the whole step (`num_items_in_batch`), so a step equals one big batch. Under torchrun the
 ranks share the data and add their gradients once per step (training/distributed.py): the step then equals
-one process's with N× the micro-batch.
+one process's with N× the micro-batch. With --fsdp they also shard the model (training/fsdp.py).
 """
 from __future__ import annotations
 
@@ -131,8 +131,16 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters; add LoRA with FastModel.get_peft_model first")
-        self.params = params
         self.world.broadcast_(params)
+        self.sharded = None  # FSDP2: the model split over the ranks (fsdp.py), its LoRA tensors then DTensors
+        if cfg.distributed == "fsdp" and self.world.enabled:
+            from turbotune.training.fsdp import ShardedModel
+            self.sharded = ShardedModel(model)
+            self._say(self.sharded.line())
+            params = [p for p in model.parameters() if p.requires_grad]  # fully_shard's DTensor parameters
+        elif cfg.distributed == "fsdp":
+            self._say("--fsdp: one process, nothing to shard")
+        self.params = params
         # The units a micro-batch is drawn from: samples (padded per batch) or packed rows of samples.
         if cfg.packing is None:
             cfg.packing, why = auto_packing(model, self.device)
@@ -141,6 +149,8 @@ class Trainer:
         # shape from batch to batch, and each new shape would run eagerly beside the graphs' memory pool.
         from turbotune.training.cuda_graphs import GraphedMicroStep
         self.micro = GraphedMicroStep(model, params, enabled=cfg.cuda_graphs)
+        if self.micro.active and self.sharded is not None:
+            self.micro.disable("FSDP2 gathers and frees the weights from module hooks, which a graph would skip")
         if self.micro.active and not cfg.packing:
             self.micro.disable("padded micro-batches change shape; --packing gives every step one shape")
         if cfg.packing:
@@ -179,6 +189,9 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed + epoch)
         perm = torch.randperm(len(self.units), generator=g).tolist()
         rows = [self.units[i] for i in self.world.rows_of(perm, pos, self.cfg.batch_size)]
+        if not rows and self.sharded is not None:  # FSDP2: every rank runs every micro-step (collectives)
+            from turbotune.training.fsdp import idle_batch
+            return idle_batch(self.collate(self.units[:1]))
         if not rows:
             return None
         batch = self.collate(rows)
@@ -236,9 +249,11 @@ class Trainer:
 
     def _resume_from(self, path: Path) -> None:
         state, tensors = ckpt.load_trainer_state(path)
-        ckpt.load_adapter_weights(self.model, path)
+        ckpt.load_adapter_weights(self.model, path, prepare=self.sharded.shard_adapter if self.sharded else None)
         if tensors.get("optimizer"):
             self.optimizer.load_state_dict(tensors["optimizer"])
+            if self.sharded is not None:
+                self.sharded.shard_optimizer(self.optimizer)
         if tensors.get("scheduler"):
             self.scheduler.load_state_dict(tensors["scheduler"])
         ckpt.set_rng_state(tensors["rng"])
@@ -251,18 +266,22 @@ class Trainer:
         print(f"[turbotune] {text}", file=self.stream, flush=True)
 
     def save(self, final: bool = False) -> Path:
-        """Written by rank 0 alone; every rank returns once it is on disk."""
-        return self.world.run_on_main(lambda: self._save(final))
+        """Written by rank 0 alone; every rank returns once it is on disk. Under FSDP2 every rank first takes part
+        in gathering the whole adapter and optimizer state."""
+        whole = {}
+        if self.sharded is not None:
+            whole = dict(zip(("adapter_state", "optimizer_state"), self.sharded.full_states(self.optimizer)))
+        return self.world.run_on_main(lambda: self._save(final, whole))
 
-    def _save(self, final: bool) -> Path:
+    def _save(self, final: bool, whole: dict) -> Path:
         if final:
             target = self.out / ckpt.LAST
             extra = {"run_config.json": dump(self.cfg)}
             path = ckpt.save_checkpoint(target, self.model, self.optimizer, self.scheduler, self._state(),
-                                        tokenizer=self.tokenizer, extra_files=extra)
+                                        tokenizer=self.tokenizer, extra_files=extra, **whole)
         else:
             path = ckpt.save_checkpoint(self.out / f"checkpoint-{self.step}", self.model, self.optimizer,
-                                        self.scheduler, self._state())
+                                        self.scheduler, self._state(), **whole)
             ckpt.rotate(self.out, self.cfg.save_total_limit)
         return path
 
@@ -281,7 +300,9 @@ class Trainer:
         n_targets = self.world.global_count(n_targets, self.device)  # every rank divides by the step's total
         num_items = torch.tensor(max(n_targets, 1), device=self.device)
         total, tokens = None, 0
-        for b in batches:
+        for i, b in enumerate(batches):
+            if self.sharded is not None:  # FSDP2 reduce-scatters the gradients after the step's last backward
+                self.sharded.gradient_sync(i == len(batches) - 1)
             n_tok = b.pop("num_tokens", None)  # packed batches count their real tokens; padded ones have a mask
             tokens += int(n_tok) if n_tok is not None else int(b["attention_mask"].sum())
             b = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -289,7 +310,7 @@ class Trainer:
             loss = self.micro({**b, "num_items_in_batch": num_items, "use_cache": False})
             total = loss if total is None else total + loss
         # one wait for the device per step, not per micro-batch; with several ranks, their gradient sum
-        return self.world.reduce_step(self.params, total, tokens)
+        return self.world.reduce_step(self.params, total, tokens, grads=self.sharded is None)
 
     def _zero_grad(self) -> None:
         self.micro.zero_grad(self.optimizer)  # in place while graphs accumulate into these tensors
