@@ -117,3 +117,109 @@ def test_qlora_merge_keeps_the_trained_behaviour(tiny_llama_dir, qlora_adapter, 
     written = export(qlora_adapter, tmp_path / "bf16")   # the default: NF4, written in bf16
     report = _merge_report(written)
     assert report["dtype"] == "bfloat16" and report["logits_relative_diff"] < 1e-2  # bf16 rounding only
+
+
+def _tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def _same_export(streamed, in_memory, exact=True):
+    """The same tensors (bit for bit, or fp32 within 1e-6), the same files beside them, the same merge report."""
+    got, want = _tensors(streamed), _tensors(in_memory)
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype, key
+        if exact:
+            assert torch.equal(got[key], tensor), key
+        else:
+            torch.testing.assert_close(got[key], tensor, rtol=0, atol=1e-6)
+    others = {f.name for f in in_memory.iterdir() if not f.name.endswith(".safetensors")}
+    assert others <= {f.name for f in streamed.iterdir()}
+    ours, theirs = _merge_report(streamed), _merge_report(in_memory)
+    assert ours.keys() == theirs.keys() and ours["dtype"] == theirs["dtype"]
+    # The streamed probe runs the folder as written, loaded by transformers; the in-memory one the merged model
+    # cast whole (its buffers too): in 16 bits they agree to that rounding (measured 0.0045 against 0.0045, bf16)
+    rel = 1e-3 if ours["dtype"] == "float32" else 0.1
+    assert ours["logits_max_abs_diff"] == pytest.approx(theirs["logits_max_abs_diff"], rel=rel, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", None])
+def test_streamed_merge_is_the_in_memory_merge(adapter, tmp_path, capsys, dtype):
+    """One base tensor at a time (stream_merge.py): the same weights as PEFT's merge_and_unload on the whole model,
+    in fp32 and cast to bf16, with the same report; the in-memory merge is not what ran."""
+    from turbotune.export.export import merge_adapter
+
+    streamed = merge_adapter(adapter, tmp_path / "streamed", dtype=dtype)
+    assert "merged in memory" not in capsys.readouterr().out
+    in_memory = merge_adapter(adapter, tmp_path / "in-memory", dtype=dtype, streamed=False)
+    _same_export(streamed, in_memory)
+
+
+def test_streamed_merge_in_shards(adapter, tmp_path):
+    """A shard size smaller than the model: several files and their index, loaded by transformers as one model."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from turbotune.export.export import merge_adapter
+
+    whole = merge_adapter(adapter, tmp_path / "whole", dtype="fp32")
+    sharded = merge_adapter(adapter, tmp_path / "sharded", dtype="fp32", max_shard_bytes=100_000)
+    files = sorted(sharded.glob("*.safetensors"))
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(files) > 2 and set(index["weight_map"].values()) == {f.name for f in files}
+    assert sorted(index["weight_map"]) == sorted(_tensors(whole))
+    _same_export(sharded, whole)
+    model = AutoModelForCausalLM.from_pretrained(str(sharded))
+    for name, tensor in model.state_dict().items():
+        if name in _tensors(whole):
+            assert torch.equal(tensor, _tensors(whole)[name]), name
+
+
+@pytest.mark.parametrize("into,dtype", [("auto", "fp32"), ("auto", None), ("original", "fp32")])
+def test_streamed_qlora_merge_is_the_in_memory_merge(qlora_adapter, tmp_path, into, dtype):
+    """Into the NF4 base: each 4-bit weight dequantised from bitsandbytes' own quantisation as the in-memory merge
+    does, bit for bit; into the original weights likewise."""
+    from turbotune.export.export import merge_adapter
+
+    streamed = merge_adapter(qlora_adapter, tmp_path / "streamed", dtype=dtype, merge_into=into)
+    in_memory = merge_adapter(qlora_adapter, tmp_path / "in-memory", dtype=dtype, merge_into=into, streamed=False)
+    _same_export(streamed, in_memory)
+    assert _merge_report(streamed)["merged_into"] == ("nf4" if into == "auto" else into)
+
+
+def test_streamed_rslora_merge_is_the_in_memory_merge(tiny_llama_dir, tmp_path, capsys):
+    """rsLoRA's scale alpha / sqrt(r), on the layers the adapter targets only."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import nonzero_lora_b
+    from turbotune.export.export import merge_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"], use_rslora=True)
+    nonzero_lora_b(get_peft_model(model, config), std=0.2).save_pretrained(str(tmp_path / "rslora"))
+    args = dict(base=str(tiny_llama_dir), dtype="fp32")
+    streamed = merge_adapter(tmp_path / "rslora", tmp_path / "streamed", **args)
+    assert "merged in memory" not in capsys.readouterr().out
+    _same_export(streamed, merge_adapter(tmp_path / "rslora", tmp_path / "in-memory", streamed=False, **args))
+
+
+def test_what_streaming_does_not_cover_is_merged_in_memory(tiny_llama_dir, tmp_path, capsys):
+    """A DoRA adapter: merged by PEFT on the whole model, as before, and the line says why."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import nonzero_lora_b
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    peft = nonzero_lora_b(get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)))
+    peft.save_pretrained(str(tmp_path / "dora"))
+    out = export(tmp_path / "dora", tmp_path / "merged", base=str(tiny_llama_dir), dtype="fp32")
+    assert "merged in memory (DoRA)" in capsys.readouterr().out
+    assert _merge_report(out)["logits_relative_diff"] < 1e-5

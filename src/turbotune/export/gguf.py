@@ -1,5 +1,5 @@
 """GGUF export: the merged model (base + adapter, merged in fp32 by export.merge_adapter) written as one .gguf file
-for llama.cpp, with the `gguf` package's GGUFWriter.
+for llama.cpp, with the `gguf` package's GGUFWriter, one tensor converted and written at a time (write_gguf).
 
 Families (gguf_families.py, with what each needs): `llama`, `mistral` (llama.cpp's `llama` arch, q/k rows permuted
 from rotate-half RoPE to interleaved pairs), `qwen2`, `qwen3` (per-head q/k norms), `phi3` (fused qkv and gate/up),
@@ -21,8 +21,9 @@ import tempfile
 from pathlib import Path
 
 from turbotune.errors import TurbotuneError
-from turbotune.export.gguf_families import add_hyperparameters, check_model, gguf_tensors
-from turbotune.export.gguf_tensors import WRITTEN, add_tensors, describe, file_size
+from turbotune.export.gguf_families import add_hyperparameters, check_model, gguf_names, gguf_tensor
+from turbotune.export.gguf_tensors import WRITTEN, describe, file_size, write_streamed
+from turbotune.export.stream_merge import SafetensorsFolder
 
 QUANTS = WRITTEN  # what turbotune writes itself
 _ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # as llama-quantize reads them
@@ -129,18 +130,8 @@ def llama_cpp_quantize(f16: Path, quant: str) -> Path:
     return dest
 
 
-def _load_state(folder: Path) -> dict:
-    from safetensors.numpy import load_file
-
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    return state
-
-
-def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = None) -> dict:
-    """Write the merged HF folder `merged` (safetensors, config, tokenizer) as a GGUF file at `dest`, its matrices
-    in `quant` (one of QUANTS). Returns, per stored type, the (name, row length) of its tensors."""
+def gguf_writer(merged: Path, dest: Path, quant: str, name: str | None = None):
+    """(GGUFWriter at `dest` with every key of the file added, the model's config, its Family): the tensors next."""
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
@@ -154,11 +145,20 @@ def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = 
     writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, AutoTokenizer.from_pretrained(str(merged)), config.vocab_size)
-    types = add_tensors(writer, gguf_tensors(_load_state(merged), config, family), quant)
+    return writer, config, family
 
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+
+def write_gguf(merged: Path, dest: Path, quant: str = "f16", name: str | None = None) -> dict:
+    """Write the merged HF folder `merged` (safetensors, config, tokenizer) as a GGUF file at `dest`, its matrices
+    in `quant` (one of QUANTS). Streamed: every tensor's shape and type goes in the header first, then each tensor
+    is read (safe_open), converted and written in turn, so one tensor at a time is in memory (the file's bytes are
+    those of GGUFWriter.add_tensor for all, then write_tensors_to_file). Returns, per stored type, the (name, row
+    length) of its tensors."""
+    writer, config, family = gguf_writer(merged, dest, quant, name)
+    state = SafetensorsFolder(sorted(Path(merged).glob("*.safetensors")))  # as safetensors' load_file orders them
+    names = dict((new, hf) for hf, new in gguf_names(list(state), config, family))
+    types = write_streamed(writer, ((new, state.shapes[hf]) for new, hf in names.items()),
+                           lambda new: gguf_tensor(names[new], state[names[new]], config, family), quant)
     writer.close()
     return types
 

@@ -175,25 +175,35 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(state: dict, config, family: Family):
-    """(llama.cpp name, fp32 array) for every tensor of the merged state dict that the file holds."""
+def gguf_names(hf_names, config, family: Family):
+    """(HF name, llama.cpp name) for every tensor of the merged checkpoint that the file holds, in order."""
     import gguf
 
-    arch = gguf.MODEL_ARCH[family.arch]
-    n_head, n_kv, _ = heads(config)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, w in state.items():
+    for hf_name in hf_names:
         if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
             continue
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise TurbotuneError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")
-        w = np.asarray(w, dtype=np.float32)
-        if family.permute_qk and hf_name.endswith("q_proj.weight"):
-            w = permute(w, n_head)
-        elif family.permute_qk and hf_name.endswith("k_proj.weight"):
-            w = permute(w, n_kv)
-        elif family.norm_shift and hf_name.endswith("norm.weight"):
-            w = w + np.float32(family.norm_shift)
-        yield new, w
+        yield hf_name, new
+
+
+def gguf_tensor(hf_name: str, w, config, family: Family) -> np.ndarray:
+    """The merged tensor `hf_name` as the file holds it, fp32: q/k rows permuted, norms shifted, per family."""
+    n_head, n_kv, _ = heads(config)
+    w = np.asarray(w, dtype=np.float32)
+    if family.permute_qk and hf_name.endswith("q_proj.weight"):
+        return permute(w, n_head)
+    if family.permute_qk and hf_name.endswith("k_proj.weight"):
+        return permute(w, n_kv)
+    if family.norm_shift and hf_name.endswith("norm.weight"):
+        return w + np.float32(family.norm_shift)
+    return w
+
+
+def gguf_tensors(state: dict, config, family: Family):
+    """(llama.cpp name, fp32 array) for every tensor of the merged state dict that the file holds."""
+    for hf_name, new in gguf_names(list(state), config, family):
+        yield new, gguf_tensor(hf_name, state[hf_name], config, family)

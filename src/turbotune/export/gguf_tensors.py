@@ -43,9 +43,45 @@ def stored(w: np.ndarray, kind: str) -> np.ndarray:
     return quantize(np.ascontiguousarray(w, dtype=np.float32), ggml_type(kind))
 
 
+def stored_info(shape, kind: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, numpy dtype, bytes) of what stored() returns for an fp32 array of `shape`, without computing it:
+    what GGUFWriter.add_tensor would record for it."""
+    from gguf.quants import quant_shape_to_byte_shape
+
+    shape = tuple(int(d) for d in shape)
+    if kind in ("f32", "f16"):
+        dtype = np.dtype(np.float32 if kind == "f32" else np.float16)
+        return shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    byte_shape = tuple(int(d) for d in quant_shape_to_byte_shape(shape, ggml_type(kind)))
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape, dtype=np.int64))
+
+
+def write_streamed(writer, infos: Iterable[tuple[str, tuple[int, ...]]], tensor_of, quant: str
+                   ) -> dict[str, list[tuple[str, int]]]:
+    """Write the file's header, keys and tensors, one tensor in memory at a time: every (name, shape) of `infos`
+    is declared first (GGUFWriter.add_tensor_info, what add_tensor records), then each tensor_of(name) (fp32) is
+    converted and written in the same order. The bytes are add_tensors' followed by write_tensors_to_file's.
+    Returns what add_tensors returns."""
+    types: dict[str, list[tuple[str, int]]] = {}
+    names = []
+    for name, shape in infos:
+        kind = tensor_type(quant, shape)
+        byte_shape, dtype, nbytes = stored_info(shape, kind)
+        writer.add_tensor_info(name, byte_shape, dtype, nbytes, raw_dtype=ggml_type(kind))
+        types.setdefault(kind, []).append((name, int(shape[-1])))
+        names.append((name, kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, kind in names:
+        writer.write_tensor_data(stored(tensor_of(name), kind))
+    return types
+
+
 def add_tensors(writer, tensors: Iterable[tuple[str, np.ndarray]], quant: str) -> dict[str, list[tuple[str, int]]]:
-    """Add each (GGUF name, fp32 array) to `writer` in the type tensor_type gives it. Returns, per stored type,
-    the (name, row length) of the tensors written in it, for the summary."""
+    """Add each (GGUF name, fp32 array) to `writer` in the type tensor_type gives it, all held until
+    write_tensors_to_file (the in-memory writer: write_streamed's reference in the tests). Returns, per stored
+    type, the (name, row length) of the tensors written in it, for the summary."""
     types: dict[str, list[tuple[str, int]]] = {}
     for name, w in tensors:
         kind = tensor_type(quant, w.shape)
