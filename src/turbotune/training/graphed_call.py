@@ -35,6 +35,7 @@ class GraphedCall:
         self._seen: dict = {}
         self._pool = None
         self._params = None  # the trainable parameters, read once (not per micro-step)
+        self._grad_bufs = None  # shared_grads: the one set of gradient outputs every backward graph copies into
 
     def params(self) -> list[torch.Tensor]:
         if self._params is None:
@@ -99,6 +100,8 @@ class GraphedCall:
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        if self._grad_bufs is None and shared_grads():  # outside the pool, before any capture
+            self._grad_bufs = [torch.zeros_like(p) for p in params]
         try:
             torch.cuda.synchronize()
             # thread_local: a trainer's data-loading threads may touch CUDA (pinned memory) meanwhile.
@@ -111,6 +114,8 @@ class GraphedCall:
                     torch.autocast("cuda", enabled=False):
                 grads = torch.autograd.grad(entry.diff_outputs(), params, grad_outputs=entry.grad_inputs,
                                             allow_unused=True)
+                if self._grad_bufs is not None:
+                    grads = _into_shared(grads, self._grad_bufs)
         except Exception as exc:  # noqa: BLE001 - eager from now on, said once
             torch.cuda.synchronize()
             self.disabled_reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
@@ -173,6 +178,27 @@ class _Replay(torch.autograd.Function):
             _accumulate_foreach(entry.params, entry.grads)
             return (None,) * (1 + len(entry.grads))
         return (None, *[g.clone() if g is not None else None for g in entry.grads])
+
+
+def shared_grads() -> bool:
+    """TURBOTUNE_SHARED_GRADS=1: every backward graph copies its LoRA gradients into one shared set of buffers
+    (allocated once, outside the graph pool) and its own gradient outputs go back to the pool, where later
+    captures reuse them: one set of gradient memory (74 MB for qwen2-1.5b's LoRA) instead of one per captured
+    length. Sound for the same reason one pool is: a trainer replays a forward, then its backward, and the
+    gradients are consumed (added to .grad) before the next replay; a graph's own outputs, which another graph's
+    backward may now overwrite, are only read right after its forward replays. Off by default until the GPU tests
+    have run with it (bench/NOTES.md, eighth session)."""
+    import os
+    return os.environ.get("TURBOTUNE_SHARED_GRADS", "0") == "1"
+
+
+def _into_shared(grads, bufs):
+    """Inside the backward capture: the gradients copied into the shared buffers (one launch); those buffers
+    stand in for them from then on."""
+    pairs = [(b, g) for b, g in zip(bufs, grads) if g is not None]
+    if pairs:
+        torch._foreach_copy_([b for b, _ in pairs], [g for _, g in pairs])
+    return tuple(b if g is not None else None for b, g in zip(bufs, grads))
 
 
 def _capturing() -> bool:
