@@ -6,6 +6,7 @@ import json
 import re
 import sys
 
+from turbotune.planner.parallel import PARALLEL_LABELS, PARALLEL_MODES, predict_per_gpu
 from turbotune.planner.search import max_batch_size, max_seq_len
 from turbotune.model.host_buffers import host_memory_bytes
 from turbotune.planner.summary import gib
@@ -22,7 +23,6 @@ from turbotune.planner.predict import (
     Plan,
     PlanError,
     model_shape,
-    predict_peak,
     resolve_config,
 )
 
@@ -56,6 +56,15 @@ def host_max_seq_len(plan: Plan, host_bytes: int | None) -> int | None:
     return int(HOST_FRACTION * host_bytes / (per_token * plan.batch_size))
 
 
+def _not_at_peak(phase: str) -> str:
+    """The note of an item not counted at the peak: its phase is the smaller one (or, kept activations under a
+    DDP all-reduce peak, freed by then)."""
+    if phase == "kept":
+        return "not at the peak (freed before the gradient all-reduce)"
+    name = {"loss": "loss", "reduce": "gradient all-reduce"}.get(phase, "layer backward")
+    return f"not at the peak (the {name} phase is smaller)"
+
+
 def format_plan(plan: Plan, budget_bytes: int | None = None, fits_table: list[dict] | None = None,
                 other: Plan | None = None, host_bytes: int | None = None) -> str:
     """The table `turbotune plan` prints."""
@@ -66,6 +75,9 @@ def format_plan(plan: Plan, budget_bytes: int | None = None, fits_table: list[di
              f"seq {plan.seq_len:,} × batch {plan.batch_size} = {plan.seq_len * plan.batch_size:,} tokens · "
              f"checkpointing {plan.checkpointing}",
              ""]
+    if plan.gpus > 1:
+        lines[-1:-1] = [f"per GPU: {PARALLEL_LABELS[plan.parallel]} over {plan.gpus} GPUs, batch {plan.batch_size} "
+                        "per rank (predicted; not yet measured on several GPUs)"]
     width = max(len(i.label) for i in plan.items) + 2
     lines.append(f"{'item':<{width}}{'GiB':>8}  note")
     lines.append("-" * (width + 8 + 40))
@@ -74,14 +86,14 @@ def format_plan(plan: Plan, budget_bytes: int | None = None, fits_table: list[di
             lines.append(f"{'= peak allocated (torch.cuda.max_memory_allocated)':<{width}}"
                          f"{gib(plan.allocated_bytes):>8}  at the {plan.peak_phase} phase")
         value = gib(i.bytes) if i.counted else f"[{gib(i.bytes)}]"
-        note = i.note if i.counted else "not at the peak (the " + \
-            ("loss" if i.phase == "loss" else "layer backward") + " phase is smaller)"
+        note = i.note if i.counted else _not_at_peak(i.phase)
         lines.append(f"{i.label:<{width}}{value:>8}  {note}".rstrip())
     lines.append("-" * (width + 8 + 40))
     verdict = ""
     if budget_bytes is not None:
         verdict = f"  fits {gib(budget_bytes)} GiB: {'yes' if plan.total_bytes <= budget_bytes else 'NO'}"
-    lines.append(f"{'= total':<{width}}{gib(plan.total_bytes):>8}{verdict}")
+    total = "= total" + (" per GPU" if plan.gpus > 1 else "")
+    lines.append(f"{total:<{width}}{gib(plan.total_bytes):>8}{verdict}")
     if plan.host_bytes:
         lines.append(f"+ pinned host memory for the offloaded layer inputs: {gib(plan.host_bytes)} GiB"
                      + (f" of this machine's {gib(host_bytes)} GiB RAM"
@@ -134,6 +146,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--host-memory", default=None,
                         help="host RAM for offloaded checkpointing's pinned buffers, e.g. 128GB (default: this "
                              "machine's)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs trained on (torchrun ranks, --batch-size per rank): the prediction is per GPU "
+                             "(default 1; predicted; not yet measured on several GPUs)")
+    parser.add_argument("--parallel", choices=PARALLEL_MODES, default="ddp",
+                        help="with --gpus > 1: ddp (a whole model per GPU, default) or fsdp (FSDP2: the model "
+                             "sharded over the GPUs; not with --qlora)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -144,16 +162,16 @@ def _plan_document(args) -> tuple[dict, str]:
     budget = parse_memory(args.gpu_memory)
     host = parse_memory(args.host_memory) if getattr(args, "host_memory", None) else host_memory_bytes()
     kw = dict(qlora=args.qlora, lora_r=args.lora_r, method=args.method, dtype=args.dtype,
-              double_quant=args.double_quant)
-    plan = predict_peak(shape, args.seq_len, args.batch_size, checkpointing=args.checkpointing, name=name, **kw)
+              double_quant=args.double_quant, gpus=getattr(args, "gpus", 1), parallel=getattr(args, "parallel", "ddp"))
+    plan = predict_per_gpu(shape, args.seq_len, args.batch_size, checkpointing=args.checkpointing, name=name, **kw)
     other_method = "hf" if args.method == "turbotune" else "turbotune"
-    other = predict_peak(shape, args.seq_len, args.batch_size, checkpointing=args.checkpointing, name=name,
+    other = predict_per_gpu(shape, args.seq_len, args.batch_size, checkpointing=args.checkpointing, name=name,
                          **{**kw, "method": other_method})
     rows = []
     for mode in CHECKPOINTING_MODES:
         seq, seq_capped = max_seq_len(shape, budget, args.batch_size, checkpointing=mode, **kw)
         bat, bat_capped = max_batch_size(shape, budget, args.seq_len, checkpointing=mode, **kw)
-        at_given = predict_peak(shape, args.seq_len, args.batch_size, checkpointing=mode, **kw)
+        at_given = predict_per_gpu(shape, args.seq_len, args.batch_size, checkpointing=mode, **kw)
         rows.append({"checkpointing": mode, "max_seq_len": seq, "seq_capped": seq_capped,
                      "max_batch_size": bat, "batch_capped": bat_capped,
                      "total_bytes_at_given": at_given.total_bytes,

@@ -143,6 +143,7 @@ Not calibrated: QLoRA (no measurement yet), none / offload checkpointing, other 
 Limits: dense decoder-only Llama-shaped models (llama, qwen2, mistral, ... with a gated MLP); MoE configs are
 refused. LoRA on all seven projections, no dropout (the fused path). Batches without an attention mask (SDPA's flash
 kernel, causal). The one-layer working set is an estimate of the largest temporaries, not a trace.
+Several GPUs (`--gpus N`, turbotune's DDP or FSDP2): planner/parallel.py turns these items into one rank's.
 """
 from __future__ import annotations
 
@@ -306,6 +307,8 @@ class Plan:
     per_layer_saved: dict = field(default_factory=dict)   # bytes per token, by term
     checkpointed_layers: int | None = None                # recompute: layers checkpointed (None: all)
     host_bytes: int = 0                                   # offload: pinned host memory for the layer inputs
+    gpus: int = 1                                         # ranks; the items are one rank's (planner/parallel.py)
+    parallel: str = "ddp"                                 # "ddp" | "fsdp" (only matters when gpus > 1)
 
     def item(self, key: str) -> int:
         return sum(i.bytes for i in self.items if i.key == key)

@@ -1,7 +1,8 @@
 """Searches over the memory planner: the longest sequence and the largest batch that fit a budget."""
 from __future__ import annotations
 
-from turbotune.planner.predict import BATCH_SEARCH_CAP, SEQ_SEARCH_CAP, model_shape, predict_peak
+from turbotune.planner.parallel import predict_per_gpu
+from turbotune.planner.predict import BATCH_SEARCH_CAP, SEQ_SEARCH_CAP, model_shape
 
 
 def _largest(fits, lo_ok: int, cap: int) -> tuple[int, bool]:
@@ -40,7 +41,8 @@ def _tiling_threshold(shape, batch: int, kw: dict) -> int | None:
 def max_seq_len(config, budget_bytes: int, batch: int, cap: int | None = None, **kw) -> tuple[int, bool]:
     """(largest sequence length whose predicted total fits budget_bytes at this batch, capped?).
 
-    cap defaults to the model's max_position_embeddings (or 2^20). kw: predict_peak's keyword arguments.
+    cap defaults to the model's max_position_embeddings (or 2^20). kw: predict_per_gpu's keyword arguments
+    (predict_peak's, and gpus / parallel: the per-GPU prediction).
     The prediction grows with the length except at one point: where the MLP starts being tiled over tokens it
     drops (the [tokens, intermediate] tensors shrink to one chunk). So the two sides are searched apart.
     """
@@ -48,7 +50,7 @@ def max_seq_len(config, budget_bytes: int, batch: int, cap: int | None = None, *
     cap = int(cap or shape.max_positions or SEQ_SEARCH_CAP)
 
     def fits(s):
-        return predict_peak(shape, s, batch, **kw).total_bytes <= budget_bytes
+        return predict_per_gpu(shape, s, batch, **kw).total_bytes <= budget_bytes
 
     best = _largest(fits, 1, cap)
     t = _tiling_threshold(shape, batch, kw)
@@ -61,4 +63,4 @@ def max_seq_len(config, budget_bytes: int, batch: int, cap: int | None = None, *
 def max_batch_size(config, budget_bytes: int, seq_len: int, cap: int = BATCH_SEARCH_CAP, **kw) -> tuple[int, bool]:
     """(largest micro-batch whose predicted total fits budget_bytes at this sequence length, capped?)."""
     shape = model_shape(config)
-    return _largest(lambda n: predict_peak(shape, seq_len, n, **kw).total_bytes <= budget_bytes, 1, int(cap))
+    return _largest(lambda n: predict_per_gpu(shape, seq_len, n, **kw).total_bytes <= budget_bytes, 1, int(cap))

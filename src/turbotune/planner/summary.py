@@ -16,4 +16,6 @@ def prediction_line(plan: Plan) -> str:
             f"r={plan.lora_r}"
             + (f"; {gib(plan.host_bytes)} GiB of pinned host memory for the offloaded layer inputs"
                if plan.host_bytes else "")
+            + (f"; per GPU, {'FSDP2' if plan.parallel == 'fsdp' else 'DDP'} over {plan.gpus} GPUs"
+               if plan.gpus > 1 else "")
             + "; `turbotune plan` itemises it)")
