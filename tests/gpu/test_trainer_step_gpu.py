@@ -109,3 +109,17 @@ def test_shared_gradient_buffers_equal_eager(tiny_dir, tmp_path, monkeypatch):
     for a, b in zip(logs, eager_logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
+
+
+def test_capture_at_first_sight_equals_eager(tiny_dir, tmp_path, monkeypatch):
+    """TURBOTUNE_CAPTURE_FIRST_SIGHT=1 with half-octave buckets: after the first capture, a new length is captured
+    when first seen (no eager call first); the losses still equal the eager run's."""
+    monkeypatch.setenv("TURBOTUNE_CAPTURE_FIRST_SIGHT", "1")
+    monkeypatch.setenv("TURBOTUNE_BUCKETS", "2")
+    lengths = [17 + (i * 37) % 180 for i in range(80)]
+    step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=12, batch=4)
+    g = step.graphs
+    assert g.disabled_reason is None and g.captures >= 2 and g.eager_after_capture == 0, vars(g)
+    eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=12, batch=4)
+    for a, b in zip(logs, eager_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)

@@ -132,6 +132,14 @@ def test_bucket_lengths(tokens, bucket):
     assert bucket_length(tokens) == bucket and bucket - tokens <= max(256, tokens // 4)
 
 
+@pytest.mark.parametrize("tokens,bucket", [(257, 384), (700, 768), (1025, 1536), (3000, 3072), (4097, 6144)])
+def test_half_octave_buckets(tokens, bucket, monkeypatch):
+    """TURBOTUNE_BUCKETS=2: half as many lengths (fewer captures), at most half an octave of padding."""
+    assert bucket_length(tokens, per_octave=2) == bucket
+    monkeypatch.setenv("TURBOTUNE_BUCKETS", "2")
+    assert bucket_length(tokens) == bucket and bucket - tokens <= max(256, tokens // 2)
+
+
 def test_parameter_count_read_once_equals_transformers(tiny_llama_dir):
     """What the Trainer asks every micro-step (num_parameters, or floating_point_ops on older transformers) is the
     base model's answer, counted once."""

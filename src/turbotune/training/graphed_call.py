@@ -28,6 +28,7 @@ class GraphedCall:
         self.warmup, self.max_graphs = warmup, max_graphs
         self.disabled_reason = None if enabled else "turned off"
         self.replays = self.captures = self.eager_calls = 0
+        self.eager_after_capture = 0  # eager calls of a capturable shape once some shape was captured
         self.reset()
 
     def reset(self) -> None:
@@ -65,14 +66,16 @@ class GraphedCall:
         if entry is None and key is not None:
             seen = self._seen.get(key, 0)
             # After the first capture the code paths are warm: a new shape needs one eager call (for any Triton
-            # specialisation of its sizes), not `warmup`.
-            needed = self.warmup if not self._entries else min(self.warmup, 1)
+            # specialisation of its sizes), not `warmup`; none with TURBOTUNE_CAPTURE_FIRST_SIGHT=1 (an A/B for
+            # the next GPU run: a capture that fails turns the graphs off for the run, bench/NOTES.md).
+            needed = self.warmup if not self._entries else (0 if _first_sight() else min(self.warmup, 1))
             if seen >= needed and len(self._entries) < self.max_graphs:
                 entry = self._capture(key, tensors, others, params)
             else:
                 self._seen[key] = seen + 1
         if entry is None:
             self.eager_calls += 1
+            self.eager_after_capture += bool(self._entries) and key is not None
             return self.fn(**tensors, **others)
         for k, buf in entry.inputs.items():
             buf.copy_(tensors[k], non_blocking=True)
@@ -199,6 +202,11 @@ def _into_shared(grads, bufs):
     if pairs:
         torch._foreach_copy_([b for b, _ in pairs], [g for _, g in pairs])
     return tuple(b if g is not None else None for b, g in zip(bufs, grads))
+
+
+def _first_sight() -> bool:
+    import os
+    return os.environ.get("TURBOTUNE_CAPTURE_FIRST_SIGHT", "0") == "1"
 
 
 def _capturing() -> bool:
