@@ -1,10 +1,12 @@
 """TRL's preference trainers on a turbotune model, unmodified: the first steps' losses, grad norms and every LoRA
 gradient equal the stock transformers + PEFT model's under the same trainer (fp32, CPU). Their losses
 need each sample's own row (per-sequence log-probs), so the hook keeps rows for them (trainer_step.keep_rows):
-padding is removed only where turbotune's fused head serves TRL's and its per-token outputs go back in rows."""
+padding is removed where turbotune's fused head serves TRL's (DPO's mean logits included) and its per-token outputs
+go back in rows."""
 import pytest
 from transformers import TrainerCallback
 
+from turbotune.training import padding as padding_mod
 from turbotune.training import trainer_step
 
 from tests.training.test_trainer_step import _model
@@ -50,12 +52,19 @@ def _train(folder, tmp_path, patch, trainer_cls, config_cls, rows, **extra):
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto"])
-def test_preference_trainer_equals_stock(tiny_llama_dir, tmp_path, name):
+def test_preference_trainer_equals_stock(tiny_llama_dir, tmp_path, name, monkeypatch):
     trainer_cls, config_cls, rows = {"dpo": (trl.DPOTrainer, trl.DPOConfig, _dpo_rows()),
                                      "kto": (trl.KTOTrainer, trl.KTOConfig, _kto_rows())}[name]
+    served, packed = [], []
+    real_head, real_remove = trainer_step.fused_head_forward, padding_mod.remove_padding
+    monkeypatch.setattr(trainer_step, "fused_head_forward",
+                        lambda *a, **k: (lambda out: served.append(out is not None) or out)(real_head(*a, **k)))
+    monkeypatch.setattr(padding_mod, "remove_padding",
+                        lambda b, **k: (lambda out: packed.append(out is not b) or out)(real_remove(b, **k)))
     model, ours, grads = _train(tiny_llama_dir, tmp_path, True, trainer_cls, config_cls, rows)
     step = trainer_step.trainer_step_of(model)
     assert step is not None and step.keep_rows and step.window.steps == 0  # rows kept, micro-batches apart
+    assert served and all(served) and any(packed)  # turbotune's head (DPO's mean_logits too), padding removed
     _, stock, stock_grads = _train(tiny_llama_dir, tmp_path, False, trainer_cls, config_cls, rows)
     assert len(ours) == len(stock) == 3
     for a, b in zip(ours, stock):

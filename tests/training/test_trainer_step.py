@@ -189,7 +189,8 @@ def test_fused_head_refuses_what_it_does_not_compute(tiny_llama_dir):
 
     from turbotune._compat import unwrap_peft
     for kw, served in [(dict(outputs=("log_probs", "entropy", "is_top1")), True),
-                       (dict(temperature=0.7), False), (dict(outputs=("log_probs", "mean_logits")), False),
+                       (dict(temperature=0.7), False), (dict(outputs=("log_probs", "log_sum_sq_probs")), False),
+                       (dict(outputs=("log_probs", "mean_logits")), True),
                        (dict(cast_lm_head_to_fp32=True), False)]:
         model, _ = _model(tiny_llama_dir, True)
         assert trainer_step.fused_head_refusal(model) is not None  # no TRL head yet: nothing to stand in for

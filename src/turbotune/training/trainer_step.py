@@ -236,7 +236,7 @@ class TrainerStep:
 # Logit multipliers TRL's head applies for some families (Granite, Falcon-H1, MPT, ...); ours reads only
 # `logit_scale` and the final soft-cap, so models with any of these keep TRL's head.
 _OTHER_LOGIT_SCALES = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
-_SERVED_FIELDS = {"log_probs", "entropy", "is_top1"}
+_SERVED_FIELDS = {"log_probs", "entropy", "is_top1", "mean_logits"}
 
 
 def fused_head_refusal(peft_model) -> str | None:
@@ -282,13 +282,16 @@ def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_
     else:
         targets = shift_labels
     targets = targets.to(head.weight.device)
-    log_probs, entropy, is_top1 = fused_linear_token_logprobs(
+    from turbotune._compat import trl_fused_head_settings
+    want_mean = "mean_logits" in (trl_fused_head_settings(causal_lm) or {}).get("outputs", ())  # DPO asks for it
+    log_probs, entropy, is_top1, *mean = fused_linear_token_logprobs(
         hidden.to(head.weight.device), head.weight, targets, bias=head.bias,
-        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=_logit_scale(cfg))
+        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=_logit_scale(cfg), mean_logits=want_mean)
     mask = targets != -100
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    extra = {"mean_logits": mean[0]} if mean else {}
     return trl_fused_output_class()(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
-                                    is_top1=is_top1, label_mask=mask)
+                                    is_top1=is_top1, label_mask=mask, **extra)
 
 
 def _in_rows(out, mask):
@@ -298,6 +301,8 @@ def _in_rows(out, mask):
     fields = {name: getattr(out, name) for name in ("log_probs", "entropy", "is_top1", "label_mask")}
     if any(not torch.is_tensor(v) for v in fields.values()):
         return out
+    if torch.is_tensor(getattr(out, "mean_logits", None)):
+        fields["mean_logits"] = out.mean_logits
     return type(out)(**{**dict(out), **{k: targets_in_rows(v, mask) for k, v in fields.items()}})
 
 

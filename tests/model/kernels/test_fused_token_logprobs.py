@@ -59,3 +59,22 @@ def test_trainable_head_is_refused():
     hidden, weight, _, labels = _inputs((4,), 16, 50)
     with pytest.raises(ValueError, match="frozen"):
         fused_linear_token_logprobs(hidden, weight.requires_grad_(), labels, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v,chunk,softcap,scale", [(1000, 7, None, 1.0), (257, 5, 30.0, 0.5)])
+def test_mean_logits_match_reference(backend, v, chunk, softcap, scale):
+    """mean_logits=True (TRL's `mean_logits`): each target row's mean logit after scale and softcap, 0 where
+    ignored; the other outputs and the gradient are unchanged."""
+    hidden, weight, b, labels = _inputs((3, 8), 32, v, bias=True)
+    kw = dict(bias=b, softcap=softcap, logit_scale=scale)
+    ref = linear_token_logprobs_reference(hidden, weight, labels, mean_logits=True, **kw)
+    got = fused_linear_token_logprobs(hidden, weight, labels, chunk_size=chunk, backend=backend, mean_logits=True,
+                                      **kw)
+    assert len(got) == 4 and got[3].shape == labels.shape and not got[3].requires_grad
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-5)
+    assert (got[3][labels == -100] == 0).all() and got[3].abs().sum() > 0
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    (g_ref,) = torch.autograd.grad(ref[0].sum(), hidden)
+    (g_got,) = torch.autograd.grad(got[0].sum(), hidden)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)

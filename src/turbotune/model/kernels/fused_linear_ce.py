@@ -130,12 +130,13 @@ if HAS_TRITON:
         return cols, mask, z, t
 
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, inv_denom_ptr, ent_ptr, top1_ptr, n_cols,
-                        ignore_index, scale, softcap, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                        WRITE_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _ce_rows_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, inv_denom_ptr, ent_ptr, top1_ptr, mean_ptr,
+                        n_cols, ignore_index, scale, softcap, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        WRITE_STATS: tl.constexpr, WRITE_MEAN: tl.constexpr, BLOCK_V: tl.constexpr):
         # One program per row. Sweep 1: online max m and sum-exp d over vocab tiles. Sweep 2: overwrite the
         # row with g = scale * (1 - t^2) * (softmax - onehot) / D in the logits' dtype and, with WRITE_STATS,
-        # sum p * z for the entropy lse - sum p z; the target is top-1 when z_y reaches the row's max.
+        # sum p * z for the entropy lse - sum p z; the target is top-1 when z_y reaches the row's max. With
+        # WRITE_MEAN, sweep 1 also sums z for the row's mean logit (TRL's mean_logits).
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * row_stride
         label = tl.load(labels_ptr + row).to(tl.int64)
@@ -144,6 +145,8 @@ if HAS_TRITON:
             if WRITE_STATS:
                 tl.store(ent_ptr + row, 0.0)
                 tl.store(top1_ptr + row, 0)
+            if WRITE_MEAN:
+                tl.store(mean_ptr + row, 0.0)
             if WRITE_GRAD:
                 for off in range(0, n_cols, BLOCK_V):
                     cols = off + tl.arange(0, BLOCK_V)
@@ -152,13 +155,18 @@ if HAS_TRITON:
             return
         m = float("-inf")
         d = 0.0
+        zsum = 0.0
         for off in range(0, n_cols, BLOCK_V):
             _, mask, z, _ = _capped_tile(ptr, off, n_cols, scale, softcap, HAS_SOFTCAP, BLOCK_V)
+            if WRITE_MEAN:
+                zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
             z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
         lse = m + tl.log(d)
+        if WRITE_MEAN:
+            tl.store(mean_ptr + row, zsum / n_cols)
         o_y = tl.load(ptr + label).to(tl.float32)
         z_y, _ = _capped(o_y, scale, softcap, HAS_SOFTCAP)
         tl.store(loss_ptr + row, lse - z_y)
@@ -183,17 +191,18 @@ if HAS_TRITON:
 def _ce_rows_triton(logits, labels, loss_rows, inv_denom, ignore_index, scale, softcap, write_grad, stats=None):
     rows, n_cols = logits.shape
     block = min(CE_BLOCK_V, max(16, next_power_of_2(n_cols)))
-    ent, top1 = stats if stats is not None else (loss_rows, loss_rows)  # unused without WRITE_STATS
+    ent, top1, mean = (*stats, None)[:3] if stats is not None else (loss_rows, loss_rows, None)  # unused if not
     _ce_rows_kernel[(rows,)](
-        logits, logits.stride(0), labels, loss_rows, inv_denom, ent, top1, n_cols, ignore_index,
-        float(scale), float(softcap if softcap is not None else 1.0),
-        HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad, WRITE_STATS=stats is not None, BLOCK_V=block,
-        num_warps=CE_WARPS)
+        logits, logits.stride(0), labels, loss_rows, inv_denom, ent, top1, loss_rows if mean is None else mean,
+        n_cols, ignore_index, float(scale), float(softcap if softcap is not None else 1.0),
+        HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad, WRITE_STATS=stats is not None,
+        WRITE_MEAN=mean is not None, BLOCK_V=block, num_warps=CE_WARPS)
 
 
 def _ce_rows_torch(logits, labels, loss_rows, inv_denom, ignore_index, scale, softcap, write_grad, stats=None):
     """Same contract as the kernel, in PyTorch on one chunk: loss rows into `loss_rows`, g over `logits`,
-    and with `stats` = (entropy, top1) the rows' entropies and whether each target is a top-1 logit."""
+    and with `stats` = (entropy, top1[, mean]) the rows' entropies, whether each target is a top-1 logit and
+    (if a third buffer is given) each row's mean logit."""
     z = logits.float()
     if scale != 1.0:
         z = z * scale
@@ -207,7 +216,9 @@ def _ce_rows_torch(logits, labels, loss_rows, inv_denom, ignore_index, scale, so
     z_y = z.gather(1, safe).squeeze(1)
     loss_rows.copy_(torch.where(valid, lse - z_y, torch.zeros_like(lse)))
     if stats is not None:
-        ent, top1 = stats
+        ent, top1 = stats[:2]
+        if len(stats) > 2:
+            stats[2].copy_(torch.where(valid, z.mean(-1), torch.zeros_like(lse)))
         p = torch.softmax(z, dim=-1)
         ent.copy_(torch.where(valid, lse - (p * z).sum(-1), torch.zeros_like(lse)))
         top1.copy_(valid & (z_y >= z.amax(-1)))
@@ -226,7 +237,7 @@ def _chunked_rows(hidden, weight, bias, labels, ignore_index, inv_denom, softcap
                   need_h, need_w, need_b, stats=None):
     """Per-row losses l_n [N] fp32 and, as asked, dloss/dhidden [N, H], dloss/dW, dloss/db (loss = sum_n l_n *
     inv_denom), `chunk_size` rows at a time through one reused [C, V] logits buffer. `stats` = (entropy [N]
-    fp32, top1 [N] int8) buffers to fill as well."""
+    fp32, top1 [N] int8[, mean logit [N] fp32]) buffers to fill as well."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -246,7 +257,7 @@ def _chunked_rows(hidden, weight, bias, labels, ignore_index, inv_denom, softcap
             torch.mm(h, w_t, out=logits)
         else:
             torch.addmm(b, h, w_t, out=logits)
-        chunk_stats = None if stats is None else (stats[0][start:end], stats[1][start:end])
+        chunk_stats = None if stats is None else tuple(x[start:end] for x in stats)
         rows_fn(logits, labels[start:end], loss_rows[start:end], inv_denom, ignore_index, logit_scale, softcap,
                 need_h or need_w or need_b, chunk_stats)
         if need_h:

@@ -6,6 +6,7 @@ What TRL's trainers ask of a model called with `fused_lm_head=True`: for every p
     log_prob_n = z_n[y_n] - logsumexp(z_n)                   (0 where y_n == ignore_index)
     entropy_n  = logsumexp(z_n) - sum_v p_nv z_nv,  p_n = softmax(z_n)      (a metric: no gradient)
     is_top1_n  = z_n[y_n] == max_v z_nv                                     (a metric: no gradient)
+    mean_n     = sum_v z_nv / V          (asked for with mean_logits=True; a metric: no gradient)
 
 Gradient: with G_n the upstream gradient of log_prob_n (any values, e.g. -1/D for a mean loss),
 
@@ -29,8 +30,9 @@ __all__ = ["fused_linear_token_logprobs", "linear_token_logprobs_reference", "Fu
 
 
 def linear_token_logprobs_reference(hidden, weight, labels, bias=None, ignore_index=-100, softcap=None,
-                                    logit_scale=1.0):
-    """Plain PyTorch, materialising the [N, V] logits in fp32: (log_probs, entropy, is_top1), labels' shape."""
+                                    logit_scale=1.0, mean_logits=False):
+    """Plain PyTorch, materialising the [N, V] logits in fp32: (log_probs, entropy, is_top1[, mean logit]),
+    labels' shape."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
     z = F.linear(h, weight, bias).float() * logit_scale
@@ -42,50 +44,59 @@ def linear_token_logprobs_reference(hidden, weight, labels, bias=None, ignore_in
     logp_y = torch.where(valid, log_p.gather(1, safe).squeeze(1), torch.zeros_like(valid, dtype=z.dtype))
     entropy = torch.where(valid, -(log_p.exp() * log_p).sum(-1), torch.zeros_like(logp_y)).detach()
     top1 = valid & (z.gather(1, safe).squeeze(1) >= z.amax(-1))
-    return logp_y.view(labels.shape), entropy.view(labels.shape), top1.view(labels.shape)
+    out = (logp_y.view(labels.shape), entropy.view(labels.shape), top1.view(labels.shape))
+    if mean_logits:
+        out += (torch.where(valid, z.mean(-1), torch.zeros_like(logp_y)).detach().view(labels.shape),)
+    return out
 
 
 class FusedLinearTokenLogProbsFunction(torch.autograd.Function):
-    """(log_probs, entropy, is_top1) [N]; keeps u = -d log_prob / d hidden [N, H] for the one backward."""
+    """(log_probs, entropy, is_top1, mean logit or None) [N]; keeps u = -d log_prob / d hidden [N, H] for the one
+    backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, logit_scale, chunk_size, backend):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, logit_scale, chunk_size, backend,
+                mean_logits=False):
         if ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2]):
             raise ValueError("fused_linear_token_logprobs: the head's weight and bias must be frozen")
         n = hidden.shape[0]
         unit = torch.ones(1, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
         top1 = torch.empty(n, dtype=torch.int8, device=hidden.device)
+        mean = torch.empty(n, dtype=torch.float32, device=hidden.device) if mean_logits else None
+        stats = (entropy, top1) if mean is None else (entropy, top1, mean)
         loss_rows, grad_h, _, _ = _chunked_rows(hidden, weight, bias, labels.contiguous(), ignore_index, unit,
                                                 softcap, logit_scale, chunk_size, backend,
-                                                ctx.needs_input_grad[0], False, False, stats=(entropy, top1))
+                                                ctx.needs_input_grad[0], False, False, stats=stats)
         ctx.unit_grads = grad_h
         is_top1 = top1.bool()
-        ctx.mark_non_differentiable(entropy, is_top1)
-        return loss_rows.neg_(), entropy, is_top1
+        ctx.mark_non_differentiable(entropy, is_top1, *([] if mean is None else [mean]))
+        return loss_rows.neg_(), entropy, is_top1, mean
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, grad_top1):
+    def backward(ctx, grad_logp, grad_entropy, grad_top1, grad_mean=None):
         u = ctx.unit_grads
         if u is None:
             raise RuntimeError("fused_linear_token_logprobs: backward ran twice (its gradients are handed out once)")
         ctx.unit_grads = None
         if grad_logp is None:
-            return (None,) * 9
+            return (None,) * 10
         # d/dh of sum_n G_n log_prob_n = -G_n u_n, row by row, in hidden's dtype (u is overwritten in place).
         grad_h = u.mul_(grad_logp.neg().to(u.dtype).unsqueeze(1))
-        return grad_h, None, None, None, None, None, None, None, None
+        return grad_h, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_token_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
-                                chunk_size=None, backend="auto"):
-    """(log_probs fp32, entropy fp32, is_top1 bool), each of labels' shape, for `hidden @ weight.T (+ bias)`.
+                                chunk_size=None, backend="auto", mean_logits=False):
+    """(log_probs fp32, entropy fp32, is_top1 bool[, mean logit fp32 with mean_logits=True]), each of labels'
+    shape, for `hidden @ weight.T (+ bias)`.
 
     hidden [..., H] with as many rows as labels has elements (labels already shifted: row n predicts y_n).
     Ignored positions give 0, 0, False. Under autocast, hidden and the head are cast as lm_head would be.
     """
     h2, weight, bias, y, softcap, no_autocast = head_inputs(hidden, weight, bias, labels, softcap)
     with no_autocast:
-        logp, ent, top1 = FusedLinearTokenLogProbsFunction.apply(h2, weight, bias, y, ignore_index, softcap,
-                                                                 float(logit_scale), chunk_size, backend)
-    return logp.view(labels.shape), ent.view(labels.shape), top1.view(labels.shape)
+        logp, ent, top1, mean = FusedLinearTokenLogProbsFunction.apply(
+            h2, weight, bias, y, ignore_index, softcap, float(logit_scale), chunk_size, backend, mean_logits)
+    out = (logp.view(labels.shape), ent.view(labels.shape), top1.view(labels.shape))
+    return out if mean is None else out + (mean.view(labels.shape),)
