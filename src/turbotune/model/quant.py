@@ -30,6 +30,12 @@ import threading
 import weakref
 from dataclasses import dataclass
 
+# Why FSDP2 cannot shard this storage: training/fsdp.py refuses it and the planner (planner/parallel.py) says so.
+NF4_NOT_SHARDABLE = (
+    "FSDP2 shards a parameter as rows of its tensor, and a bitsandbytes 4-bit weight is packed bytes that only mean "
+    "something with its quant_state (the per-block scales, the original shape and dtype), which fully_shard neither "
+    "splits nor gathers: the gathered weight would be bytes without scales")
+
 import torch
 
 from turbotune.model.kernels.nf4_dequant import OUT_DTYPES, dequantize_nf4_into

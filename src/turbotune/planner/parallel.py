@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from turbotune.model.quant import NF4_NOT_SHARDABLE
 from turbotune.planner.predict import (
     CUDA_CONTEXT_BYTES,
     DTYPE_BYTES,
@@ -49,15 +50,11 @@ from turbotune.planner.summary import gib
 
 PARALLEL_MODES = ("ddp", "fsdp")
 PARALLEL_LABELS = {"ddp": "DDP", "fsdp": "FSDP2"}
-# training/distributed.py's BUCKET_BYTES. The planner may not import training/ (tests/test_layout.py: training
-# imports planner, not the reverse), so the value is repeated here and tests/planner pins the two equal.
+# The all-reduce bucket size of training/distributed.py, which imports it from here (the planner may not import
+# training/: tests/test_layout.py).
 BUCKET_BYTES = 16 * 2**20
-# training/fsdp.py's FOUR_BIT_REFUSAL says the same in the trainer's words (pinned by tests/planner as well).
-FSDP_FOUR_BIT_REFUSAL = (
-    "--parallel fsdp with --qlora is not supported: FSDP2 shards a parameter as rows of its tensor, and a "
-    "bitsandbytes 4-bit weight is packed bytes that only mean something with its quant_state (per-block scales, "
-    "original shape and dtype), which fully_shard neither splits nor gathers (training/fsdp.py refuses it too). "
-    "Plan a 4-bit base with --parallel ddp, or a 16-bit base with --parallel fsdp.")
+FSDP_FOUR_BIT_REFUSAL = (f"--parallel fsdp with --qlora is not supported: {NF4_NOT_SHARDABLE} (training/fsdp.py "
+                         "refuses it too). Plan a 4-bit base with --parallel ddp, or a 16-bit base with --parallel fsdp.")
 PREFETCHED_UNITS = 2  # FSDP2: the running layer unit + the one all-gathered ahead (an assumption, see above)
 
 
@@ -67,14 +64,24 @@ def lora_tensor_bytes(shape, r: int) -> list[int]:
     return one_layer * shape.layers
 
 
+def bucket_indices(sizes: list[int], keys: list | None = None, limit: int = BUCKET_BYTES) -> list[list[int]]:
+    """Consecutive items (by index) grouped while they share a key and their bytes stay within `limit`: how
+    training/distributed.py buckets its all-reduces (keys: dtype and device), and what the planner counts."""
+    groups: list[list[int]] = []
+    size, key = 0, None
+    for i, n in enumerate(sizes):
+        k = None if keys is None else keys[i]
+        if not groups or k != key or size + n > limit:
+            groups.append([])
+            size, key = 0, k
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
 def ddp_buckets(tensor_bytes: list[int], bucket_bytes: int = BUCKET_BYTES) -> list[int]:
-    """Sizes of the all-reduce buckets, grouped as training/distributed.py's _buckets groups one dtype's tensors."""
-    buckets: list[int] = []
-    for n in tensor_bytes:
-        if not buckets or buckets[-1] + n > bucket_bytes:
-            buckets.append(0)
-        buckets[-1] += n
-    return buckets
+    """Sizes of the all-reduce buckets of one dtype's tensors (bucket_indices, as training/distributed.py)."""
+    return [sum(tensor_bytes[i] for i in group) for group in bucket_indices(tensor_bytes, limit=bucket_bytes)]
 
 
 def fsdp_unit_bytes(shape, dtype: str, r: int) -> dict[str, int]:

@@ -46,8 +46,9 @@ import os
 
 import torch
 
+from turbotune.planner.parallel import BUCKET_BYTES, bucket_indices  # the planner predicts these buckets too
+
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-BUCKET_BYTES = 16 * 2**20
 
 
 def launched_by_torchrun(env=None) -> bool:
@@ -225,13 +226,6 @@ def _rebuild(cls, message: str, exit_code):
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Consecutive tensors of one dtype and device, about BUCKET_BYTES each: one collective per bucket."""
-    buckets, size, key = [], 0, None
-    for t in tensors:
-        k = (t.dtype, t.device)
-        nbytes = t.numel() * t.element_size()
-        if not buckets or k != key or size + nbytes > BUCKET_BYTES:
-            buckets.append([])
-            size, key = 0, k
-        buckets[-1].append(t)
-        size += nbytes
-    return buckets
+    groups = bucket_indices([t.numel() * t.element_size() for t in tensors], [(t.dtype, t.device) for t in tensors],
+                            limit=BUCKET_BYTES)
+    return [[tensors[i] for i in group] for group in groups]

@@ -35,14 +35,11 @@ import torch
 
 from turbotune._compat import fsdp2, fsdp_sum_gradients, unwrap_peft
 from turbotune.errors import ConfigError
+from turbotune.model.quant import NF4_NOT_SHARDABLE
 from turbotune.model.state import turbo_state
 
-FOUR_BIT_REFUSAL = (
-    "--fsdp with a 4-bit (NF4) base is not supported yet: FSDP2 shards a parameter as rows of its tensor, and a "
-    "bitsandbytes 4-bit weight is packed bytes that only mean something with its quant_state (the per-block "
-    "scales, the original shape and dtype), which fully_shard neither splits nor gathers: the gathered weight "
-    "would be bytes without scales. Train a 4-bit base with DDP (leave out --fsdp), or shard a 16-bit base "
-    "(--dtype bf16) with --fsdp.")
+FOUR_BIT_REFUSAL = (f"--fsdp with a 4-bit (NF4) base is not supported yet: {NF4_NOT_SHARDABLE}. Train a 4-bit "
+                    "base with DDP (leave out --fsdp), or shard a 16-bit base (--dtype bf16) with --fsdp.")
 
 
 def refuse_4bit(model) -> None:

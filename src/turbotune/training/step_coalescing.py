@@ -56,14 +56,6 @@ def patch_trainer() -> None:
     Trainer.training_step = functools.wraps(_original)(_training_step)
 
 
-def unpatch_trainer() -> None:
-    global _original
-    if _original is not None:
-        from transformers import Trainer
-        Trainer.training_step = _original
-        _original = None
-
-
 class Window:
     """What the hook keeps of the optimizer step in progress, and counters for tests and the bench's notes."""
 
@@ -73,6 +65,8 @@ class Window:
         self.off_reason = None  # why the last micro-batch was not coalesced (None: it was, or none came yet)
         self.steps = self.micro_batches = self.passes = 0
         self.rows = None  # the trainer's rows per micro-batch (per_device_train_batch_size)
+        self.largest_batch = 0  # the largest padded micro-batch seen (rows x length)
+        self.pass_tokens = None  # real tokens per coalesced pass at most, once a step was coalesced
 
     def line(self) -> str | None:
         if self.off_reason is not None:
@@ -86,9 +80,11 @@ def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs
     hook = trainer_step_of(self.model) if getattr(self, "model", None) is not None else None
     if hook is None:
         return _original(self, model, inputs, num_items_in_batch, *args, **kwargs)
-    hook.keep_rows = not _loss_is_a_token_sum(self)
+    token_sum = _loss_is_a_token_sum(self)
+    hook.keep_rows = not token_sum
     window = hook.window
-    why = "extra arguments to training_step" if args or kwargs else _why_not(self, window, inputs, num_items_in_batch)
+    why = ("extra arguments to training_step" if args or kwargs
+           else _why_not(self, window, inputs, num_items_in_batch, token_sum))
     if why is not None:
         window.off_reason = why
         total = _run_kept(self, model, window, num_items_in_batch, hook)  # never leave kept micro-batches behind
@@ -101,11 +97,11 @@ def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs
     return _run_kept(self, model, window, num_items_in_batch, hook)
 
 
-def _why_not(trainer, window: Window, inputs: dict, num_items_in_batch) -> str | None:
-    """Why this micro-batch must run as it came, or None."""
+def _why_not(trainer, window: Window, inputs: dict, num_items_in_batch, token_sum: bool) -> str | None:
+    """Why this micro-batch must run as it came, or None (`token_sum`: _loss_is_a_token_sum(trainer))."""
     if not window.enabled:
         return "TURBOTUNE_COALESCE=0"
-    if not _loss_is_a_token_sum(trainer):
+    if not token_sum:
         return f"{type(trainer).__name__}'s loss is not known to be a sum over tokens"
     if num_items_in_batch is None:
         return "no num_items_in_batch: the loss is a mean per micro-batch"
@@ -166,7 +162,7 @@ def _run_kept(trainer, model, window: Window, num_items_in_batch, hook):
     else:
         budget = _budget(trainer, kept, hook)
         if len(kept) > 1:
-            hook.pass_tokens = budget
+            window.pass_tokens = budget
         groups = plan_passes([sum(x) for x in lengths], budget)
     total = None
     for n, group in enumerate(groups):
@@ -239,13 +235,13 @@ def _budget(trainer, batches: list[dict], hook) -> int:
     """Real tokens per pass at most: the largest batch the settings allow in one micro-step
     (per_device_train_batch_size x the trainer's max_length, else the model's max_seq_length), at least the
     largest padded micro-batch seen."""
+    window = hook.window
     rows = int(getattr(trainer.args, "per_device_train_batch_size", 0) or 0)
-    hook.window.rows = rows or None
+    window.rows = rows or None
     length = int(getattr(trainer.args, "max_length", 0) or getattr(trainer.args, "max_seq_length", 0)
                  or hook.max_seq_length() or 0)  # transformers' Trainer has no max_length: the model's
-    seen = max(b["input_ids"].numel() for b in batches)
-    hook.largest_batch = max(getattr(hook, "largest_batch", 0), seen)
-    return max(rows * length, hook.largest_batch)
+    window.largest_batch = max(window.largest_batch, max(b["input_ids"].numel() for b in batches))
+    return max(rows * length, window.largest_batch)
 
 
 def plan_passes(tokens: list[int], budget: int) -> list[list[int]]:

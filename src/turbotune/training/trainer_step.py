@@ -86,13 +86,12 @@ class TrainerStep:
         self.trainer_checkpointing = None  # what a trainer asked for with its checkpointing switch, if it did
         self._param_counts: dict = {}
         self._refusal = _UNCHECKED  # why turbotune's head can't serve TRL's (fused_head_refusal), once known
+        self._mean_logits = None  # whether TRL's head was set up to give mean_logits (DPO), read with it
         self._modules = None  # every module, read after the last full train() walk
         self._kernel_models: list = []  # the transformers models among them (their kernels mode)
         self.passthrough = None  # why every call goes straight to the original forward (set by turbotune's loops)
         from turbotune.training.step_coalescing import Window
         self.window = Window()  # the optimizer step's micro-batches kept by the trainer wrap (step_coalescing)
-        self.pass_tokens = None  # real tokens per coalesced pass at most, once known
-        self.largest_batch = 0
         self.last_token_metrics = None
         # Set by the trainer wrap (step_coalescing): the trainer's loss needs each sample's own row (DPO, KTO,
         # GRPO: per-sequence log-probs), so padding is removed only for TRL's fused head, whose per-token
@@ -144,8 +143,8 @@ class TrainerStep:
             from turbotune.training.auto_checkpointing import plan_checkpointing
             rows, length = tensors["input_ids"].shape
             seq = max(int(self.max_seq_length() or length), int(length))
-            if self.pass_tokens:  # coalesced micro-batches: a packed row of at most this many tokens
-                rows, seq = 1, max(int(self.pass_tokens), seq * int(self.window.rows or 1))
+            if self.window.pass_tokens:  # coalesced micro-batches: a packed row of at most this many tokens
+                rows, seq = 1, max(int(self.window.pass_tokens), seq * int(self.window.rows or 1))
             line = plan_checkpointing(model, seq, int(rows)).line()
             self.graphs.reset()
         elif mode is None:
@@ -200,7 +199,8 @@ class TrainerStep:
     def _model_call(self, **kwargs):
         """One training call: the fused head for TRL's `fused_lm_head=True`, else the original forward."""
         if kwargs.pop("fused_lm_head", False):
-            out = fused_head_forward(self.peft_model, refusal=self._head_refusal(), **kwargs)
+            out = fused_head_forward(self.peft_model, refusal=self._head_refusal(), mean_logits=self._mean_logits,
+                                     **kwargs)
             if out is not None:
                 return out
             kwargs["fused_lm_head"] = True
@@ -210,6 +210,7 @@ class TrainerStep:
         """fused_head_refusal, asked once: TRL installs its head when the trainer is built, before any step."""
         if self._refusal is _UNCHECKED:
             self._refusal = fused_head_refusal(self.peft_model)
+            self._mean_logits = _head_wants_mean(self.peft_model)
         return self._refusal
 
     def _announce(self, tensors, others, checkpointing: str) -> None:
@@ -220,7 +221,7 @@ class TrainerStep:
         if "position_ids" in tensors and "attention_mask" not in tensors:
             on.append("padding removed (packed rows, bucketed lengths)")
         on.append(self.window.line() or (f"the micro-batches of each optimizer step run together (passes of at most "
-                                         f"{self.pass_tokens} real tokens)" if self.pass_tokens else
+                                         f"{self.window.pass_tokens} real tokens)" if self.window.pass_tokens else
                                          "micro-batches run one by one"))
         if others.get("fused_lm_head"):
             why = self._head_refusal()
@@ -262,10 +263,10 @@ def fused_head_refusal(peft_model) -> str | None:
 
 
 def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_batch=None, refusal=_UNCHECKED,
-                       **kwargs):
+                       mean_logits=None, **kwargs):
     """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`, computed with turbotune's head;
     None where `fused_head_refusal` says it can't be (the caller then runs TRL's own head). `refusal`: that
-    answer when the caller has it already."""
+    answer when the caller has it already; `mean_logits`: _head_wants_mean's, likewise."""
     from turbotune.model.kernels.fused_token_logprobs import fused_linear_token_logprobs
 
     if refusal is _UNCHECKED:
@@ -282,16 +283,22 @@ def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_
     else:
         targets = shift_labels
     targets = targets.to(head.weight.device)
-    from turbotune._compat import trl_fused_head_settings
-    want_mean = "mean_logits" in (trl_fused_head_settings(causal_lm) or {}).get("outputs", ())  # DPO asks for it
+    if mean_logits is None:
+        mean_logits = _head_wants_mean(peft_model)
     log_probs, entropy, is_top1, *mean = fused_linear_token_logprobs(
         hidden.to(head.weight.device), head.weight, targets, bias=head.bias,
-        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=_logit_scale(cfg), mean_logits=want_mean)
+        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=_logit_scale(cfg), mean_logits=mean_logits)
     mask = targets != -100
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     extra = {"mean_logits": mean[0]} if mean else {}
     return trl_fused_output_class()(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
                                     is_top1=is_top1, label_mask=mask, **extra)
+
+
+def _head_wants_mean(peft_model) -> bool:
+    """Whether TRL set its head up to return mean_logits (DPOTrainer does)."""
+    from turbotune._compat import trl_fused_head_settings
+    return "mean_logits" in (trl_fused_head_settings(unwrap_peft(peft_model)) or {}).get("outputs", ())
 
 
 def _in_rows(out, mask):
