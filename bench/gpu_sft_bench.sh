@@ -4,7 +4,8 @@
 #   TESTS=tests/gpu/test_trainer_step_gpu.py bash bench/gpu_sft_bench.sh "lora:--preset qwen2-1.5b --methods hf,turbotune"
 # Leading VAR=value words of a stage's arguments are set in the bench's environment ("ab:TURBOTUNE_X=1 --qlora");
 # SRC=DIR runs that stage on another source tree (an A/B against an older commit exported to a carried folder),
-# TRAINER=loop runs turbotune's own-loop bench instead of TRL's SFTTrainer.
+# TRAINER=loop runs turbotune's own-loop bench instead of TRL's SFTTrainer. ONE_PRESET=1 keeps only the stage's
+# preset in the model cache (8-9B presets are 16-19 GB each on a 64 GB disk).
 BUDGET=${BUDGET:-575}; . "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-}" ]; then
   timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
@@ -24,6 +25,10 @@ for stage in "$@"; do
     esac
     args=("${args[@]:1}")
   done
+  if [ -n "${ONE_PRESET-}" ]; then
+    preset=$(echo " $extra " | sed -n 's/.* --preset \([^ ]*\) .*/\1/p')
+    for d in /tmp/bench-cache/*; do [[ -e $d && $(basename "$d") != "$preset"-seed* ]] && rm -rf "$d"; done
+  fi
   timeout $(( $(left) - 15 )) env "${envs[@]}" python3 -m turbotune bench --trainer $trainer --cache-dir /tmp/bench-cache \
     --json "$OUT/sft-$label.json" "${args[@]}" > "$OUT/sft-$label.txt" 2>&1
   grep -E "^\| |^- (turbotune|unsloth|hf|liger)|Error|error:" "$OUT/sft-$label.txt" | grep -v -- "---|" | cut -c1-300 | tail -14

@@ -125,3 +125,21 @@ def test_fused_lora_bf16_cuda(quant4, adapter_precision):
 
 
 # --------------------------------------------------------------------------------------------- timings (manual)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_token_logprobs_and_mean_logits_bf16_cuda(softcap):
+    """The fused head's per-token log-probs (DPO/KTO) and TRL's mean logits, compiled kernel, bf16, 152k vocab."""
+    from turbotune.model.kernels.fused_token_logprobs import (fused_linear_token_logprobs,
+                                                              linear_token_logprobs_reference)
+    hidden, weight, _, labels = _ce_inputs(False, seed=3)
+    hidden, labels = hidden[:1024], labels[:1024]
+    ref = linear_token_logprobs_reference(hidden, weight, labels, softcap=softcap, mean_logits=True)
+    got = fused_linear_token_logprobs(hidden, weight, labels, softcap=softcap, backend="triton", mean_logits=True)
+    kept = labels != -100
+    assert _nrel(got[0][kept], ref[0][kept]) < 1e-2
+    assert _nrel(got[1][kept], ref[1][kept]) < 1e-2
+    assert _nrel(got[3][kept], ref[3][kept]) < 1e-2 and (got[3][~kept] == 0).all()
+    (g_ref,) = torch.autograd.grad(ref[0].sum(), hidden)
+    (g_got,) = torch.autograd.grad(got[0].sum(), hidden)
+    assert _nrel(g_got, g_ref) < 2e-2

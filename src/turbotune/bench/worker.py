@@ -63,9 +63,13 @@ def _from_pretrained_kwargs(spec) -> dict:
     import torch
     from transformers import BitsAndBytesConfig
 
-    from turbotune._compat import dtype_kwargs
+    from transformers import AutoConfig
 
-    kw = {"attn_implementation": "sdpa", **dtype_kwargs(_dtype(spec))}
+    from turbotune._compat import dtype_kwargs, supports_sdpa
+
+    # SDPA, the usual recipe, where transformers has it (Gemma 2 has none: its soft-capped scores run eagerly)
+    sdpa = supports_sdpa(AutoConfig.from_pretrained(spec["model_dir"])) is not False
+    kw = {"attn_implementation": "sdpa" if sdpa else "eager", **dtype_kwargs(_dtype(spec))}
     if spec["qlora"]:
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -73,6 +77,13 @@ def _from_pretrained_kwargs(spec) -> dict:
     if spec["device"] == "cuda":
         kw["device_map"] = {"": 0}
     return kw
+
+
+def _targets(model, spec) -> list[str]:
+    """The bench's seven projections as this model names them (Phi-3: qkv_proj and gate_up_proj), the same
+    resolution turbotune's get_peft_model makes, so every method trains the same modules."""
+    from turbotune.model.lora import resolve_target_modules
+    return resolve_target_modules(model, list(spec["target_modules"]), verbose=False)
 
 
 def _hf_peft(model, spec):
@@ -90,7 +101,7 @@ def _hf_peft(model, spec):
     model.config.use_cache = False
     torch.manual_seed(spec["seed"])  # same LoRA A initialisation for every PEFT-based method
     cfg = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0, bias="none",
-                     target_modules=list(spec["target_modules"]), task_type="CAUSAL_LM")
+                     target_modules=_targets(model, spec), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 
@@ -157,7 +168,7 @@ def load_unsloth(spec):
     torch.manual_seed(spec["seed"])
     model = FastLanguageModel.get_peft_model(model, r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
                                              lora_dropout=0, bias="none",
-                                             target_modules=list(spec["target_modules"]),
+                                             target_modules=_targets(model, spec),
                                              use_gradient_checkpointing=True, random_state=spec["seed"])
     return model
 
