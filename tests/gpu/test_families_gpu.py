@@ -63,10 +63,9 @@ def family_dir(request, tmp_path_factory):
     return request.param, folder
 
 
-def _model(folder, patch, qlora=False):
+def _model(folder, patch, qlora=False, dtype=torch.bfloat16):
     from turbotune import FastModel
-    m, _ = FastModel.from_pretrained(str(folder), dtype=torch.bfloat16, load_in_4bit=qlora, patch=patch,
-                                     verbose=False)
+    m, _ = FastModel.from_pretrained(str(folder), dtype=dtype, load_in_4bit=qlora, patch=patch, verbose=False)
     m = FastModel.get_peft_model(m, r=8, lora_alpha=16, random_state=5, verbose=False,
                                  use_gradient_checkpointing=True)
     nonzero_lora_b(m)
@@ -87,24 +86,34 @@ def _nrel(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+def _loss_and_grads(model, ids, labels):
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out, {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("qlora", [False, True])
 def test_family_bf16_matches_stock(family_dir, qlora):
+    """bf16 rounds differently along the two paths, so each is measured against stock in fp32 (for QLoRA: the
+    same 4-bit weights, fp32 compute): the patched model's error may not exceed stock bf16's by more than half
+    again (plus a small floor), for the loss and for every LoRA gradient."""
     name, folder = family_dir
-    stock, fast = _model(folder, False, qlora), _model(folder, True, qlora)
+    ref_dtype = torch.float32
+    ref, stock, fast = (_model(folder, False, qlora, ref_dtype), _model(folder, False, qlora),
+                        _model(folder, True, qlora))
     layer = fast.get_base_model().model.layers[0]
     assert "forward" in layer.self_attn.__dict__ and "forward" in layer.mlp.__dict__, "family path not installed"
     ids, labels = _batch(stock.config.vocab_size)
-    out_s = stock(input_ids=ids, labels=labels)
-    out_f = fast(input_ids=ids, labels=labels)
+    out_r, grads_r = _loss_and_grads(ref, ids, labels)
+    out_s, grads_s = _loss_and_grads(stock, ids, labels)
+    out_f, grads_f = _loss_and_grads(fast, ids, labels)
     assert out_f.logits is None
-    assert abs(out_f.loss.item() - out_s.loss.item()) <= 1e-2 * abs(out_s.loss.item()), (name, out_f.loss, out_s.loss)
-    out_s.loss.backward()
-    out_f.loss.backward()
-    grads_s = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
-    grads_f = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
-    assert grads_s.keys() == grads_f.keys() and grads_s
-    worst = max((_nrel(grads_f[n], grads_s[n]), n) for n in grads_s)
-    assert worst[0] < 3e-2, (name, worst)
+    loss_err = lambda out: abs(out.loss.item() - out_r.loss.item()) / abs(out_r.loss.item())  # noqa: E731
+    assert loss_err(out_f) <= 1.5 * loss_err(out_s) + 2e-3, (name, out_f.loss, out_s.loss, out_r.loss)
+    assert grads_r.keys() == grads_s.keys() == grads_f.keys() and grads_r
+    for n in grads_r:
+        err_f, err_s = _nrel(grads_f[n], grads_r[n]), _nrel(grads_s[n], grads_r[n])
+        assert err_f <= 1.5 * err_s + 5e-3, (name, n, err_f, err_s)
 
 
 def test_family_graph_replay_equals_eager(family_dir):

@@ -99,7 +99,7 @@ def test_transformers_trainer_replays(tiny_dir, tmp_path):
 
 
 def test_shared_gradient_buffers_equal_eager(tiny_dir, tmp_path, monkeypatch):
-    """TURBOTUNE_SHARED_GRADS=1 (graphed_call.shared_grads): every backward graph copies into one set of gradient
+    """Shared gradient buffers (graphed_call.shared_grads, the default; set here to be explicit): every backward graph copies into one set of gradient
     buffers; several captured lengths, and the losses still equal the eager run's."""
     monkeypatch.setenv("TURBOTUNE_SHARED_GRADS", "1")
     lengths = [17 + (i * 37) % 180 for i in range(80)]
@@ -112,7 +112,7 @@ def test_shared_gradient_buffers_equal_eager(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_capture_at_first_sight_equals_eager(tiny_dir, tmp_path, monkeypatch):
-    """TURBOTUNE_CAPTURE_FIRST_SIGHT=1 with half-octave buckets: after the first capture, a new length is captured
+    """Capture at first sight with half-octave buckets (the defaults; set here to be explicit): after the first capture, a new length is captured
     when first seen (no eager call first); the losses still equal the eager run's."""
     monkeypatch.setenv("TURBOTUNE_CAPTURE_FIRST_SIGHT", "1")
     monkeypatch.setenv("TURBOTUNE_BUCKETS", "2")

@@ -128,16 +128,19 @@ def test_remove_padding_leaves_what_it_cannot_pack():
 
 @pytest.mark.parametrize("tokens,bucket", [(1, 256), (256, 256), (257, 320), (300, 320), (1000, 1024),
                                            (1025, 1280), (4096, 4096), (4097, 5120)])
-def test_bucket_lengths(tokens, bucket):
+def test_quarter_octave_buckets(tokens, bucket, monkeypatch):
+    """TURBOTUNE_BUCKETS=4: quarters of the octave, at most a quarter of padding."""
+    assert bucket_length(tokens, per_octave=4) == bucket
+    monkeypatch.setenv("TURBOTUNE_BUCKETS", "4")
     assert bucket_length(tokens) == bucket and bucket - tokens <= max(256, tokens // 4)
 
 
-@pytest.mark.parametrize("tokens,bucket", [(257, 384), (700, 768), (1025, 1536), (3000, 3072), (4097, 6144)])
-def test_half_octave_buckets(tokens, bucket, monkeypatch):
-    """TURBOTUNE_BUCKETS=2: half as many lengths (fewer captures), at most half an octave of padding."""
-    assert bucket_length(tokens, per_octave=2) == bucket
-    monkeypatch.setenv("TURBOTUNE_BUCKETS", "2")
-    assert bucket_length(tokens) == bucket and bucket - tokens <= max(256, tokens // 2)
+@pytest.mark.parametrize("tokens,bucket", [(1, 256), (257, 384), (700, 768), (1025, 1536), (3000, 3072),
+                                           (4097, 6144)])
+def test_half_octave_buckets_by_default(tokens, bucket):
+    """The default: half as many lengths as quarters (fewer captures), at most half an octave of padding."""
+    assert bucket_length(tokens) == bucket == bucket_length(tokens, per_octave=2)
+    assert bucket - tokens <= max(256, tokens // 2)
 
 
 def test_parameter_count_read_once_equals_transformers(tiny_llama_dir):

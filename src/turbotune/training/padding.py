@@ -32,13 +32,14 @@ _PLAIN_KEYS = {"input_ids", "attention_mask", "labels", "position_ids", "num_ite
 
 
 def bucket_length(tokens: int, per_octave: int | None = None) -> int:
-    """The smallest bucket >= tokens: multiples of a quarter of the octave below (256, 320, ..., 512, 640, ...).
-    `per_octave` 2 (or TURBOTUNE_BUCKETS=2): halves of the octave (256, 384, 512, 768, 1024, 1536, ...): half as
-    many lengths to capture, up to 50% padding instead of 25% (an A/B for the next GPU run, bench/NOTES.md)."""
+    """The smallest bucket >= tokens. Default (`per_octave` 2): halves of the octave below (256, 384, 512, 768,
+    1024, 1536, ...); 4 (or TURBOTUNE_BUCKETS=4): quarters (256, 320, ..., 512, 640, ...), up to 25% padding
+    instead of 50% but twice the lengths to capture. Halves measured +37% real tokens/s on mixed lengths (H100,
+    ninth session, bench/NOTES.md): a capture costs more than the padded tokens."""
     if tokens <= MIN_BUCKET:
         return MIN_BUCKET
     if per_octave is None:
-        per_octave = int(os.environ.get("TURBOTUNE_BUCKETS", "4"))
+        per_octave = int(os.environ.get("TURBOTUNE_BUCKETS", "2"))
     step = 1 << max(0, (tokens - 1).bit_length() - 1 - max(0, per_octave.bit_length() - 1))
     return -(-tokens // step) * step
 
