@@ -106,6 +106,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="loop: the bench's own training loop (default); sft: every method trained by TRL's "
                         "SFTTrainer as the tutorials write it, with --lengths fixed or mixed (a long-tailed mix, "
                         "padded per batch by TRL); tokens/s counts real (non-padding) tokens")
+    from turbotune.bench.multi_gpu import add_gpus_arguments
+    add_gpus_arguments(parser)
     g = parser.add_argument_group("report")
     g.add_argument("--price", type=float, default=2.5, help="USD per GPU-hour (default 2.5)")
     g.add_argument("--cost-steps", type=int, default=1000, help="steps the cost column is quoted for")
@@ -165,6 +167,8 @@ def validate(args) -> dict:
     """Checks that need no model: returns resolved settings or raises BenchError."""
     import importlib.util
 
+    from turbotune.bench.multi_gpu import check_gpus
+    check_gpus(args)  # first: too few GPUs is refused before anything is loaded
     device = args.device or ("cuda" if _has_cuda() else "cpu")
     if device == "cuda" and not _has_cuda():
         raise BenchError("--device cuda asked for, but torch sees no CUDA GPU "
@@ -244,8 +248,9 @@ def _worker_env() -> dict:
     return env
 
 
-def run_worker(method: str, spec: dict, workdir: Path, timeout: float) -> dict:
-    """Start the worker, relay its output to stderr, return its result (or a failure built from its output)."""
+def run_worker(method: str, spec: dict, workdir: Path, timeout: float, command=None) -> dict:
+    """Start the worker, relay its output to stderr, return its result (or a failure built from its output).
+    command(method, spec_path): the command line instead of worker_command's (bench --gpus: torchrun)."""
     spec = dict(spec, method=method, extra_warmup=METHODS[method].extra_warmup,
                 result_path=str(workdir / f"{method}.result.json"))
     spec_path = workdir / f"{method}.spec.json"
@@ -253,7 +258,7 @@ def run_worker(method: str, spec: dict, workdir: Path, timeout: float) -> dict:
     Path(spec["result_path"]).unlink(missing_ok=True)  # a method may run twice (--packing): never read a stale one
     tail = collections.deque(maxlen=40)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(worker_command(method, str(spec_path)), stdout=subprocess.PIPE,
+    proc = subprocess.Popen((command or worker_command)(method, str(spec_path)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", env=_worker_env(), bufsize=1,
                             start_new_session=True)  # its own process group: a kill also ends its helpers
 
@@ -413,7 +418,13 @@ def run_bench(args) -> int:
     add_mode_header(header, args, settings)
     flops = add_model_flops(header, args, model_cfg)
     header["matmul"] = matmul = measure_matmul(args, settings["device"], bool(runnable))
-    results = run_methods(args, settings["methods"], build_worker_spec(args, settings, model_dir, model_cfg))
+    spec = build_worker_spec(args, settings, model_dir, model_cfg)
+    if args.gpus:  # each method on 1 GPU and on N, under torchrun (multi_gpu.py)
+        from turbotune.bench.multi_gpu import add_gpus_header, run_scaling
+        add_gpus_header(header, args)
+        results = run_scaling(args, settings["methods"], spec)
+    else:
+        results = run_methods(args, settings["methods"], spec)
     table = format_results(args, settings, header, results, model_cfg, flops, matmul)
     report = format_header(header) + "\n\n" + table + "\n"
     print(report, flush=True)

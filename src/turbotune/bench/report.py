@@ -9,30 +9,40 @@ from turbotune.bench.presets import max_rel_diff, median, ratio
 GiB = 1024 ** 3
 COLUMNS = ["method", "tokens/s", "s/step", "peak alloc GiB", "peak reserved GiB", "MFU", "first loss",
            "last loss", "cost", "× hf speed", "× hf memory", "max loss diff"]
+# bench --gpus: the number of ranks after the method, the scaling efficiency last
+GPUS_COLUMNS = COLUMNS[:1] + ["GPUs"] + COLUMNS[1:] + ["scaling"]
 
 
 def summarise(results: list[dict], header: dict, flops: dict | None, matmul_rate: float | None) -> None:
-    """Adds tokens/s, s/step, MFU, cost and the ratios vs hf to each ok result, in place."""
+    """Adds tokens/s, s/step, MFU, cost and the ratios vs hf to each ok result, in place. A bench --gpus row
+    (r["gpus"]) counts its ranks' tokens, MFU and cost over its GPUs, is compared with hf on as many GPUs, and
+    gets its scaling efficiency against the same method's 1-GPU row."""
     wl = header["workload"]
     for r in results:
         if r.get("status") != "ok":
             continue
+        gpus = r.get("gpus") or 1
         timed = r["step_times_s"][wl["warmup"]:]
         r["s_per_step"] = median(timed)
         # --trainer sft counts the real (non-padding) tokens the trainer fed; else every step has the same tokens
-        r["tokens_per_s"] = r.get("real_tokens_per_s") or wl["tokens_per_step"] / r["s_per_step"]
+        # (bench --gpus: every rank's)
+        tokens = r.get("tokens_per_step", wl["tokens_per_step"])
+        r["tokens_per_s"] = r.get("real_tokens_per_s") or tokens / r["s_per_step"]
         r["first_loss"] = r["losses"][0] if r["losses"] else None
         r["last_loss"] = r["losses"][-1] if r["losses"] else None
         r["losses_finite"] = all(math.isfinite(x) for x in r["losses"])
         r["peak_alloc_bytes_or_rss"] = r.get("peak_alloc_bytes") if r.get("memory_kind") == "cuda" \
             else r.get("peak_rss_bytes")
         r["model_flops_per_s"] = flops["total"] * r["tokens_per_s"] if flops else None
-        r["mfu"] = ratio(r["model_flops_per_s"], matmul_rate)
-        r["cost_usd"] = r["s_per_step"] * header["cost_steps"] / 3600.0 * header["price_usd_per_gpu_hour"]
-    hf = next((r for r in results if r["method"] == "hf" and r.get("status") == "ok"), None)
-    for r in results:
-        if r.get("status") != "ok":
-            continue
+        r["mfu"] = ratio(r["model_flops_per_s"], matmul_rate * gpus if matmul_rate else None)
+        r["cost_usd"] = r["s_per_step"] * header["cost_steps"] / 3600.0 * header["price_usd_per_gpu_hour"] * gpus
+    ok = [r for r in results if r.get("status") == "ok"]
+    for r in ok:
+        hf = next((h for h in ok if h["method"] == "hf" and h.get("gpus") == r.get("gpus")), None)
+        if r.get("gpus"):
+            one = next((o for o in ok if o["method"] == r["method"] and o["gpus"] == 1), None)
+            r["scaling_efficiency"] = ratio(r["tokens_per_s"], r["gpus"] * one["tokens_per_s"]) \
+                if one and r["gpus"] > 1 else None
         r["speedup_vs_hf"] = ratio(r["tokens_per_s"], hf["tokens_per_s"]) if hf else None
         r["memory_ratio_vs_hf"] = ratio(r["peak_alloc_bytes_or_rss"], hf["peak_alloc_bytes_or_rss"]) if hf else None
         # turbotune-train packs its rows into other batches: its losses are not step-for-step comparable
@@ -59,7 +69,9 @@ def _cell(text: str) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    gpus = any("gpus" in r for r in results)  # bench --gpus: two more columns
+    columns = GPUS_COLUMNS if gpus else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
     for r in results:
         if r.get("status") != "ok":
             why = r.get("reason") or r.get("error") or "unknown error"
@@ -80,6 +92,10 @@ def format_table(results: list[dict]) -> str:
             ]
             if cells[8] != "n/a":
                 cells[8] = "$" + cells[8]
+        if gpus:
+            cells.insert(1, str(r.get("gpus") or "—"))
+            eff = r.get("scaling_efficiency")
+            cells.append(_fmt(eff * 100 if eff is not None else None, ".1f", "%", "—"))
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r['method']}: " + "; ".join(r["notes"]) for r in results if r.get("notes")]
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -139,7 +155,21 @@ def format_header(header: dict) -> str:
                      f"LoRA r {wl['lora_r']} α {wl['lora_alpha']} on 7 projections; seed {wl['seed']}",
                      "- fit: least squares through the longest three measured peaks; usable card memory = "
                      "(total − 1.5 GiB) × 0.95"]
+    if header.get("gpus"):
+        lines[0] = lines[0].replace("## turbotune bench", f"## turbotune bench --gpus {header['gpus']['count']}")
+        lines.insert(8, _gpus_line(header["gpus"], wl, dev["type"]))
     if header.get("alloc_conf"):  # the allocator's settings change peak reserved memory (bench/NOTES.md)
         after = next(i for i, line in enumerate(lines) if line.startswith("- command:")) + 1
         lines.insert(after, f"- environment: PYTORCH_CUDA_ALLOC_CONF={header['alloc_conf']}")
     return "\n".join(lines)
+
+
+def _gpus_line(g: dict, wl: dict, device: str) -> str:
+    """The header line of a bench --gpus run: what a rank trains, what the N-rank row adds up."""
+    n, how = g["count"], {"ddp": "data parallel (DDP)", "fsdp": "sharded data parallel (FSDP2)"}[g["parallel"]]
+    where = "GPUs" if device == "cuda" else "CPU processes (gloo)"
+    return (f"- {where}: each method on 1 and on {n}, {how}; every rank trains the workload above (its own batches), "
+            f"so the {n}-rank step trains {n}× the sequences (global batch {g['sequences_per_step'][str(n)]} "
+            f"sequences, {n * wl['tokens_per_step']:,} tokens); tokens/s counts all ranks, peak memory is the "
+            f"largest rank's, losses are rank 0's; scaling = tokens/s({n}) / ({n} × tokens/s(1)); MFU and cost "
+            f"count every {'GPU' if device == 'cuda' else 'rank'}")

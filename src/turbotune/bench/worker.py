@@ -75,7 +75,7 @@ def _from_pretrained_kwargs(spec) -> dict:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if spec["device"] == "cuda" else _dtype(spec))
     if spec["device"] == "cuda":
-        kw["device_map"] = {"": 0}
+        kw["device_map"] = {"": torch.cuda.current_device()}  # under bench --gpus: this rank's GPU, not GPU 0
     return kw
 
 
@@ -397,7 +397,8 @@ def run_packing(model, spec, result) -> None:
         result["cuda_graphs"] = step_fn.disabled_reason or f"on ({step_fn.replays} micro-steps replayed)"
 
 
-def run_spec(spec: dict) -> dict:
+def run_spec(spec: dict, train_fn=None) -> dict:
+    """One method's run; train_fn(model, spec, result) replaces `train` (bench --gpus: the ranks' loop)."""
     method = spec["method"]
     result = {"method": method, "status": "failed", "phase": "import", "error": None, "losses": [],
               "step_times_s": [], "extra_warmup": spec.get("extra_warmup", 0), "pid": os.getpid()}
@@ -438,7 +439,7 @@ def run_spec(spec: dict) -> dict:
             from turbotune.bench.sft import run_own_trainer, run_sft
             (run_own_trainer if method == "turbotune-train" else run_sft)(model, spec, result, _log)
         else:
-            train(model, spec, result)
+            (train_fn or train)(model, spec, result)
         result["status"] = "ok"
         result["phase"] = "done"
     except BaseException as exc:  # noqa: BLE001 - report every failure, OOM included

@@ -34,6 +34,11 @@ _TRAIN_FLAGS = {
     "--model": dict(help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)"),
     "--data": dict(help="JSONL/JSON training file (default: the packaged copywriting sample)"),
     "--format": dict(choices=["auto", "alpaca", "sharegpt", "messages", "text"], help="data format (default auto)"),
+    "--method": dict(choices=["sft", "dpo", "kto", "orpo"],
+                     help="sft: learn the answers (default); dpo, orpo: prefer 'chosen' over 'rejected' in rows "
+                          "{prompt, chosen, rejected}; kto: rows {prompt, completion, label: true|false}"),
+    "--beta": _float("dpo/kto: how closely to stay with the model before training; orpo: the weight of the "
+                     "preference term (default 0.1, as TRL)"),
     "--output-dir": dict(help="where checkpoints, the log and the loss plot go (default outputs)"),
     "--load-in-4bit": _const(True, "QLoRA: 4-bit NF4 base weights"),
     "--double-quant": _const(True, "4-bit with the scales quantised again (the default)", "double_quant"),

@@ -37,24 +37,51 @@ def check_model_path(cfg: TrainConfig) -> None:
 def load_everything(cfg: TrainConfig, stream=None):
     """(model with LoRA, tokenizer, tokenized dataset, data report)."""
     from turbotune.data.dataset import DataReport, tokenize_examples
-    from turbotune.fast_model import FastModel
 
     stream = stream or sys.stdout
     check_model_path(cfg)
     rows, load_report = read_training_rows(cfg)
-    model, tokenizer = FastModel.from_pretrained(
-        cfg.model, max_seq_length=cfg.max_seq_length, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
-        double_quant=cfg.double_quant, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
-        patch=cfg.patch)
+    model, tokenizer = load_base(cfg)
     dataset, tok_report = tokenize_examples(rows, tokenizer, max_seq_length=cfg.max_seq_length,
                                             train_on_responses_only=cfg.train_on_responses_only)
     report = DataReport(load=load_report, tokenize=tok_report)
     print(f"[turbotune] data {load_report.source}: {report.summary()}", file=stream, flush=True)
-    model = FastModel.get_peft_model(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha or cfg.lora_r,
-                                     lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
-                                     use_gradient_checkpointing=cfg.gradient_checkpointing, random_state=cfg.seed,
-                                     adapter_precision=cfg.adapter_precision)
-    return model, tokenizer, dataset, report
+    return add_lora(cfg, model), tokenizer, dataset, report
+
+
+def load_base(cfg: TrainConfig):
+    """(model, tokenizer) as every method loads them."""
+    from turbotune.fast_model import FastModel
+
+    return FastModel.from_pretrained(
+        cfg.model, max_seq_length=cfg.max_seq_length, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
+        double_quant=cfg.double_quant, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
+        patch=cfg.patch)
+
+
+def add_lora(cfg: TrainConfig, model):
+    from turbotune.fast_model import FastModel
+
+    return FastModel.get_peft_model(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha or cfg.lora_r,
+                                    lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                                    use_gradient_checkpointing=cfg.gradient_checkpointing, random_state=cfg.seed,
+                                    adapter_precision=cfg.adapter_precision)
+
+
+def run_preference(cfg: TrainConfig, stream, progress=None):
+    """--method dpo|kto|orpo: every row checked and the output folder claimed before the model loads, then TRL's
+    trainer (training/preference.py)."""
+    from turbotune.data.preference import load_preference_rows
+    from turbotune.training.preference import prepare_output_dir, train_preference
+
+    check_model_path(cfg)
+    rows, report = load_preference_rows(cfg.data, cfg.method, skip_bad_rows=cfg.skip_bad_rows)
+    print(f"[turbotune] data {report.source}: {report.summary()}", file=stream, flush=True)
+    resume = prepare_output_dir(cfg)
+    model, tokenizer = load_base(cfg)
+    model = add_lora(cfg, model)
+    result = train_preference(cfg, model, tokenizer, rows, resume=resume, stream=stream, progress=progress)
+    return result, model, tokenizer
 
 
 def run_training(cfg: TrainConfig, stream=None, progress=None):
@@ -67,6 +94,8 @@ def run_training(cfg: TrainConfig, stream=None, progress=None):
     world = init_from_env()  # under torchrun: the process group, and on GPUs this rank's device, before the load
     stream = world.quiet(stream or sys.stdout)  # only rank 0 prints
     torch.manual_seed(cfg.seed)
+    if cfg.method != "sft":
+        return run_preference(cfg, stream, progress)
     model, tokenizer, dataset, _ = load_everything(cfg, stream)
     trainer = Trainer(cfg, model, tokenizer, dataset, progress=progress, stream=stream)
     result = trainer.train()

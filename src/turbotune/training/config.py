@@ -24,6 +24,8 @@ class TrainConfig:
     model: str | None = None            # folder or hub id; None = the embedded default (SmolLM2-135M-Instruct)
     data: str | None = None             # JSONL/JSON file; None = the packaged copywriting sample
     format: str = "auto"                # alpaca | sharegpt | messages | text | auto
+    method: str = "sft"                 # sft (trainer.py) | dpo | kto | orpo (TRL's trainers, preference.py)
+    beta: float = 0.1                   # dpo/kto: how far from the reference model; orpo: the odds-ratio weight λ
     output_dir: str = "outputs"
     load_in_4bit: bool = False
     double_quant: bool = True
@@ -247,6 +249,37 @@ def check_values(cfg: TrainConfig) -> None:
         raise ConfigError(FOUR_BIT_REFUSAL)
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError("'save_total_limit' must be at least 1")
+    _check_method(cfg)
+
+
+METHODS = ("sft", "dpo", "kto", "orpo")
+# Settings of turbotune's own SFT loop, with their defaults: TRL's preference trainers have nothing to honour
+# another value with, so one is refused rather than ignored.
+_SFT_ONLY = {"format": "auto", "train_on_responses_only": True, "skip_nonfinite": False, "distributed": "ddp"}
+
+
+def _check_method(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"'method' must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if not math.isfinite(cfg.beta) or cfg.beta <= 0:
+        raise ConfigError(f"'beta' must be positive, got {cfg.beta}")
+    if cfg.method == "sft":
+        if cfg.beta != TrainConfig.beta:
+            raise ConfigError("'beta' applies to --method dpo, kto and orpo, not sft")
+        return
+    if cfg.data is None:
+        raise ConfigError(f"--method {cfg.method} needs --data: a file of preference rows (the packaged sample is "
+                          "SFT data); see README, Training with preferences")
+    for key, default in _SFT_ONLY.items():
+        if getattr(cfg, key) != default:
+            raise ConfigError(f"'{key}' applies to --method sft only, not {cfg.method}")
+    if cfg.packing:
+        raise ConfigError(f"'packing' applies to --method sft only; under {cfg.method} turbotune removes padding "
+                          "itself where it can")
+    if cfg.method == "kto" and cfg.batch_size < 2:
+        # TRL's KTO takes its KL estimate from the other completions of the same micro-batch.
+        raise ConfigError(f"--method kto needs --batch-size 2 or more, got {cfg.batch_size}: KTO estimates its KL "
+                          "term from the other rows of a micro-batch")
 
 
 def dump(cfg: TrainConfig) -> str:

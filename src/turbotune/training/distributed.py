@@ -49,12 +49,32 @@ import torch
 from turbotune.planner.parallel import BUCKET_BYTES, bucket_indices  # the planner predicts these buckets too
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# `accelerate launch --multi_gpu` runs torchrun, whose variables are above. `accelerate launch --cpu` with more than
+# one process starts them through mpirun (--mpirun_hostfile): each gets accelerate's MASTER_ADDR / MASTER_PORT and
+# the MPI launcher's names for the rest (Open MPI, Intel MPI and MPICH, MVAPICH), which torch's env:// does not read.
+MPI_ENV = {"RANK": ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"),
+           "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"),
+           "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK")}
+
+
+def launch_env(env=None) -> dict:
+    """This process's rank variables under torchrun's names: torchrun's own, else an MPI launcher's next to
+    MASTER_ADDR / MASTER_PORT; {} when neither launcher started it."""
+    env = os.environ if env is None else env
+    if all(k in env for k in TORCHRUN_ENV):
+        return {k: env[k] for k in TORCHRUN_ENV}
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return {}
+    found = {k: next((env[n] for n in names if n in env), None) for k, names in MPI_ENV.items()}
+    if None in found.values():
+        return {}
+    return {**found, "MASTER_ADDR": env["MASTER_ADDR"], "MASTER_PORT": env["MASTER_PORT"]}
 
 
 def launched_by_torchrun(env=None) -> bool:
-    """torchrun (or another env:// launcher) started this process as one of several."""
-    env = os.environ if env is None else env
-    return all(k in env for k in TORCHRUN_ENV) and int(env["WORLD_SIZE"]) > 1
+    """torchrun (or another launcher: accelerate launch, mpirun) started this process as one of several."""
+    found = launch_env(env)
+    return bool(found) and int(found["WORLD_SIZE"]) > 1
 
 
 def init_from_env(device: torch.device | None = None) -> "World":
@@ -70,6 +90,7 @@ def init_from_env(device: torch.device | None = None) -> "World":
     if not dist.is_available():
         from turbotune.errors import ConfigError
         raise ConfigError("started by torchrun, but this PyTorch build has no torch.distributed")
+    os.environ.update(launch_env())  # an MPI launcher's ranks under the names env:// reads
     local = int(os.environ["LOCAL_RANK"])
     on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
     if on_gpu:
