@@ -281,6 +281,39 @@ def masks_see_no_packing_or_tracing():
             setattr(masking_utils, name, original)
 
 
+@contextlib.contextmanager
+def sdpa_masks_leave_windows_to_attention():
+    """For the block, transformers' SDPA mask code treats sliding-window layers as plain causal ones: with no
+    padding and no packing it builds no mask at all (SDPA's is_causal), rather than a [B, 1, L, L] mask as soon as
+    the window is shorter than the sequence. Only for a model whose attention applies the window itself
+    (model/kernels/windowed_attention.py, called by the patched attention when its mask is None). It replaces
+    `_ignore_causal_mask_sdpa` by a version called with no local size, where this transformers has that function
+    (5.x); without it, nothing changes and the mask is built as before (correct, slower)."""
+    try:
+        from transformers import masking_utils
+        original = masking_utils._ignore_causal_mask_sdpa
+        params = inspect.signature(original).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        yield
+        return
+    local = next((n for n in ("local_attention_size", "local_size") if n in params), None)
+    if local is None:
+        yield
+        return
+    signature = inspect.signature(original)
+
+    def without_local_size(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments[local] = None
+        return original(*bound.args, **bound.kwargs)
+
+    masking_utils._ignore_causal_mask_sdpa = without_local_size
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = original
+
+
 def unwrap_peft(model):
     """The transformers model under a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)

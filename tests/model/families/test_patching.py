@@ -202,3 +202,29 @@ def test_phi3_fused_projections_get_lora(tmp_path, smol_tokenizer, capsys):
     fast.train(), stock.train()
     ls, lf = stock(input_ids=ids, labels=labels).loss, fast(input_ids=ids, labels=labels).loss
     assert abs(ls.item() - lf.item()) < 1e-5 * ls.item()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_windows_without_a_mask_match_stock(family_dir, checkpointing, monkeypatch):
+    """Whole sequences longer than a sliding window: transformers builds no mask for the patched model and its
+    attention applies the window itself (kernels/windowed_attention.py); values and LoRA gradients equal stock's,
+    which builds the [B, 1, L, L] mask. Gemma 2 (eager attention, soft-capped scores) keeps transformers' mask."""
+    from turbotune.model.families import llama_like
+
+    fam, folder = family_dir
+    calls = []
+    real = llama_like.windowed_attention
+    monkeypatch.setattr(llama_like, "windowed_attention", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    stock, fast = _model(folder, False, checkpointing), _model(folder, True, checkpointing)
+    ids = _batch(stock.config.vocab_size)[0]  # no padding, no prompt masking: the mask-free case
+    stock.train(), fast.train()
+    out_s, out_f = stock(input_ids=ids, labels=ids), fast(input_ids=ids, labels=ids)
+    windowed = fam in ("mistral", "gemma3_text", "phi3") and (stock.config.sliding_window or 1 << 30) < ids.shape[1]
+    assert bool(calls) == windowed, (fam, calls)
+    assert abs(out_f.loss.item() - out_s.loss.item()) <= 1e-5 * abs(out_s.loss.item())
+    out_s.loss.backward()
+    out_f.loss.backward()
+    grads_s = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            assert _rel(p.grad, grads_s[n]) < 1e-5, n

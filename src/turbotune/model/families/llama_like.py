@@ -8,10 +8,12 @@ fast path does not apply (a KV cache during generation, an unsupported LoRA sett
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from turbotune._compat import attention_function, cache_from_kwargs, has_cache
+from turbotune._compat import attention_function, cache_from_kwargs, has_cache, sdpa_masks_leave_windows_to_attention
 from turbotune.model.head import output_projection
 from turbotune.model.kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
 from turbotune.model.kernels.lora_parts import cached_lora_part
@@ -19,6 +21,7 @@ from turbotune.model.kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
 from turbotune.model.kernels.rmsnorm import rms_norm
 from turbotune.model.kernels.rope import apply_rope_, rope_reference
 from turbotune.model.kernels.swiglu import geglu, swiglu
+from turbotune.model.kernels.windowed_attention import windowed_attention
 from turbotune.model.recompute import checkpoint_phase, recomputing
 
 
@@ -84,20 +87,43 @@ def make_attention_forward(spec, state):
         extra = {}
         window = getattr(self.config, "sliding_window", None) if spec.sliding_window_from_config \
             else getattr(self, "sliding_window", None)
+        softcap = getattr(self, "attn_logit_softcapping", None)  # Gemma 2: soft-capped scores (eager attention)
+        if window is not None and attention_mask is None and seq > window and softcap is None:
+            # No mask for a window that binds: the lm forward asked transformers for none (windows_left_to_us)
+            dropout = self.attention_dropout if self.training else 0.0
+            attn = windowed_attention(q, k, v, window, self.scaling, dropout).reshape(bsz, seq, -1)
+            return _o_proj(self, state, attn), None
         if window is not None:
             extra["sliding_window"] = window
-        if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2: soft-capped scores
-            extra["softcap"] = self.attn_logit_softcapping
+        if softcap is not None:
+            extra["softcap"] = softcap
         attn, weights = attention_function(self.config, self)(
             self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs)
-        attn = attn.reshape(bsz, seq, -1)
-
-        o_parts = _parts(state, self.o_proj) if toggles.fused_lora else None
-        out = lora_linear(attn, o_parts[0], toggles.adapter_precision) if o_parts is not None else self.o_proj(attn)
-        return out, weights
+        return _o_proj(self, state, attn.reshape(bsz, seq, -1)), weights
 
     return forward
+
+
+def _o_proj(attn_module, state, attn):
+    parts = _parts(state, attn_module.o_proj) if state.toggles.fused_lora else None
+    return lora_linear(attn, parts[0], state.toggles.adapter_precision) if parts is not None \
+        else attn_module.o_proj(attn)
+
+
+def windows_left_to_us(model, kwargs: dict):
+    """The block in which transformers builds no SDPA mask for sliding-window layers (the patched attention
+    applies the window itself when its mask is None), or a no-op context. Only where no KV cache can appear
+    (with one, the stock attention runs and needs transformers' mask), no score soft-cap (which our windowed
+    kernel lacks) and causal attention (EmbeddingGemma's bidirectional option is not)."""
+    cfg = model.config
+    use_cache = kwargs.get("use_cache")
+    no_cache = not has_cache(kwargs) and not (use_cache if use_cache is not None else getattr(cfg, "use_cache", False))
+    if no_cache and getattr(cfg, "sliding_window", None) and getattr(cfg, "_attn_implementation", None) == "sdpa" \
+            and getattr(cfg, "attn_logit_softcapping", None) is None \
+            and not getattr(cfg, "use_bidirectional_attention", False):
+        return sdpa_masks_leave_windows_to_attention()
+    return contextlib.nullcontext()
 
 
 def make_mlp_forward(spec, state):
@@ -157,7 +183,13 @@ def make_lm_forward(spec, state):
 
     toggles = state.toggles
 
-    def forward(self, *args, labels=None, **kwargs):
+    def forward(self, *args, **kwargs):
+        if spec is None:  # the generic path keeps the stock attention, which needs transformers' masks
+            return _forward(self, *args, **kwargs)
+        with windows_left_to_us(self, kwargs):
+            return _forward(self, *args, **kwargs)
+
+    def _forward(self, *args, labels=None, **kwargs):
         projection = output_projection(self.get_output_embeddings())  # None: a head we don't compute ourselves
         if labels is None or not self.training or not toggles.fused_ce or projection is None or has_cache(kwargs) \
                 or kwargs.get("use_cache"):
