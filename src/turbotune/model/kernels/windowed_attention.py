@@ -18,6 +18,7 @@ produce before any transpose; the output is [B, L, Hq, D].
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -36,18 +37,22 @@ def window_mask(length: int, window: int, device=None) -> torch.Tensor:
 
 def windowed_attention_reference(q, k, v, window: int, scale: float | None = None, dropout: float = 0.0):
     """SDPA with the explicit window mask (plain PyTorch; any device and dtype)."""
-    groups = q.shape[2] // k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if groups > 1:
-        kt, vt = kt.repeat_interleave(groups, dim=1), vt.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=window_mask(q.shape[1], window, q.device),
-                                         dropout_p=dropout, scale=scale)
+                                         dropout_p=dropout, scale=scale, enable_gqa=kt.shape[1] != qt.shape[1])
     return out.transpose(1, 2)
+
+
+def flash_window_enabled() -> bool:
+    """TURBOTUNE_FLASH_WINDOW=1 lets the flash kernel run. Off until tests/gpu/test_windowed_attention_gpu.py and
+    the family GPU tests have passed on a GPU with it (written in the ninth session, when no GPU time was left);
+    off, windowed layers run the masked reference, as fast as transformers' own mask."""
+    return os.environ.get("TURBOTUNE_FLASH_WINDOW", "0") == "1"
 
 
 def _flash_possible(q, k, v) -> bool:
     d = q.shape[-1]
-    return (q.is_cuda and q.dtype in _FLASH_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+    return (flash_window_enabled() and q.is_cuda and q.dtype in _FLASH_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and d % 8 == 0 and d <= 256 and v.shape[-1] == d and q.shape[2] % k.shape[2] == 0
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 
