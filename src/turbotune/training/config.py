@@ -66,7 +66,7 @@ class TrainConfig:
 
     # Keys that describe *what* is trained: an output dir holding a run with other values is a different run.
     IDENTITY = ("model", "data", "format", "load_in_4bit", "max_seq_length", "lora_r", "lora_alpha",
-                "target_modules", "seed", "batch_size", "grad_accum", "lr", "packing")
+                "target_modules", "seed", "batch_size", "grad_accum", "lr", "packing", "method")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

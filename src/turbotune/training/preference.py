@@ -36,7 +36,7 @@ TRL_CLASSES = {
     "orpo": ("ORPOTrainer", "ORPOConfig", ("trl.experimental.orpo", "trl")),
 }
 # The TrainConfig fields that make two runs in one folder the same run, beyond the SFT loop's own.
-IDENTITY = TrainConfig.IDENTITY + ("method", "beta")
+IDENTITY = TrainConfig.IDENTITY + ("beta",)
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # ours hold after warm-up
 
 

@@ -242,7 +242,8 @@ class Trainer:
             last = ckpt.latest_checkpoint(self.out)
             state = json.loads((last / "trainer_state.json").read_text(encoding="utf-8")) if last is not None else {}
             world_size = int(state.get("world_size", 1))
-        identity = {k: config.get(k) for k in TrainConfig.IDENTITY}
+        defaults = TrainConfig()  # a key an older run_config.json lacks ("method") had its default then
+        identity = {k: config.get(k, getattr(defaults, k)) for k in TrainConfig.IDENTITY}
         if isinstance(identity["batch_size"], int):
             identity["batch_size"] *= world_size
         return identity
