@@ -90,3 +90,15 @@ def test_one_call_form_routes_unsloth_options(tiny_llama_dir):
     assert model.peft_config["default"].r == 4 and tok is not None
     with pytest.raises(ConfigError, match="load_in_4bit=True"):
         turbotune.get_peft_model(model_name=str(tiny_llama_dir), load_in_8bit=True, r=4, verbose=False)
+
+
+def test_checkpointing_is_planned_unless_chosen(tiny_llama_dir):
+    """FastModel.get_peft_model without use_gradient_checkpointing leaves the mode to the planner ("auto": recompute
+    until a trainer's first batch gives the shapes); a choice stays the caller's."""
+    from turbotune.model.state import turbo_state
+    model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    peft_model = FastModel.get_peft_model(model, r=4, verbose=False)
+    assert turbo_state(peft_model).checkpointing == "auto" and is_checkpointing(peft_model)
+    model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    peft_model = FastModel.get_peft_model(model, r=4, verbose=False, use_gradient_checkpointing=True)
+    assert turbo_state(peft_model).checkpointing is None and is_checkpointing(peft_model)

@@ -49,12 +49,16 @@ class FastModel:
     def get_peft_model(model, r=16, lora_alpha=None, **kwargs):
         """Add LoRA adapters; see turbotune.model.lora.get_peft_model for every option.
 
+        use_gradient_checkpointing defaults to "auto" here (True in lora.get_peft_model and `turbotune train`).
         Takes Unsloth's keywords: bias="none", use_gradient_checkpointing="unsloth" (recompute each layer, as
         True; Unsloth's mode also parks each layer's input in host memory, which is "offload" here: same math,
         less GPU memory), random_state (the seed of the adapters' initial values), use_rslora, loftq_config
         (None or {}: no LoftQ), max_seq_length and temporary_location (unused there and here).
         """
         options = _unsloth_lora_options(kwargs)
+        # Where the caller did not choose: the planner's choice from the batch the trainer feeds (none / recompute
+        # / offload, the cheapest predicted to fit the card), as turbotune's own trainer plans it
+        options.setdefault("use_gradient_checkpointing", "auto")
         peft_model = lora.get_peft_model(model, r=r, lora_alpha=lora_alpha, **options)
         if is_patched(base_causal_lm(peft_model)):
             # the fast step when a Hugging Face trainer (SFTTrainer, Trainer, ...) trains it
