@@ -29,6 +29,7 @@ from turbotune.bench.header import (  # noqa: F401 - VERSION_PACKAGES and comman
     collect_header,
     command_line,
 )
+from turbotune.bench.preference import DEFAULT_BETA, MIN_SEQ_LEN
 from turbotune.bench.presets import (
     DEFAULT_METHODS,
     METHODS,
@@ -101,11 +102,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--samples-per-step", type=int, default=64, help="samples per optimizer step (default 64)")
     g.add_argument("--padded-micro-batch", type=int, default=8,
                    help="samples per padded micro-batch (default 8); packed micro-batches hold --micro-batch rows")
-    g = parser.add_argument_group("trainer (--trainer sft)")
-    g.add_argument("--trainer", choices=["loop", "sft"], default="loop",
-                   help="loop: the bench's own training loop (default); sft: every method trained by TRL's "
-                        "SFTTrainer as the tutorials write it, with --lengths fixed or mixed (a long-tailed mix, "
-                        "padded per batch by TRL); tokens/s counts real (non-padding) tokens")
+    _add_trainer_arguments(parser)
     from turbotune.bench.multi_gpu import add_gpus_arguments
     add_gpus_arguments(parser)
     g = parser.add_argument_group("report")
@@ -133,6 +130,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="after the timed steps, profile one more step per method with torch.profiler and write "
                         "DIR/profile-<method>.txt (GPU busy vs wall time, top ops and kernels)")
     return parser
+
+
+def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("trainer (--trainer sft|dpo)")
+    g.add_argument("--trainer", choices=["loop", "sft", "dpo"], default="loop",
+                   help="loop: the bench's own training loop (default); sft: every method trained by TRL's "
+                        "SFTTrainer as the tutorials write it, with --lengths fixed or mixed (a long-tailed mix, "
+                        "padded per batch by TRL); dpo: by TRL's DPOTrainer on preference pairs (prompt a quarter of "
+                        "--seq-len, completions the rest or, with --lengths mixed, that mix); tokens/s counts real "
+                        "(non-padding) tokens")
+    g.add_argument("--beta", type=float, default=None,
+                   help=f"--trainer dpo: DPO's beta (default {DEFAULT_BETA}, TRL's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,13 +212,18 @@ def validate(args) -> dict:
     if args.trainer != "sft" and args.methods and "turbotune-train" in args.methods.split(","):
         raise BenchError("turbotune-train compares turbotune's own Trainer with the SFTTrainer rows: use it with "
                          "--trainer sft")
-    if args.trainer == "sft":
+    if args.trainer in ("sft", "dpo"):
         if args.max_context or args.packing:
-            raise BenchError("--trainer sft is its own benchmark; run --max-context and --packing without it")
+            raise BenchError(f"--trainer {args.trainer} is its own benchmark; run --max-context and --packing "
+                             "without it")
         if args.lengths not in (None, "fixed", "mixed"):
-            raise BenchError("with --trainer sft, --lengths is fixed or mixed")
+            raise BenchError(f"with --trainer {args.trainer}, --lengths is fixed or mixed")
     elif not args.max_context and (args.lengths or args.confirm or args.card_memory):
-        raise BenchError("--lengths, --confirm and --card-memory go with --max-context (or --trainer sft)")
+        raise BenchError("--lengths, --confirm and --card-memory go with --max-context (or --trainer sft|dpo)")
+    if args.beta is not None and args.trainer != "dpo":
+        raise BenchError("--beta goes with --trainer dpo")
+    if args.trainer == "dpo" and args.seq_len < MIN_SEQ_LEN:
+        raise BenchError(f"--trainer dpo needs --seq-len {MIN_SEQ_LEN} or more (a prompt and two completions)")
     if args.confirm_at is not None and not args.confirm:
         raise BenchError("--confirm-at goes with --confirm")
     dtype = {"auto": "bfloat16" if device == "cuda" else "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -350,8 +364,8 @@ def build_worker_spec(args, settings: dict, model_dir: Path | None, model_cfg: d
             "adapter_precision": args.adapter_precision,
             "fp32_adapter_kernels": args.fp32_adapter_kernels,
             "mode": ("max_context" if args.max_context else "packing" if args.packing
-                     else "sft" if args.trainer == "sft" else "throughput"),
-            "sft_lengths": args.lengths or "fixed",
+                     else args.trainer if args.trainer in ("sft", "dpo") else "throughput"),
+            "sft_lengths": args.lengths or "fixed", "beta": DEFAULT_BETA if args.beta is None else args.beta,
             "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,
             "padded_micro_batch": args.padded_micro_batch,
             "confirm": bool(args.confirm), "confirm_at": settings["confirm_at"],

@@ -92,13 +92,19 @@ def collect_header(args, settings: dict, model_dir: Path | None, model_cfg: dict
 
 
 def add_mode_header(header: dict, args, settings: dict) -> None:
-    """Add the header keys of the --max-context, --trainer sft and --packing modes (none for throughput)."""
+    """Add the header keys of the --max-context, --trainer sft|dpo and --packing modes (none for throughput)."""
     if args.max_context:
         header["mode"] = "max_context"
         header["lengths"] = settings["lengths"]
     elif args.trainer == "sft":
         header["mode"] = "sft"
         header["sft"] = {"lengths": args.lengths or "fixed", "packing": False}
+    elif args.trainer == "dpo":
+        from turbotune.bench.preference import DEFAULT_BETA, pair_lengths
+        prompt, completion, _ = pair_lengths("fixed", 1, args.seq_len, args.seed)[0]
+        header["mode"] = "dpo"
+        header["dpo"] = {"lengths": args.lengths or "fixed", "beta": DEFAULT_BETA if args.beta is None else args.beta,
+                         "prompt_tokens": prompt, "max_completion_tokens": completion}
     elif args.packing:
         header["mode"] = "packing"
         header["packing"] = {"samples_per_step": args.samples_per_step, "padded_micro_batch": args.padded_micro_batch,
@@ -114,5 +120,8 @@ def add_model_flops(header: dict, args, model_cfg: dict | None) -> float | None:
     except (KeyError, TypeError, ValueError) as exc:
         _log(f"cannot derive FLOPs per token from the config ({exc!r}); MFU will be n/a")
         flops = None
+    if flops and args.trainer == "dpo":  # every token also runs the reference forward (no backward)
+        flops = dict(flops, policy_total=flops["total"], total=flops["total"] + 2 * flops["n_matmul"]
+                     + 2 * flops["lora_params"] + flops["attention"] / 3)
     header["flops_per_token"] = flops
     return flops

@@ -55,7 +55,7 @@ def check_gpus(args) -> None:
     if args.gpus < 2:
         raise BenchError("--gpus N compares 1 GPU with N: N must be at least 2")
     for flag, on in (("--max-context", args.max_context), ("--packing", args.packing),
-                     ("--trainer sft", args.trainer == "sft"), ("--profile", args.profile)):
+                     (f"--trainer {args.trainer}", args.trainer != "loop"), ("--profile", args.profile)):
         if on:
             raise BenchError(f"--gpus measures the throughput run; run {flag} without --gpus")
     if args.device == "cpu":  # the ranks run on the CPU (gloo): no GPU needed

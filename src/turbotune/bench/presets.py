@@ -165,7 +165,8 @@ def is_complete(folder: Path) -> bool:
 def _placeholder_tokenizer(cfg: dict):
     """A word-level tokenizer with one token per id ("<t17>"), so loaders that insist on a tokenizer work.
 
-    The benchmark never tokenises text: it feeds random ids. Special tokens sit at the config's ids.
+    The benchmark feeds random ids; only `--trainer dpo` tokenises text, rows written in these tokens (preference.py).
+    Special tokens sit at the config's ids.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -24,7 +24,7 @@ def summarise(results: list[dict], header: dict, flops: dict | None, matmul_rate
         gpus = r.get("gpus") or 1
         timed = r["step_times_s"][wl["warmup"]:]
         r["s_per_step"] = median(timed)
-        # --trainer sft counts the real (non-padding) tokens the trainer fed; else every step has the same tokens
+        # --trainer sft|dpo counts the real (non-padding) tokens the trainer fed; else every step has the same tokens
         # (bench --gpus: every rank's)
         tokens = r.get("tokens_per_step", wl["tokens_per_step"])
         r["tokens_per_s"] = r.get("real_tokens_per_s") or tokens / r["s_per_step"]
@@ -148,6 +148,8 @@ def format_header(header: dict) -> str:
                         + (" (long-tailed: median ~150, 90th percentile ~600 tokens, padded per micro-batch by "
                            "TRL's collator)" if header["sft"]["lengths"] == "mixed" else "")
                         + "; tokens/s counts real (non-padding) tokens over the timed steps")
+    if header.get("mode") == "dpo":
+        _dpo_lines(lines, header["dpo"], wl, v.get("trl"))
     if header.get("mode") == "max_context":  # a ladder of single steps: no throughput, MFU or cost
         lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --max-context")
         lines[7:] = [f"- workload: one forward + backward + AdamW step at micro-batch 1 per length "
@@ -162,6 +164,23 @@ def format_header(header: dict) -> str:
         after = next(i for i, line in enumerate(lines) if line.startswith("- command:")) + 1
         lines.insert(after, f"- environment: PYTORCH_CUDA_ALLOC_CONF={header['alloc_conf']}")
     return "\n".join(lines)
+
+
+def _dpo_lines(lines: list[str], d: dict, wl: dict, trl: str | None) -> None:
+    """A --trainer dpo header: its title, pairs in the workload line (two sequences each), and the trainer's line:
+    the pairs' lengths, what tokens/s and MFU count."""
+    lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --trainer dpo")
+    lines[7] = lines[7].replace(f"micro-batch {wl['micro_batch']} ×",
+                                f"2 (chosen, rejected) × micro-batch {wl['micro_batch']} (pairs) ×").replace(
+        f"= {wl['tokens_per_step']:,} tokens/step;", f"= {2 * wl['tokens_per_step']:,} tokens/step at most;")
+    completions = (f"{d['max_completion_tokens']}" if d["lengths"] == "fixed" else
+                   f"the long-tailed mix capped at {d['max_completion_tokens']}")
+    lines.insert(8, f"- trainer: TRL {trl or '—'} DPOTrainer, DPOConfig defaults plus this workload, beta "
+                    f"{d['beta']:g}, ref_model=None (each row's note names the reference TRL used); "
+                    f"lengths {d['lengths']}: prompts {d['prompt_tokens']} tokens, completions {completions} (eos "
+                    "included); tokens/s counts the real tokens of both sequences of each pair (the prompt twice) "
+                    "over the timed steps; MFU adds the reference forward (2·N_matmul + 2·P_lora + attention "
+                    "forward per token)")
 
 
 def _gpus_line(g: dict, wl: dict, device: str) -> str:

@@ -10,6 +10,7 @@ every method (TRL's sampler, one seed). `--lengths fixed`: every row --seq-len t
 long-tailed mix like instruction data (lognormal: median ~150 tokens, 90th percentile ~600, capped at
 --seq-len), which TRL's collator pads per micro-batch. Reported: real (non-padding) tokens per second over the
 timed steps, the peak GPU memory of training (weights included), and the loss TRL logs at every step.
+`--trainer dpo` (preference.py) shares the TRL workload, the step clock, the token count and the recording below.
 """
 from __future__ import annotations
 
@@ -51,20 +52,47 @@ def stand_in_tokenizer(folder: str):
 def run_sft(model, spec: dict, result: dict, log) -> None:
     """Train `model` with SFTTrainer for spec["steps"] optimizer steps; fills result like bench_worker.train."""
     import datasets
-    import torch
     import trl
+
+    clock = step_clock(spec, result, log)  # --profile: one more step, after the timed ones, under torch.profiler
+    per_step = spec["micro_batch"] * spec["grad_accum"]
+    rows = make_rows(spec["sft_lengths"], per_step * clock.steps, spec["seq_len"], spec["vocab_size"], spec["seed"])
+    _graphs_setting(model, spec)
+    with tempfile.TemporaryDirectory(prefix="turbotune-sft-") as tmp:
+        tok = _tokenizer(spec, tmp)
+        config = trl.SFTConfig(**trl_workload(spec, clock.steps, tmp), packing=False)
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tok, callbacks=[clock])
+        fed = count_real_tokens(trainer, lambda feats: sum(len(f["input_ids"]) for f in feats))
+        train_timed(trainer, model, spec, result, clock, fed)
+
+
+def trl_workload(spec: dict, steps: int, output_dir: str) -> dict:
+    """The arguments every TRL row sets on top of its trainer's defaults: the run's workload, a log entry per step,
+    nothing saved, the device's dtype."""
+    cuda = spec["device"] == "cuda"
+    return dict(output_dir=output_dir, per_device_train_batch_size=spec["micro_batch"],
+                gradient_accumulation_steps=spec["grad_accum"], max_steps=steps, learning_rate=spec["lr"],
+                logging_steps=1, report_to=[], save_strategy="no", bf16=cuda and spec["dtype"] == "bfloat16",
+                fp16=cuda and spec["dtype"] == "float16", max_length=spec["seq_len"], seed=spec["seed"],
+                dataloader_drop_last=True, use_cpu=not cuda)
+
+
+def step_clock(spec: dict, result: dict, log):
+    """A TrainerCallback that times every optimizer step (the device synchronised at its end) into `.times`, from
+    `.t0` (set by train_timed); with --profile, `.steps` holds one more step, run under torch.profiler."""
+    import torch
     from transformers import TrainerCallback
 
-    method, cuda = spec["method"], spec["device"] == "cuda"
-    per_step = spec["micro_batch"] * spec["grad_accum"]
-    profile = _step_profile(spec)  # --profile: one more step, after the timed ones, under torch.profiler
-    steps = spec["steps"] + (profile is not None)
-    rows = make_rows(spec["sft_lengths"], per_step * steps, spec["seq_len"], spec["vocab_size"], spec["seed"])
-    _graphs_setting(model, spec)
-    fed: list[int] = []  # real tokens of each micro-batch the collator built, in order
-    times: list[float] = []
+    method, cuda, profile = spec["method"], spec["device"] == "cuda", _step_profile(spec)
 
     class Clock(TrainerCallback):
+        steps = spec["steps"] + (profile is not None)  # the trainer's max_steps
+
+        def __init__(self):
+            self.times: list[float] = []
+            self.t0 = 0.0
+
         def on_step_begin(self, args, state, control, **kwargs):
             if profile is not None and state.global_step == spec["steps"]:
                 profile.start()
@@ -77,30 +105,36 @@ def run_sft(model, spec: dict, result: dict, log) -> None:
                 return
             if cuda:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter())
-            took = times[-1] - (times[-2] if len(times) > 1 else t0)
+            self.times.append(time.perf_counter())
+            took = self.times[-1] - (self.times[-2] if len(self.times) > 1 else self.t0)
             log(method, f"step {state.global_step}/{spec['steps']}  {took:.3f} s")
 
-    with tempfile.TemporaryDirectory(prefix="turbotune-sft-") as tmp:
-        tok = _tokenizer(spec, tmp)
-        config = trl.SFTConfig(output_dir=tmp, per_device_train_batch_size=spec["micro_batch"],
-                               gradient_accumulation_steps=spec["grad_accum"], max_steps=steps,
-                               learning_rate=spec["lr"], logging_steps=1, report_to=[], save_strategy="no",
-                               bf16=cuda and spec["dtype"] == "bfloat16", fp16=cuda and spec["dtype"] == "float16",
-                               max_length=spec["seq_len"], packing=False, seed=spec["seed"],
-                               dataloader_drop_last=True, use_cpu=not cuda)
-        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                                 processing_class=tok, callbacks=[Clock()])
-        collate = trainer.data_collator
-        trainer.data_collator = lambda feats: fed.append(sum(len(f["input_ids"]) for f in feats)) or collate(feats)
-        if cuda:
-            result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        trainer.train()
+    return Clock()
+
+
+def count_real_tokens(trainer, count) -> list[int]:
+    """Wrap the trainer's collator: the list returned gets count(features), the real (non-padding) tokens of each
+    micro-batch it builds, in order."""
+    fed: list[int] = []
+    collate = trainer.data_collator
+    trainer.data_collator = lambda feats: fed.append(count(feats)) or collate(feats)
+    return fed
+
+
+def train_timed(trainer, model, spec: dict, result: dict, clock, fed: list[int]) -> None:
+    """trainer.train() with the peak-memory counter reset after loading; fills result (losses TRL logged, step times,
+    real tokens per step from `fed`, notes) through _record."""
+    import torch
+
+    if spec["device"] == "cuda":
+        result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+    clock.t0 = time.perf_counter()
+    trainer.train()
+    times, ga = clock.times, spec["grad_accum"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = [sum(fed[i * spec["grad_accum"]:(i + 1) * spec["grad_accum"]]) for i in range(len(times))]
-    _record(result, spec, losses, [b - a for a, b in zip([t0] + times[:-1], times)], tokens,
+    tokens = [sum(fed[i * ga:(i + 1) * ga]) for i in range(len(times))]
+    _record(result, spec, losses, [b - a for a, b in zip([clock.t0] + times[:-1], times)], tokens,
             list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec))
 
 

@@ -438,6 +438,9 @@ def run_spec(spec: dict, train_fn=None) -> dict:
         elif spec.get("mode") == "sft":
             from turbotune.bench.sft import run_own_trainer, run_sft
             (run_own_trainer if method == "turbotune-train" else run_sft)(model, spec, result, _log)
+        elif spec.get("mode") == "dpo":
+            from turbotune.bench.preference import run_dpo
+            run_dpo(model, spec, result, _log)
         else:
             (train_fn or train)(model, spec, result)
         result["status"] = "ok"
