@@ -187,12 +187,13 @@ def test_auto_checkpointing_planned_from_the_fed_batch(tiny_llama_dir, tmp_path,
 
 
 def test_fused_head_refuses_what_it_does_not_compute(tiny_llama_dir):
-    """TRL's head set up with a temperature (GRPO-style) or asking for fields ours does not compute stays TRL's."""
+    """TRL's head asking for fields ours does not compute, or for an fp32 head, stays TRL's; a temperature (GRPO's)
+    is served, folded into the logit scale (with a soft-cap it is not: tests/training/test_grpo.py)."""
     from trl.trainer.utils import add_fused_lm_head
 
     from turbotune._compat import unwrap_peft
     for kw, served in [(dict(outputs=("log_probs", "entropy", "is_top1")), True),
-                       (dict(temperature=0.7), False), (dict(outputs=("log_probs", "log_sum_sq_probs")), False),
+                       (dict(temperature=0.7), True), (dict(outputs=("log_probs", "log_sum_sq_probs")), False),
                        (dict(outputs=("log_probs", "mean_logits")), True),
                        (dict(cast_lm_head_to_fp32=True), False)]:
         model, _ = _model(tiny_llama_dir, True)

@@ -21,6 +21,7 @@ captured from (GPU tests).
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from turbotune._compat import trl_fused_output_class, unwrap_peft
 from turbotune.model.state import turbo_state
 from turbotune.training.graphed_call import GraphedCall
+from turbotune.training.grpo import pause_checkpointing, resume_checkpointing, rotate_back, rotate_left_padding
 
 _UNCHECKED = object()
 
@@ -45,6 +47,10 @@ def install(peft_model, verbose: bool = True) -> "TrainerStep":
     # mode chosen in get_peft_model (auto / offload / none) with plain recompute: that choice stays.
     for name in _CHECKPOINTING_SWITCHES:
         setattr(peft_model, name, step.keep_checkpointing)
+    # TRL's GRPOTrainer switches it off around generation and back on after: its off switch notes what it turned
+    # off, for the on switch above to put back (grpo.py). turbotune's own switch-offs (for_inference, the "auto"
+    # plan, for_training(model, False)) take transformers 5's activation_checkpointing_disable and stay off.
+    peft_model.gradient_checkpointing_disable = functools.partial(pause_checkpointing, step)
     # The Trainer counts FLOPs every micro-step, from num_parameters (transformers 5.2x: Trainer.floating_point_ops)
     # or the model's floating_point_ops (earlier); either walks every parameter. The count is read once here.
     peft_model.num_parameters = step.num_parameters
@@ -57,7 +63,8 @@ def install(peft_model, verbose: bool = True) -> "TrainerStep":
 
 
 _CHECKPOINTING_SWITCHES = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
-_INSTANCE_ATTRS = _CHECKPOINTING_SWITCHES + ("num_parameters", "floating_point_ops", "train")
+_INSTANCE_ATTRS = _CHECKPOINTING_SWITCHES + ("gradient_checkpointing_disable", "num_parameters", "floating_point_ops",
+                                             "train")
 
 
 def uninstall(peft_model) -> None:
@@ -84,9 +91,11 @@ class TrainerStep:
         self.graphs = GraphedCall(self._model_call, peft_model)
         self._announced = False
         self.trainer_checkpointing = None  # what a trainer asked for with its checkpointing switch, if it did
+        self.paused_checkpointing = None  # the layers the off switch took checkpointing from (grpo.py)
         self._param_counts: dict = {}
         self._refusal = _UNCHECKED  # why turbotune's head can't serve TRL's (fused_head_refusal), once known
         self._mean_logits = None  # whether TRL's head was set up to give mean_logits (DPO), read with it
+        self._temperature = None  # the temperature TRL's head divides the logits by (GRPO's), read with it
         self._modules = None  # every module, read after the last full train() walk
         self._kernel_models: list = []  # the transformers models among them (their kernels mode)
         self.passthrough = None  # why every call goes straight to the original forward (set by turbotune's loops)
@@ -109,6 +118,7 @@ class TrainerStep:
                 and all(kernels_mode_settled(m, mode) for m in self._kernel_models):
             return model
         type(model).train(model, mode)
+        self.paused_checkpointing = None  # a change of mode is not a trainer's pause (grpo.py)
         self._modules = list(model.modules())
         self._kernel_models = [m for m in self._modules if hasattr(type(m), "kernels_mode")]
         return model
@@ -129,8 +139,10 @@ class TrainerStep:
         return 6 * base.estimate_tokens(inputs) * self.num_parameters(exclude_embeddings=exclude_embeddings)
 
     def keep_checkpointing(self, *args, **kwargs) -> None:
-        """Stands in for the model's checkpointing switch: get_peft_model's mode stays (said at the first step)."""
+        """Stands in for the model's checkpointing switch: get_peft_model's mode stays (said at the first step),
+        and comes back where the off switch paused it."""
         self.trainer_checkpointing = kwargs or True
+        resume_checkpointing(self)
 
     def _checkpointing_line(self, tensors) -> str:
         """Plans "auto" from the first batch the trainer feeds, as it comes (before padding removal): its rows
@@ -165,20 +177,25 @@ class TrainerStep:
             return self.original(*args, **kwargs)
         tensors, others = _split(kwargs)
         checkpointing = None if self._announced else self._checkpointing_line(tensors)  # plans on the fed batch
-        rows_mask = None  # the padded batch's mask, where the caller needs its per-token outputs back in rows
+        self.paused_checkpointing = None  # a trainer's pause ends before its next training call (grpo.py)
+        rows_mask = lead = None  # the padded batch's mask, where the caller needs its per-token outputs in rows
         if self.remove_padding and (not self.keep_rows or (others.get("fused_lm_head")
                                                             and self._head_refusal() is None)):
             from turbotune.training.padding import remove_padding
-            packed = remove_padding(tensors, pad_id=self.pad_id())
+            # GRPO's rows start with the prompt's left padding: rotated left, they are right-padded (grpo.py)
+            rows, lead = rotate_left_padding(tensors) if self.keep_rows else (tensors, None)
+            packed = remove_padding(rows, pad_id=self.pad_id())
+            if packed is rows:  # not packed (extra keys, gaps inside a row): the rows as they came
+                packed, lead = tensors, None
             if self.keep_rows and packed.get("input_ids") is not None \
-                    and packed["input_ids"].shape != tensors["input_ids"].shape:
-                rows_mask = tensors["attention_mask"]
+                    and (packed["input_ids"].shape != rows["input_ids"].shape or lead is not None):
+                rows_mask = rows["attention_mask"]
             tensors = packed
         if not self._announced:
             self._announce(tensors, others, checkpointing)
         out = self.graphs(tensors, others)
         if rows_mask is not None:
-            out = _in_rows(out, rows_mask)
+            out = _in_rows(out, rows_mask, lead)
         # TRL's per-token metric tensors of this call (detached), for step_coalescing's per-micro-batch metrics
         self.last_token_metrics = _token_metrics(out)
         return out
@@ -200,7 +217,7 @@ class TrainerStep:
         """One training call: the fused head for TRL's `fused_lm_head=True`, else the original forward."""
         if kwargs.pop("fused_lm_head", False):
             out = fused_head_forward(self.peft_model, refusal=self._head_refusal(), mean_logits=self._mean_logits,
-                                     **kwargs)
+                                     temperature=self._temperature, **kwargs)
             if out is not None:
                 return out
             kwargs["fused_lm_head"] = True
@@ -211,6 +228,7 @@ class TrainerStep:
         if self._refusal is _UNCHECKED:
             self._refusal = fused_head_refusal(self.peft_model)
             self._mean_logits = _head_wants_mean(self.peft_model)
+            self._temperature = _head_temperature(self.peft_model)
         return self._refusal
 
     def _announce(self, tensors, others, checkpointing: str) -> None:
@@ -248,10 +266,11 @@ def fused_head_refusal(peft_model) -> str | None:
     head = causal_lm.get_output_embeddings()
     cfg = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
     settings = trl_fused_head_settings(causal_lm)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
     if trl_fused_output_class() is None or settings is None:
         return "this TRL's fused head is not one turbotune knows"
-    if settings["temperature"] != 1.0 or settings["cast_lm_head_to_fp32"]:
-        return "TRL set a temperature or an fp32 head"
+    if settings["cast_lm_head_to_fp32"] or (settings["temperature"] != 1.0 and softcap is not None):
+        return "TRL set an fp32 head, or a temperature on soft-capped logits"  # else: logit_scale / temperature
     if set(settings["outputs"]) - _SERVED_FIELDS:
         return f"TRL asks for {sorted(set(settings['outputs']) - _SERVED_FIELDS)}"
     if head is None or head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
@@ -263,10 +282,11 @@ def fused_head_refusal(peft_model) -> str | None:
 
 
 def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_batch=None, refusal=_UNCHECKED,
-                       mean_logits=None, **kwargs):
+                       mean_logits=None, temperature=None, **kwargs):
     """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`, computed with turbotune's head;
     None where `fused_head_refusal` says it can't be (the caller then runs TRL's own head). `refusal`: that
-    answer when the caller has it already; `mean_logits`: _head_wants_mean's, likewise."""
+    answer when the caller has it already; `mean_logits`, `temperature`: _head_wants_mean's and
+    _head_temperature's, likewise."""
     from turbotune.model.kernels.fused_token_logprobs import fused_linear_token_logprobs
 
     if refusal is _UNCHECKED:
@@ -285,9 +305,13 @@ def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_
     targets = targets.to(head.weight.device)
     if mean_logits is None:
         mean_logits = _head_wants_mean(peft_model)
+    if temperature is None:
+        temperature = _head_temperature(peft_model)
+    # TRL divides the (scaled) logits by the temperature; without a soft-cap that is one scale (fused_head_refusal)
     log_probs, entropy, is_top1, *mean = fused_linear_token_logprobs(
         hidden.to(head.weight.device), head.weight, targets, bias=head.bias,
-        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=_logit_scale(cfg), mean_logits=mean_logits)
+        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=_logit_scale(cfg) / temperature,
+        mean_logits=mean_logits)
     mask = targets != -100
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     extra = {"mean_logits": mean[0]} if mean else {}
@@ -301,8 +325,15 @@ def _head_wants_mean(peft_model) -> bool:
     return "mean_logits" in (trl_fused_head_settings(unwrap_peft(peft_model)) or {}).get("outputs", ())
 
 
-def _in_rows(out, mask):
-    """A fused-head output of a packed row, its per-target fields back in the padded batch's rows."""
+def _head_temperature(peft_model) -> float:
+    """The temperature TRL set its head up with (GRPOTrainer's sampling temperature; 1.0 for the others)."""
+    from turbotune._compat import trl_fused_head_settings
+    return float((trl_fused_head_settings(unwrap_peft(peft_model)) or {}).get("temperature", 1.0))
+
+
+def _in_rows(out, mask, lead=None):
+    """A fused-head output of a packed row, its per-target fields back in the padded batch's rows (`mask`, right
+    padded; `lead`: the rotations of rotate_left_padding, undone)."""
     from turbotune.training.padding import targets_in_rows
 
     fields = {name: getattr(out, name) for name in ("log_probs", "entropy", "is_top1", "label_mask")}
@@ -310,7 +341,10 @@ def _in_rows(out, mask):
         return out
     if torch.is_tensor(getattr(out, "mean_logits", None)):
         fields["mean_logits"] = out.mean_logits
-    return type(out)(**{**dict(out), **{k: targets_in_rows(v, mask) for k, v in fields.items()}})
+    rows = {k: targets_in_rows(v, mask) for k, v in fields.items()}
+    if lead is not None:
+        rows = {k: rotate_back(v, lead) for k, v in rows.items()}
+    return type(out)(**{**dict(out), **rows})
 
 
 def _token_metrics(out):
