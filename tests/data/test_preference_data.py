@@ -22,6 +22,8 @@ GOOD = {
                  "chosen": _bot("Blue."), "rejected": _bot("Green.")},
     "kto": {"prompt": "The sky is", "completion": " blue.", "label": True},
     "kto-chat": {"prompt": _user("Sky colour?"), "completion": _bot("Green."), "label": False},
+    "grpo": {"prompt": "2 + 2 =", "answer": "4"},
+    "grpo-chat": {"prompt": [{"role": "system", "content": "Be brief."}] + _user("2 + 2?"), "answer": "4"},
 }
 
 
@@ -50,7 +52,24 @@ def test_kto_summary_counts_labels():
     assert load_preference_rows(rows, "kto")[1].summary() == "5 kto rows (strings), 2 desirable / 3 undesirable"
 
 
-dpo, kto, chat = GOOD["dpo"], GOOD["kto"], GOOD["dpo-chat"]
+def test_grpo_rows_keep_their_columns(tmp_path):
+    """GRPO passes the other columns to the reward functions: they stay, and each row gets every column (None where
+    it has none), as `datasets` takes the columns from the first row."""
+    rows = [dict(GOOD["grpo"], id=1), {"prompt": "3 + 3 =", "answer": "6", "meta": {"level": 2}},
+            {"prompt": "1 + 1 =", "answer": None, "id": 2.5}]
+    got, report = load_preference_rows(str(_write(tmp_path / "file.jsonl", rows)), "grpo")
+    assert got[0] == {"prompt": "2 + 2 =", "answer": "4", "id": 1, "meta": None}
+    assert got[1] == {"prompt": "3 + 3 =", "answer": "6", "id": None, "meta": {"level": 2}}
+    assert report.columns == ("answer", "id", "meta")
+    assert report.summary() == "3 grpo rows (strings), columns for the reward functions: answer, id, meta"
+    chat, _ = load_preference_rows([GOOD["grpo-chat"]], "grpo")
+    assert chat == [GOOD["grpo-chat"]]
+    assert load_preference_rows([{"prompt": "p"}], "grpo")[1].summary() == "1 grpo row (strings), no other columns"
+    datasets = pytest.importorskip("datasets")
+    assert datasets.Dataset.from_list(got).to_list()[1]["meta"] == {"level": 2}
+
+
+dpo, kto, chat, grpo = GOOD["dpo"], GOOD["kto"], GOOD["dpo-chat"], GOOD["grpo"]
 BAD = [  # (method, row at line 3, what the error says)
     ("dpo", {"prompt": "p", "chosen": "a"},
      "missing field 'rejected' (dpo rows are {\"prompt\", \"chosen\", \"rejected\"})"),
@@ -74,12 +93,22 @@ BAD = [  # (method, row at line 3, what the error says)
     ("kto", dict(kto, completion=""), "empty completion (field 'completion')"),
     ("kto", ["not", "an", "object"], "expected a JSON object, got list"),
     ("kto", '{"prompt": "p", ', "invalid JSON"),
+    ("grpo", {"answer": "4"}, "missing field 'prompt' (grpo rows are {\"prompt\", ...other columns"),
+    ("grpo", dict(grpo, prompt=" "), "empty prompt (field 'prompt')"),
+    ("grpo", dict(grpo, prompt=_user("q") + _bot("a")),
+     "field 'prompt' ends with an assistant turn; the model writes the assistant's turn"),
+    ("grpo", dict(grpo, prompt=_user("q")), "message lists, but the rows are strings (as set by"),
+    ("grpo", dict(grpo, answer=4), "column 'answer' is a number here, but a string in earlier rows (as set by "),
+    ("grpo", dict(grpo, answer=[1, "a"]), "column 'answer' mixes types inside one value"),
+    ("grpo", dict(grpo, completion="x"), "column 'completion': TRL passes reward functions an argument of that name"),
+    ("grpo", dict(grpo, trainer_state=1), "column 'trainer_state': TRL passes"),
+    ("grpo", {"messages": _user("q")}, "looks like messages (SFT) data"),
 ]
 
 
 @pytest.mark.parametrize("method,row,reason", BAD, ids=[f"{m}-{r[:30]}" for m, _, r in BAD])
 def test_bad_row_names_file_and_line(tmp_path, method, row, reason):
-    good = GOOD["kto"] if method == "kto" else GOOD["dpo"]
+    good = GOOD[method] if method in ("kto", "grpo") else GOOD["dpo"]
     path = _write(tmp_path / "file.jsonl", [good, good, row, good])
     with pytest.raises(DataError) as e:
         load_preference_rows(str(path), method)

@@ -34,11 +34,22 @@ _TRAIN_FLAGS = {
     "--model": dict(help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)"),
     "--data": dict(help="JSONL/JSON training file (default: the packaged copywriting sample)"),
     "--format": dict(choices=["auto", "alpaca", "sharegpt", "messages", "text"], help="data format (default auto)"),
-    "--method": dict(choices=["sft", "dpo", "kto", "orpo"],
+    "--method": dict(choices=["sft", "dpo", "kto", "orpo", "grpo"],
                      help="sft: learn the answers (default); dpo, orpo: prefer 'chosen' over 'rejected' in rows "
-                          "{prompt, chosen, rejected}; kto: rows {prompt, completion, label: true|false}"),
+                          "{prompt, chosen, rejected}; kto: rows {prompt, completion, label: true|false}; grpo: rows "
+                          "{prompt, ...}, the model's own completions scored by --reward-fn"),
     "--beta": _float("dpo/kto: how closely to stay with the model before training; orpo: the weight of the "
-                     "preference term (default 0.1, as TRL)"),
+                     "preference term; grpo: the weight of the KL penalty (default TRL's: 0.1, and 0 for grpo)"),
+    "--reward-fn": dict(metavar="FILE.py[:NAME,...]",
+                        help="grpo: reward functions in your own Python file, which turbotune imports and so runs "
+                             "(as `python FILE.py` would): the NAMEs given, else every function defined there whose "
+                             "name starts with 'reward' or ends with '_reward'. TRL calls each as f(prompts, "
+                             "completions, **kwargs), the data's other columns among the kwargs, and sums the floats "
+                             "they return, one per completion"),
+    "--num-generations": _int("grpo: completions per prompt, each scored against the others (default 8, TRL's); "
+                              "--batch-size x --grad-accum must be a multiple of it"),
+    "--max-completion-length": _int("grpo: longest completion in tokens (default 512, TRL's)"),
+    "--temperature": _float("grpo: sampling temperature of the completions (default 1.0, TRL's)"),
     "--output-dir": dict(help="where checkpoints, the log and the loss plot go (default outputs)"),
     "--load-in-4bit": _const(True, "QLoRA: 4-bit NF4 base weights"),
     "--double-quant": _const(True, "4-bit with the scales quantised again (the default)", "double_quant"),

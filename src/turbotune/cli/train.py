@@ -69,18 +69,25 @@ def add_lora(cfg: TrainConfig, model):
 
 
 def run_preference(cfg: TrainConfig, stream, progress=None):
-    """--method dpo|kto|orpo: every row checked and the output folder claimed before the model loads, then TRL's
-    trainer (training/preference.py)."""
+    """--method dpo|kto|orpo|grpo: every row (and GRPO's reward functions) checked and the output folder claimed
+    before the model loads, then TRL's trainer (training/preference.py)."""
     from turbotune.data.preference import load_preference_rows
     from turbotune.training.preference import prepare_output_dir, train_preference
+    from turbotune.training.rewards import check_columns, describe, load_reward_functions, split_spec
 
     check_model_path(cfg)
+    rewards = load_reward_functions(cfg.reward_fn) if cfg.method == "grpo" else None
     rows, report = load_preference_rows(cfg.data, cfg.method, skip_bad_rows=cfg.skip_bad_rows)
     print(f"[turbotune] data {report.source}: {report.summary()}", file=stream, flush=True)
+    if rewards is not None:
+        check_columns(rewards, report.columns, cfg.reward_fn)
+        print(f"[turbotune] reward functions: {describe(rewards)} ({split_spec(cfg.reward_fn)[0]})", file=stream,
+              flush=True)
     resume = prepare_output_dir(cfg)
     model, tokenizer = load_base(cfg)
     model = add_lora(cfg, model)
-    result = train_preference(cfg, model, tokenizer, rows, resume=resume, stream=stream, progress=progress)
+    result = train_preference(cfg, model, tokenizer, rows, resume=resume, stream=stream, progress=progress,
+                              reward_funcs=rewards)
     return result, model, tokenizer
 
 

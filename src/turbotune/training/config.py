@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -24,8 +25,14 @@ class TrainConfig:
     model: str | None = None            # folder or hub id; None = the embedded default (SmolLM2-135M-Instruct)
     data: str | None = None             # JSONL/JSON file; None = the packaged copywriting sample
     format: str = "auto"                # alpaca | sharegpt | messages | text | auto
-    method: str = "sft"                 # sft (trainer.py) | dpo | kto | orpo (TRL's trainers, preference.py)
-    beta: float = 0.1                   # dpo/kto: how far from the reference model; orpo: the odds-ratio weight λ
+    method: str = "sft"                 # sft (trainer.py) | dpo | kto | orpo | grpo (TRL's trainers, preference.py)
+    beta: float | None = None           # dpo/kto: how far from the reference model; orpo: the odds-ratio weight λ;
+                                        # grpo: the KL penalty's weight. None = TRL's default for the method
+                                        # (default_beta), filled in by check_values
+    reward_fn: str | None = None        # grpo: "rewards.py" or "rewards.py:name[,name2]" (training/rewards.py)
+    num_generations: int = 8            # grpo: completions per prompt (TRL's defaults, these three)
+    max_completion_length: int = 512    # grpo: longest completion in tokens
+    temperature: float = 1.0            # grpo: sampling temperature of the completions
     output_dir: str = "outputs"
     load_in_4bit: bool = False
     double_quant: bool = True
@@ -90,7 +97,8 @@ ALIASES = {
     "warmup_ratio": "warmup_steps", "num_warmup_steps": "warmup_steps", "random_state": "seed",
     "bnb_4bit_use_double_quant": "double_quant", "use_double_quant": "double_quant",
     "lora_target_modules": "target_modules", "resume_from_checkpoint": "resume",
-    "overwrite_output_dir": "overwrite",
+    "overwrite_output_dir": "overwrite", "reward_funcs": "reward_fn", "reward_function": "reward_fn",
+    "reward_functions": "reward_fn", "rewards": "reward_fn",
 }
 
 # Decimal notation, as YAML 1.1 (PyYAML) leaves `1e-4` (no dot) and `1.5e3` (no exponent sign) as strings.
@@ -252,23 +260,41 @@ def check_values(cfg: TrainConfig) -> None:
     _check_method(cfg)
 
 
-METHODS = ("sft", "dpo", "kto", "orpo")
+METHODS = ("sft", "dpo", "kto", "orpo", "grpo")
 # Settings of turbotune's own SFT loop, with their defaults: TRL's preference trainers have nothing to honour
 # another value with, so one is refused rather than ignored.
 _SFT_ONLY = {"format": "auto", "train_on_responses_only": True, "skip_nonfinite": False, "distributed": "ddp"}
+# GRPO's own settings, with their defaults (TRL 1.16's): another method has no use for another value.
+_GRPO_ONLY = {"reward_fn": None, "num_generations": 8, "max_completion_length": 512, "temperature": 1.0}
+
+
+def default_beta(method: str) -> float:
+    """TRL 1.16's beta: 0.1 for DPO, KTO and ORPO; 0.0 for GRPO (no KL term, so no reference model)."""
+    return 0.0 if method == "grpo" else 0.1
 
 
 def _check_method(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS:
         raise ConfigError(f"'method' must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    if not math.isfinite(cfg.beta) or cfg.beta <= 0:
+    if cfg.beta is None:
+        cfg.beta = default_beta(cfg.method)
+    if cfg.method == "grpo":
+        if not math.isfinite(cfg.beta) or cfg.beta < 0:
+            raise ConfigError(f"'beta' must be 0 or more, got {cfg.beta}")
+    elif not math.isfinite(cfg.beta) or cfg.beta <= 0:
         raise ConfigError(f"'beta' must be positive, got {cfg.beta}")
+    if cfg.method != "grpo":
+        for key, default in _GRPO_ONLY.items():
+            if getattr(cfg, key) != default:
+                raise ConfigError(f"'{key}' applies to --method grpo only, not {cfg.method}")
     if cfg.method == "sft":
-        if cfg.beta != TrainConfig.beta:
-            raise ConfigError("'beta' applies to --method dpo, kto and orpo, not sft")
+        if cfg.beta != default_beta("sft"):
+            raise ConfigError("'beta' applies to --method dpo, kto and orpo (the pull towards the reference model) "
+                              "and grpo (its KL penalty), not sft")
         return
     if cfg.data is None:
-        raise ConfigError(f"--method {cfg.method} needs --data: a file of preference rows (the packaged sample is "
+        what = "prompts" if cfg.method == "grpo" else "preference rows"
+        raise ConfigError(f"--method {cfg.method} needs --data: a file of {what} (the packaged sample is "
                           "SFT data); see README, Training with preferences")
     for key, default in _SFT_ONLY.items():
         if getattr(cfg, key) != default:
@@ -280,6 +306,33 @@ def _check_method(cfg: TrainConfig) -> None:
         # TRL's KTO takes its KL estimate from the other completions of the same micro-batch.
         raise ConfigError(f"--method kto needs --batch-size 2 or more, got {cfg.batch_size}: KTO estimates its KL "
                           "term from the other rows of a micro-batch")
+    if cfg.method == "grpo":
+        _check_grpo(cfg)
+
+
+def _check_grpo(cfg: TrainConfig) -> None:
+    if not cfg.reward_fn:
+        raise ConfigError("--method grpo needs --reward-fn rewards.py[:name]: the Python functions that score the "
+                          "completions; see README, Training with preferences")
+    if cfg.num_generations < 2:
+        raise ConfigError(f"'num_generations' must be 2 or more, got {cfg.num_generations}: GRPO scores each "
+                          "completion against the others of its prompt")
+    if cfg.max_completion_length <= 0:
+        raise ConfigError(f"'max_completion_length' must be positive, got {cfg.max_completion_length}")
+    if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
+        raise ConfigError(f"'temperature' must be positive, got {cfg.temperature}")
+    # TRL generates every prompt's completions within one optimizer step: its batch (the micro-batches of one
+    # step, over all ranks) must hold whole groups.
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    step = cfg.batch_size * cfg.grad_accum * world
+    if step % cfg.num_generations:
+        fits = [g for g in range(2, cfg.num_generations) if step % g == 0]
+        ranks = f" × {world} ranks" if world > 1 else ""
+        hint = (f"pass --num-generations {fits[-1]}, or" if fits else "pass") + \
+            " a --batch-size or --grad-accum that makes it a multiple"
+        raise ConfigError(f"--method grpo: --batch-size × --grad-accum{ranks} ({step}) must be a multiple of "
+                          f"--num-generations ({cfg.num_generations}): each optimizer step generates whole groups of "
+                          f"completions, one group per prompt; {hint}")
 
 
 def dump(cfg: TrainConfig) -> str:

@@ -1,8 +1,9 @@
-"""`turbotune train --method dpo|kto|orpo`: TRL's preference trainers around the model the SFT path loads.
+"""`turbotune train --method dpo|kto|orpo|grpo`: TRL's preference trainers around the model the SFT path loads.
 
 The model is the PEFT model of `FastModel.get_peft_model`, which TRL's trainers take unmodified
-(tests/training/test_preference_trainers.py). DPO and KTO get no reference model: with a PEFT model TRL uses the
-policy with its adapters switched off, the base as it was before training. ORPO needs none.
+(tests/training/test_preference_trainers.py, tests/training/test_grpo.py). DPO and KTO get no reference model:
+with a PEFT model TRL uses the policy with its adapters switched off, the base as it was before training. ORPO
+needs none, nor does GRPO with beta 0 (its default); GRPO's rewards come from the user's functions (rewards.py).
 
 TrainConfig maps onto TRL's config (`trl_arguments`); the settings of turbotune's own SFT loop that TRL cannot
 honour are refused in config.check_values. The run folder looks like an SFT run's: run_config.json,
@@ -34,9 +35,10 @@ TRL_CLASSES = {
     "dpo": ("DPOTrainer", "DPOConfig", ("trl", "trl.experimental.dpo")),
     "kto": ("KTOTrainer", "KTOConfig", ("trl", "trl.experimental.kto")),
     "orpo": ("ORPOTrainer", "ORPOConfig", ("trl.experimental.orpo", "trl")),
+    "grpo": ("GRPOTrainer", "GRPOConfig", ("trl",)),
 }
 # The TrainConfig fields that make two runs in one folder the same run, beyond the SFT loop's own.
-IDENTITY = TrainConfig.IDENTITY + ("beta",)
+IDENTITY = TrainConfig.IDENTITY + ("beta", "reward_fn", "num_generations", "max_completion_length", "temperature")
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # ours hold after warm-up
 
 
@@ -81,6 +83,9 @@ def trl_arguments(cfg: TrainConfig, config_cls, model, progress: bool | None = N
         logging_nan_inf_filter=False,
         disable_tqdm=not (sys.stderr.isatty() if progress is None else progress),
     )
+    if cfg.method == "grpo":  # GRPOConfig has no max_length: prompts are not truncated, completions are
+        values.update(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+                      temperature=cfg.temperature)
     # TRL releases differ in which of these their configs take; beta and max_length all of them do.
     known = {f.name for f in dataclasses.fields(config_cls)}
     # get_peft_model already applied --gradient-checkpointing; the trainer switching on its own would replace it.
@@ -135,9 +140,11 @@ def _stop_on_nonfinite(losses: list):
     return StopOnNonfinite()
 
 
-def _reference(method: str, model) -> str:
-    if method == "orpo":
+def _reference(cfg: TrainConfig, model) -> str:
+    if cfg.method == "orpo":
         return "none (ORPO has none)"
+    if cfg.method == "grpo" and cfg.beta == 0:
+        return "none (beta 0: no KL penalty)"
     if "ref" in getattr(model, "peft_config", {}):
         # TRL 1.x copies the starting adapter as "ref"; LoRA starts with B = 0, so that is the base model's output.
         return "the starting adapter, frozen (= the base model)"
@@ -149,23 +156,33 @@ def _history(log_history: list[dict]) -> list[dict]:
     return [dict(h) for h in log_history if "loss" in h and "step" in h]
 
 
+def _grpo_note(cfg: TrainConfig, reward_funcs) -> str:
+    from turbotune.training.rewards import describe
+
+    names = describe(reward_funcs or [])
+    return (f"; {cfg.num_generations} completions per prompt, up to {cfg.max_completion_length} tokens, temperature "
+            f"{cfg.temperature:g}; rewards: {names}")
+
+
 def train_preference(cfg: TrainConfig, model, tokenizer, rows: list[dict], resume: str | None = None,
-                     stream=None, progress: bool | None = None) -> TrainResult:
+                     stream=None, progress: bool | None = None, reward_funcs: list | None = None) -> TrainResult:
     """Train `model` (a PEFT model) on checked preference rows (data/preference.py) with TRL's trainer for
-    cfg.method, then write the run folder."""
+    cfg.method, then write the run folder. GRPO takes `reward_funcs` (rewards.load_reward_functions)."""
     import datasets
 
     stream = stream or sys.stdout
     trainer_cls, config_cls = trl_classes(cfg.method)
     bad = []
+    extra = {"reward_funcs": reward_funcs} if cfg.method == "grpo" else {}
     trainer = trainer_cls(model=model, args=trl_arguments(cfg, config_cls, model, progress),
                           train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=[_stop_on_nonfinite(bad)])
+                          callbacks=[_stop_on_nonfinite(bad)], **extra)
     hook = trainer_step_of(model)  # turbotune's step inside the trainer (absent with --no-patch)
     if hook is not None and not cfg.cuda_graphs:
         hook.graphs.disabled_reason = "--no-cuda-graphs"
-    reference = _reference(cfg.method, model)
+    reference = _reference(cfg, model)
     print(f"[turbotune] {cfg.method}: TRL's {trainer_cls.__name__}, beta {cfg.beta:g}, reference model: {reference}"
+          + (_grpo_note(cfg, reward_funcs) if cfg.method == "grpo" else "")
           + (f"; resuming from {resume}" if resume else ""), file=stream, flush=True)
     trainer.train(resume_from_checkpoint=resume)
     history, state = _history(trainer.state.log_history), trainer.state
@@ -185,6 +202,8 @@ def train_preference(cfg: TrainConfig, model, tokenizer, rows: list[dict], resum
         write_log(out, history, summary)
         plot_losses(out, history, title=f"{cfg.method} loss")
     final = f", final loss {history[-1]['loss']:.4f}" if history else ""
+    if history and "reward" in history[-1]:
+        final += f", mean reward {history[-1]['reward']:.4f}"
     print(f"[turbotune] done: {state.global_step} {cfg.method} steps{final}; adapter + tokenizer in {last}",
           file=stream, flush=True)
     return TrainResult(state.global_step, history, out, last, summary=summary)
