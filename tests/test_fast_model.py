@@ -102,3 +102,14 @@ def test_checkpointing_is_planned_unless_chosen(tiny_llama_dir):
     model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
     peft_model = FastModel.get_peft_model(model, r=4, verbose=False, use_gradient_checkpointing=True)
     assert turbo_state(peft_model).checkpointing is None and is_checkpointing(peft_model)
+
+
+def test_for_training_after_for_inference_checkpoints_again(tiny_llama_dir):
+    """for_inference switches checkpointing off; for_training(model, True) switches it back on, also with the
+    trainer hook standing in for the PEFT wrapper's switch."""
+    model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    peft_model = FastModel.get_peft_model(model, r=4, verbose=False, use_gradient_checkpointing=True)
+    FastModel.for_inference(peft_model)
+    assert not is_checkpointing(peft_model) and not peft_model.training
+    FastModel.for_training(peft_model, True)
+    assert is_checkpointing(peft_model) and peft_model.training

@@ -77,8 +77,12 @@ class FastModel:
 
     @staticmethod
     def for_training(model, use_gradient_checkpointing=True):
+        from turbotune.training.trainer_step import trainer_step_of
         model.train()
-        lora.enable_gradient_checkpointing(model, use_gradient_checkpointing)
+        # The trainer hook stands in for the PEFT wrapper's checkpointing switch (a trainer's call must not replace
+        # get_peft_model's mode), so an explicit request here goes to the transformers model under it.
+        target = unwrap_peft(model) if trainer_step_of(model) is not None else model
+        lora.enable_gradient_checkpointing(target, use_gradient_checkpointing)
         base = unwrap_peft(model)
         base.config.use_cache = False
         return model
