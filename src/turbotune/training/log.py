@@ -52,8 +52,15 @@ def write_log(output_dir, history: list[dict], summary: dict | None = None) -> P
     return path
 
 
+def reward_series(history: list[dict]) -> tuple[list, list]:
+    """(steps, mean rewards) of the logged steps that have a reward (TRL's GRPO logs `reward`)."""
+    pairs = [(h["step"], h["reward"]) for h in history if isinstance(h.get("reward"), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def plot_losses(output_dir, history: list[dict], title: str = "training loss") -> Path | None:
-    """loss.png in the output dir; returns None (with a note) when matplotlib is not installed."""
+    """loss.png in the output dir (with the mean reward on a second axis where the steps log one); returns None
+    (with a note) when matplotlib is not installed."""
     if not history:
         return None
     try:
@@ -75,7 +82,13 @@ def plot_losses(output_dir, history: list[dict], title: str = "training loss") -
     ax.set_ylabel("loss (mean over target tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    reward_steps, rewards = reward_series(history)
+    if rewards:  # GRPO: its loss sits near 0 by construction, the mean reward is what shows learning
+        right = ax.twinx()
+        right.plot(reward_steps, rewards, color="tab:green", linewidth=1.5, label="mean reward")
+        right.set_ylabel("mean reward")
+        right.legend(loc="upper right")
     fig.tight_layout()
     path = Path(output_dir) / "loss.png"
     tmp = path.with_name(".loss.tmp.png")
