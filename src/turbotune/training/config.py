@@ -83,6 +83,13 @@ class TrainConfig:
         return {k: d[k] for k in self.IDENTITY}
 
 
+def identity_of(config: dict, keys: tuple[str, ...] = TrainConfig.IDENTITY) -> dict:
+    """The identifying settings of a run's config as saved (run_config.json); a key an older file lacks (method)
+    had its default then."""
+    defaults = TrainConfig()
+    return {k: config.get(k, getattr(defaults, k)) for k in keys}
+
+
 # Spellings of transformers' TrainingArguments, TRL, PEFT and Unsloth (and a few common variants) for our
 # fields: users bring configs from those tools, and difflib alone cannot see that `r` means `lora_r`.
 ALIASES = {

@@ -24,7 +24,7 @@ from pathlib import Path
 from turbotune._compat import unwrap_peft
 from turbotune.errors import ConfigError, TrainingStopped
 from turbotune.training import checkpoints as ckpt
-from turbotune.training.config import TrainConfig, dump
+from turbotune.training.config import TrainConfig, dump, identity_of
 from turbotune.training.log import plot_losses, write_log
 from turbotune.training.trainer import TrainResult
 from turbotune.training.trainer_step import trainer_step_of
@@ -94,11 +94,6 @@ def trl_arguments(cfg: TrainConfig, config_cls, model, progress: bool | None = N
     return config_cls(**{k: v for k, v in values.items() if k in known})
 
 
-def _identity(config: dict) -> dict:
-    defaults = TrainConfig()
-    return {k: config.get(k, getattr(defaults, k)) for k in IDENTITY}
-
-
 def prepare_output_dir(cfg: TrainConfig) -> str | None:
     """Claim the output folder before the model loads: refuse another run's, and with --resume return TRL's newest
     checkpoint-N there (None: nothing to resume, start afresh)."""
@@ -111,7 +106,8 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     checkpoints = [p for p in out.glob("checkpoint-*") if p.is_dir()]
     has_work = bool(checkpoints) or (out / ckpt.LAST).exists()
     if run_file.is_file() and not cfg.overwrite:
-        theirs, ours = _identity(json.loads(run_file.read_text(encoding="utf-8"))), _identity(cfg.to_dict())
+        theirs = identity_of(json.loads(run_file.read_text(encoding="utf-8")), IDENTITY)
+        ours = identity_of(cfg.to_dict(), IDENTITY)
         if theirs != ours:
             diff = [k for k in IDENTITY if theirs[k] != ours[k]]
             raise ConfigError(f"{out} already holds a different run (differs in: {', '.join(diff)}); "

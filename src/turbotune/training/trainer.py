@@ -26,7 +26,7 @@ import torch
 from turbotune.training import checkpoints as ckpt
 from turbotune._compat import unwrap_peft
 from turbotune.errors import ConfigError, TrainingStopped
-from turbotune.training.config import TrainConfig, check_values, dump
+from turbotune.training.config import TrainConfig, check_values, dump, identity_of
 from turbotune.training.distributed import init_from_env
 from turbotune.model.state import turbo_state
 from turbotune.training.log import LogTable, memory_now, plot_losses, write_log
@@ -242,8 +242,7 @@ class Trainer:
             last = ckpt.latest_checkpoint(self.out)
             state = json.loads((last / "trainer_state.json").read_text(encoding="utf-8")) if last is not None else {}
             world_size = int(state.get("world_size", 1))
-        defaults = TrainConfig()  # a key an older run_config.json lacks ("method") had its default then
-        identity = {k: config.get(k, getattr(defaults, k)) for k in TrainConfig.IDENTITY}
+        identity = identity_of(config)
         if isinstance(identity["batch_size"], int):
             identity["batch_size"] *= world_size
         return identity

@@ -59,14 +59,9 @@ def _flash_possible(q, k, v) -> bool:
 
 def _flash(q, k, v, window: int, scale: float | None):
     length = q.shape[1]
-    out = torch.ops.aten._flash_attention_forward(
+    return torch.ops.aten._flash_attention_forward(
         q, k, v, None, None, length, length, 0.0, True, False, scale=scale,
         window_size_left=window - 1, window_size_right=0)[0]
-    return out
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def windowed_attention(q, k, v, window: int, scale: float | None = None, dropout: float = 0.0):
@@ -77,7 +72,7 @@ def windowed_attention(q, k, v, window: int, scale: float | None = None, dropout
         return windowed_attention_reference(q, k, v, window, scale, dropout)
     key = (q.device.index, q.dtype, q.shape[-1])
     ok = _support.get(key)
-    if ok is None and not _capturing():
+    if ok is None and not torch.cuda.is_current_stream_capturing():  # q is on a GPU here
         try:
             out = _flash(q, k, v, window, scale)
             _support[key] = True
