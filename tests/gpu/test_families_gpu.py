@@ -29,8 +29,8 @@ CASES = sorted({p["model_type"]: name for name, p in PRESETS.items() if name != 
 
 @pytest.fixture(autouse=True)
 def _flash_window_on(monkeypatch):
-    """Windowed layers through FlashAttention's window (off by default until these tests have passed with it)."""
-    monkeypatch.setenv("TURBOTUNE_FLASH_WINDOW", "1")
+    """Windowed layers through FlashAttention's window, the default (an environment that switched it off aside)."""
+    monkeypatch.delenv("TURBOTUNE_FLASH_WINDOW", raising=False)
 
 
 def _shrunk(name: str) -> dict:
