@@ -38,6 +38,8 @@ def test_rows_tokenise_to_the_lengths_they_were_built_with(kind):
             assert both[:p] == prompt and both[p:] == ids(completion) and len(both) == p + n <= 64
             assert both[-1] == tok.eos_token_id and not set(both[:-1]) & set(tok.all_special_ids)
             assert completion.endswith(tok.eos_token)  # TRL adds no second eos
+        # the learnable preference: chosen from the vocabulary's lower half, rejected from its upper half
+        assert max(ids(row["chosen"])[:-1]) < 256 <= min(ids(row["rejected"])[:-1])
     with pytest.raises(ValueError):
         preference.pair_lengths("ragged", 2, 64, 0)
 

@@ -9,12 +9,14 @@ swapped TRL's trainer for its own).
 
 Data: DPOTrainer tokenises text itself (prompt, prompt + chosen, prompt + rejected), so the rows are strings of the
 bench's placeholder tokens ("<t17>" is id 17, whitespace-split), random ids seeded with --seed, the same rows in the
-same order for every method. Each prompt is a quarter of --seq-len; each completion, its closing eos included, fills
-the rest (`--lengths fixed`) or is drawn from sft.py's long-tailed mix capped there (`--lengths mixed`), so no pair
-is truncated. Completions start with a space, so prompt + chosen tokenises to the prompt's ids then the chosen ids,
-and end with the eos token, which TRL would otherwise glue to the last word. Reported as for --trainer sft: real
-tokens/s, counting every non-padding token of the sequences the policy runs (prompt + chosen and prompt + rejected:
-the prompt twice), step times, peak memory, and the loss TRL logs at every step.
+same order for every method; chosen completions use the lower half of the vocabulary, rejected ones the upper half
+(a learnable preference: see preference_rows). Each prompt is a quarter of --seq-len; each completion, its closing
+eos included, fills the rest (`--lengths fixed`) or is drawn from sft.py's long-tailed mix capped there
+(`--lengths mixed`), so no pair is truncated. Completions start with a space, so prompt + chosen tokenises to the
+prompt's ids then the chosen ids, and end with the eos token, which TRL would otherwise glue to the last word.
+Reported as for --trainer sft: real tokens/s, counting every non-padding token of the sequences the policy runs
+(prompt + chosen and prompt + rejected: the prompt twice), step times, peak memory, and the loss TRL logs at every
+step.
 """
 from __future__ import annotations
 
@@ -45,19 +47,23 @@ def pair_lengths(kind: str, n: int, seq_len: int, seed: int) -> list[tuple[int, 
 
 
 def preference_rows(kind: str, n: int, seq_len: int, vocab: int, seed: int, eos: str, avoid=()) -> list[dict]:
-    """`n` rows {"prompt", "chosen", "rejected"} of placeholder tokens; ids in `avoid` (the special tokens) left out."""
-    g, avoid = random.Random(seed + 2), set(avoid)
+    """`n` rows {"prompt", "chosen", "rejected"} of placeholder tokens; ids in `avoid` (the special tokens) left out.
+    Prompts draw from the whole vocabulary, chosen completions from its lower half and rejected ones from its upper
+    half: a preference the policy can learn, so the reward margins grow above bf16's rounding of 1,500-token
+    log-probability sums (with both completions random, Adam's first step, sign(g), turns that rounding into the
+    whole update and the losses of equally correct runs differ by several percent)."""
+    g, avoid, half = random.Random(seed + 2), set(avoid), vocab // 2
 
-    def words(k: int) -> list[str]:
+    def words(k: int, lo: int = 0, hi: int = vocab) -> list[str]:
         out = []
         while len(out) < k:
-            i = g.randrange(vocab)
+            i = g.randrange(lo, hi)
             if i not in avoid:
                 out.append(f"<t{i}>")
         return out
 
-    return [{"prompt": " ".join(words(p)), "chosen": " " + " ".join(words(c - 1) + [eos]),
-             "rejected": " " + " ".join(words(r - 1) + [eos])}
+    return [{"prompt": " ".join(words(p)), "chosen": " " + " ".join(words(c - 1, 0, half) + [eos]),
+             "rejected": " " + " ".join(words(r - 1, half) + [eos])}
             for p, c, r in pair_lengths(kind, n, seq_len, seed)]
 
 
