@@ -238,7 +238,8 @@ def _step_notes(model, spec) -> list[str]:
     if step is None:
         return []
     g = step.graphs
-    state = g.disabled_reason or f"on ({g.replays} of {g.replays + g.eager_calls} calls replayed, {g.captures} graphs)"
+    state = (f"off: {g.disabled_reason}" if g.disabled_reason
+             else f"on ({g.replays} of {g.replays + g.eager_calls} calls replayed, {g.captures} graphs)")
     w = step.window
     passes = (f"{w.micro_batches} micro-batches of {w.steps} optimizer steps ran as {w.passes} passes"
               if w.steps else w.line() or "micro-batches run one by one")
