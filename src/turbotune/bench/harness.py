@@ -29,6 +29,7 @@ from turbotune.bench.header import (  # noqa: F401 - VERSION_PACKAGES and comman
     collect_header,
     command_line,
 )
+from turbotune.bench import grpo
 from turbotune.bench.preference import DEFAULT_BETA, MIN_SEQ_LEN
 from turbotune.bench.presets import (
     DEFAULT_METHODS,
@@ -133,15 +134,24 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("trainer (--trainer sft|dpo)")
-    g.add_argument("--trainer", choices=["loop", "sft", "dpo"], default="loop",
+    g = parser.add_argument_group("trainer (--trainer sft|dpo|grpo)")
+    g.add_argument("--trainer", choices=["loop", "sft", "dpo", "grpo"], default="loop",
                    help="loop: the bench's own training loop (default); sft: every method trained by TRL's "
                         "SFTTrainer as the tutorials write it, with --lengths fixed or mixed (a long-tailed mix, "
                         "padded per batch by TRL); dpo: by TRL's DPOTrainer on preference pairs (prompt a quarter of "
-                        "--seq-len, completions the rest or, with --lengths mixed, that mix); tokens/s counts real "
+                        "--seq-len, completions the rest or, with --lengths mixed, that mix); grpo: by TRL's "
+                        "GRPOTrainer, prompts a quarter of --seq-len and every completion generated to exactly the "
+                        "rest (try --seq-len 512: generation is token by token); tokens/s counts real "
                         "(non-padding) tokens")
     g.add_argument("--beta", type=float, default=None,
                    help=f"--trainer dpo: DPO's beta (default {DEFAULT_BETA}, TRL's)")
+    g.add_argument("--num-generations", type=int, default=None,
+                   help=f"--trainer grpo: completions per prompt (default {grpo.DEFAULT_NUM_GENERATIONS}); "
+                        "--micro-batch x --grad-accum completions train per step")
+
+
+def _num_generations(args) -> int:
+    return grpo.DEFAULT_NUM_GENERATIONS if args.num_generations is None else args.num_generations
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,18 +222,27 @@ def validate(args) -> dict:
     if args.trainer != "sft" and args.methods and "turbotune-train" in args.methods.split(","):
         raise BenchError("turbotune-train compares turbotune's own Trainer with the SFTTrainer rows: use it with "
                          "--trainer sft")
-    if args.trainer in ("sft", "dpo"):
+    if args.trainer in ("sft", "dpo", "grpo"):
         if args.max_context or args.packing:
             raise BenchError(f"--trainer {args.trainer} is its own benchmark; run --max-context and --packing "
                              "without it")
-        if args.lengths not in (None, "fixed", "mixed"):
-            raise BenchError(f"with --trainer {args.trainer}, --lengths is fixed or mixed")
+        if args.lengths not in (None, "fixed", "mixed") or (args.trainer == "grpo" and args.lengths):
+            raise BenchError(f"with --trainer {args.trainer}, --lengths is " + (
+                "not used (completions have a fixed length)" if args.trainer == "grpo" else "fixed or mixed"))
     elif not args.max_context and (args.lengths or args.confirm or args.card_memory):
         raise BenchError("--lengths, --confirm and --card-memory go with --max-context (or --trainer sft|dpo)")
     if args.beta is not None and args.trainer != "dpo":
         raise BenchError("--beta goes with --trainer dpo")
     if args.trainer == "dpo" and args.seq_len < MIN_SEQ_LEN:
         raise BenchError(f"--trainer dpo needs --seq-len {MIN_SEQ_LEN} or more (a prompt and two completions)")
+    if args.num_generations is not None and args.trainer != "grpo":
+        raise BenchError("--num-generations goes with --trainer grpo")
+    if args.trainer == "grpo":
+        if args.seq_len < grpo.MIN_SEQ_LEN:
+            raise BenchError(f"--trainer grpo needs --seq-len {grpo.MIN_SEQ_LEN} or more (a prompt and a completion)")
+        why = grpo.check_workload(args.micro_batch, args.grad_accum, _num_generations(args))
+        if why:
+            raise BenchError(why)
     if args.confirm_at is not None and not args.confirm:
         raise BenchError("--confirm-at goes with --confirm")
     dtype = {"auto": "bfloat16" if device == "cuda" else "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -364,8 +383,9 @@ def build_worker_spec(args, settings: dict, model_dir: Path | None, model_cfg: d
             "adapter_precision": args.adapter_precision,
             "fp32_adapter_kernels": args.fp32_adapter_kernels,
             "mode": ("max_context" if args.max_context else "packing" if args.packing
-                     else args.trainer if args.trainer in ("sft", "dpo") else "throughput"),
+                     else args.trainer if args.trainer in ("sft", "dpo", "grpo") else "throughput"),
             "sft_lengths": args.lengths or "fixed", "beta": DEFAULT_BETA if args.beta is None else args.beta,
+            "num_generations": _num_generations(args),
             "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,
             "padded_micro_batch": args.padded_micro_batch,
             "confirm": bool(args.confirm), "confirm_at": settings["confirm_at"],

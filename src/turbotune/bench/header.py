@@ -92,7 +92,7 @@ def collect_header(args, settings: dict, model_dir: Path | None, model_cfg: dict
 
 
 def add_mode_header(header: dict, args, settings: dict) -> None:
-    """Add the header keys of the --max-context, --trainer sft|dpo and --packing modes (none for throughput)."""
+    """Add the header keys of the --max-context, --trainer sft|dpo|grpo and --packing modes (none for throughput)."""
     if args.max_context:
         header["mode"] = "max_context"
         header["lengths"] = settings["lengths"]
@@ -105,6 +105,12 @@ def add_mode_header(header: dict, args, settings: dict) -> None:
         header["mode"] = "dpo"
         header["dpo"] = {"lengths": args.lengths or "fixed", "beta": DEFAULT_BETA if args.beta is None else args.beta,
                          "prompt_tokens": prompt, "max_completion_tokens": completion}
+    elif args.trainer == "grpo":
+        from turbotune.bench.grpo import DEFAULT_NUM_GENERATIONS, grpo_lengths
+        prompt, completion = grpo_lengths(args.seq_len)
+        header["mode"] = "grpo"
+        header["grpo"] = {"prompt_tokens": prompt, "completion_tokens": completion, "temperature": 1.0,
+                          "num_generations": args.num_generations or DEFAULT_NUM_GENERATIONS}
     elif args.packing:
         header["mode"] = "packing"
         header["packing"] = {"samples_per_step": args.samples_per_step, "padded_micro_batch": args.padded_micro_batch,
@@ -120,7 +126,8 @@ def add_model_flops(header: dict, args, model_cfg: dict | None) -> float | None:
     except (KeyError, TypeError, ValueError) as exc:
         _log(f"cannot derive FLOPs per token from the config ({exc!r}); MFU will be n/a")
         flops = None
-    if flops and args.trainer == "dpo":  # every token also runs the reference forward (no backward)
+    # dpo: every token also runs the reference forward; grpo: the generation forward (prefill or decode); no backward
+    if flops and args.trainer in ("dpo", "grpo"):
         flops = dict(flops, policy_total=flops["total"], total=flops["total"] + 2 * flops["n_matmul"]
                      + 2 * flops["lora_params"] + flops["attention"] / 3)
     header["flops_per_token"] = flops

@@ -45,8 +45,9 @@ def summarise(results: list[dict], header: dict, flops: dict | None, matmul_rate
                 if one and r["gpus"] > 1 else None
         r["speedup_vs_hf"] = ratio(r["tokens_per_s"], hf["tokens_per_s"]) if hf else None
         r["memory_ratio_vs_hf"] = ratio(r["peak_alloc_bytes_or_rss"], hf["peak_alloc_bytes_or_rss"]) if hf else None
-        # turbotune-train packs its rows into other batches: its losses are not step-for-step comparable
-        same_batches = r["method"] != "turbotune-train"
+        # turbotune-train packs its rows into other batches, and under grpo each method samples its own
+        # completions: their losses are not step-for-step comparable
+        same_batches = r["method"] != "turbotune-train" and header.get("mode") != "grpo"
         r["max_loss_rel_diff_vs_hf"] = max_rel_diff(r["losses"], hf["losses"]) if hf and same_batches else None
 
 
@@ -150,6 +151,8 @@ def format_header(header: dict) -> str:
                         + "; tokens/s counts real (non-padding) tokens over the timed steps")
     if header.get("mode") == "dpo":
         _dpo_lines(lines, header["dpo"], wl, v.get("trl"))
+    if header.get("mode") == "grpo":
+        _grpo_lines(lines, header["grpo"], wl, v.get("trl"))
     if header.get("mode") == "max_context":  # a ladder of single steps: no throughput, MFU or cost
         lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --max-context")
         lines[7:] = [f"- workload: one forward + backward + AdamW step at micro-batch 1 per length "
@@ -181,6 +184,20 @@ def _dpo_lines(lines: list[str], d: dict, wl: dict, trl: str | None) -> None:
                     "included); tokens/s counts the real tokens of both sequences of each pair (the prompt twice) "
                     "over the timed steps; MFU adds the reference forward (2·N_matmul + 2·P_lora + attention "
                     "forward per token)")
+
+
+def _grpo_lines(lines: list[str], g: dict, wl: dict, trl: str | None) -> None:
+    """A --trainer grpo header: its title, completions in the workload line, and the trainer's line."""
+    lines[0] = lines[0].replace("## turbotune bench", "## turbotune bench --trainer grpo")
+    lines[7] = lines[7].replace(f"micro-batch {wl['micro_batch']} ×",
+                                f"micro-batch {wl['micro_batch']} (completions) ×")
+    lines.insert(8, f"- trainer: TRL {trl or '—'} GRPOTrainer, GRPOConfig defaults plus this workload, "
+                    f"{g['num_generations']} completions per prompt sampled by transformers' generate at temperature "
+                    f"{g['temperature']:g}; prompts {g['prompt_tokens']} tokens, every completion exactly "
+                    f"{g['completion_tokens']} (min_new_tokens); reward: the share of lower-half token ids; "
+                    "tokens/s counts prompt + completion of every completion over the timed steps, generation "
+                    "included; MFU adds the generation forward (2·N_matmul + 2·P_lora + attention forward per "
+                    "token); losses not compared (each method samples its own completions)")
 
 
 def _gpus_line(g: dict, wl: dict, device: str) -> str:

@@ -441,6 +441,9 @@ def run_spec(spec: dict, train_fn=None) -> dict:
         elif spec.get("mode") == "dpo":
             from turbotune.bench.preference import run_dpo
             run_dpo(model, spec, result, _log)
+        elif spec.get("mode") == "grpo":
+            from turbotune.bench.grpo import run_grpo
+            run_grpo(model, spec, result, _log)
         else:
             (train_fn or train)(model, spec, result)
         result["status"] = "ok"
