@@ -154,6 +154,30 @@ def test_cached_parts_follow_disable_adapter_and_merge(family_dir):
         assert _rel(fast(input_ids=ids, attention_mask=mask).logits, with_lora) < 1e-5
 
 
+def test_generation_matches_stock(family_dir, monkeypatch):
+    """Generation as GRPO runs it (training mode, no grad, KV cache): the same greedy tokens and logits as stock; each
+    step after the prompt takes the stock forward throughout (the MLP's fused path runs for the prompt only)."""
+    from turbotune.model.families import llama_like
+    fam, folder = family_dir
+    stock, fast = _model(folder, False), _model(folder, True)
+    ids = _batch(stock.config.vocab_size)[0][:, :6]
+    fused_calls = []
+    for name in ("lora_mlp", "lora_linear"):
+        real = getattr(llama_like, name)
+        monkeypatch.setattr(llama_like, name,
+                            lambda x, *a, _real=real, **k: fused_calls.append(x.shape) or _real(x, *a, **k))
+    outs = []
+    for m in (stock, fast):
+        m.train()
+        with torch.no_grad():
+            outs.append(m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                   min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        assert _rel(b, a) < 1e-5
+    assert fused_calls and all(shape[-2] == 6 for shape in fused_calls)  # the prompt's pass only
+
+
 def test_gemma2_loads_with_eager_attention_and_matches_stock(tmp_path, smol_tokenizer):
     """transformers has no SDPA path for Gemma 2 (soft-capped attention): the loader falls back to eager and
     says so, instead of failing; the generic path's loss equals the stock model's."""

@@ -130,6 +130,8 @@ def make_mlp_forward(spec, state):
     toggles, act = state.toggles, spec.act
 
     def forward(self, x):
+        if _decoding(x):  # one new token per row, no grad: the stock forward is exact and launches less from Python
+            return state.original_forward(self)(x)
         if getattr(self, "gate_up_proj", None) is not None:
             return _fused_gate_up_mlp(self, state, x, act)
         parts = _parts(state, self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
@@ -150,6 +152,12 @@ def make_mlp_forward(spec, state):
         return self.down_proj(h)
 
     return forward
+
+
+def _decoding(x) -> bool:
+    """A generation step after the prompt: [batch, 1, hidden] without grad (the attention takes the stock forward
+    there too, as it has a KV cache)."""
+    return x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled()
 
 
 def _fused_gate_up_mlp(mlp, state, x, act):
