@@ -88,6 +88,8 @@ def collect_header(args, settings: dict, model_dir: Path | None, model_cfg: dict
         "price_usd_per_gpu_hour": args.price,
         "cost_steps": args.cost_steps,
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        # turbotune's own switches (TURBOTUNE_FLASH_WINDOW=0, TURBOTUNE_BUCKETS=4, ...) change what a row measures
+        "turbotune_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TURBOTUNE_")},
     }
 
 
