@@ -112,7 +112,8 @@ def add_mode_header(header: dict, args, settings: dict) -> None:
         prompt, completion = grpo_lengths(args.seq_len)
         header["mode"] = "grpo"
         header["grpo"] = {"prompt_tokens": prompt, "completion_tokens": completion, "temperature": 1.0,
-                          "num_generations": args.num_generations or DEFAULT_NUM_GENERATIONS}
+                          "num_generations": DEFAULT_NUM_GENERATIONS if args.num_generations is None
+                          else args.num_generations}
     elif args.packing:
         header["mode"] = "packing"
         header["packing"] = {"samples_per_step": args.samples_per_step, "padded_micro_batch": args.padded_micro_batch,
