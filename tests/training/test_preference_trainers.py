@@ -4,6 +4,7 @@ need each sample's own row (per-sequence log-probs), so the hook keeps rows for 
 padding is removed where turbotune's fused head serves TRL's (DPO's mean logits included) and its per-token outputs
 go back in rows."""
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from turbotune.training import padding as padding_mod
@@ -78,14 +79,16 @@ def test_preference_trainer_equals_stock(tiny_llama_dir, tmp_path, name, monkeyp
                                      "kto": (trl.KTOTrainer, trl.KTOConfig, _kto_rows())}[name]
     served, packed = [], []
     real_head, real_remove = trainer_step.fused_head_forward, padding_mod.remove_padding
-    monkeypatch.setattr(trainer_step, "fused_head_forward",
-                        lambda *a, **k: (lambda out: served.append(out is not None) or out)(real_head(*a, **k)))
+    monkeypatch.setattr(trainer_step, "fused_head_forward", lambda *a, **k: (
+        lambda out: served.append((out is not None, torch.is_grad_enabled())) or out)(real_head(*a, **k)))
     monkeypatch.setattr(padding_mod, "remove_padding",
                         lambda b, **k: (lambda out: packed.append(out is not b) or out)(real_remove(b, **k)))
     model, ours, grads = _train(tiny_llama_dir, tmp_path, True, trainer_cls, config_cls, rows)
     step = trainer_step.trainer_step_of(model)
     assert step is not None and step.keep_rows and step.window.steps == 0  # rows kept, micro-batches apart
-    assert served and all(served) and any(packed)  # turbotune's head (DPO's mean_logits too), padding removed
+    assert served and all(ok for ok, _ in served) and any(packed)  # turbotune's head (DPO's mean_logits too)
+    # the policy's calls (with grad) and the reference passes (without) both on turbotune's head
+    assert {grad for _, grad in served} == {True, False}
     _, stock, stock_grads = _train(tiny_llama_dir, tmp_path, False, trainer_cls, config_cls, rows)
     _assert_equal_steps(ours, stock, grads, stock_grads)
 

@@ -3,17 +3,20 @@
 A trainer runs, per micro-batch, `outputs = model(**inputs)`, takes a loss from the outputs and calls
 `loss.backward()`. turbotune puts one hook on the PEFT wrapper's `forward` (`install`, from `get_peft_model`):
 the object every trainer calls, and not the one TRL replaces (TRL sets its fused head on the causal LM under
-it). Outside a training call (eval, `generate`, no grad, no labels) the hook is the original forward. In a
-training call it:
+it). Outside a training call (eval, `generate`, no grad, no labels) the hook is the original forward, except that
+a no-grad call asking for TRL's fused head (DPO's and KTO's reference passes, GRPO's old-policy and reference
+log-probs) gets turbotune's, which without grad computes no gradient rows (`_no_grad_head_call`). In a training
+call it:
 
 1. **removes the padding** (`padding.py`): a padded batch becomes one packed row of its real tokens, each
    sample attending only to itself, grown to one of a few bucket lengths so shapes repeat;
 2. **serves TRL's `fused_lm_head=True`** with turbotune's fused head (`kernels/fused_token_logprobs.py`):
    per-token log-probs, entropies and top-1 hits, no `[tokens, vocab]` logits, nothing the host must wait for
    (TRL's own head indexes the valid positions, a host sync that no CUDA graph can hold);
-3. **replays the call from CUDA graphs** (`GraphedCall`, graphed_call.py): once a shape has run `warmup` times eagerly, its
-   forward and its backward are captured as two graphs of one autograd callable, the LoRA parameters as its
-   inputs, so the trainer's loss scaling, accumulation, clipping and optimizer see ordinary `.grad`s.
+3. **replays the call from CUDA graphs** (`GraphedCall`, graphed_call.py): once a shape has run `warmup` times
+   eagerly, its forward and its backward are captured as two graphs of one autograd callable, the LoRA
+   parameters as its inputs, so the trainer's loss scaling, accumulation, clipping and optimizer see ordinary
+   `.grad`s.
 
 Each part keeps the math: packed rows give every real token what the padded batch gives it (same targets,
 same count), the fused head equals the materialising one (tests), and a replay equals the eager call it was
@@ -174,7 +177,8 @@ class TrainerStep:
     # ------------------------------------------------------------------ the hook
     def __call__(self, *args, **kwargs):
         if args or self.passthrough is not None or not self._training_call(kwargs):
-            return self.original(*args, **kwargs)
+            out = None if args or self.passthrough is not None else self._no_grad_head_call(kwargs)
+            return self.original(*args, **kwargs) if out is None else out
         tensors, others = _split(kwargs)
         checkpointing = None if self._announced else self._checkpointing_line(tensors)  # plans on the fed batch
         self.paused_checkpointing = None  # a trainer's pause ends before its next training call (grpo.py)
@@ -199,6 +203,16 @@ class TrainerStep:
         # TRL's per-token metric tensors of this call (detached), for step_coalescing's per-micro-batch metrics
         self.last_token_metrics = _token_metrics(out)
         return out
+
+    def _no_grad_head_call(self, kwargs):
+        """TRL's fused head asked for without grad, served by turbotune's head on the rows as they came (no graphs,
+        no padding removal: nothing is kept for a backward); None where it can't be (the original forward then)."""
+        if not kwargs.get("fused_lm_head") or torch.is_grad_enabled() or self._head_refusal() is not None \
+                or (kwargs.get("labels") is None and kwargs.get("shift_labels") is None):
+            return None
+        rest = {k: v for k, v in kwargs.items() if k != "fused_lm_head"}
+        return fused_head_forward(self.peft_model, refusal=None, mean_logits=self._mean_logits,
+                                  temperature=self._temperature, **rest)
 
     def _training_call(self, kwargs) -> bool:
         return (self.peft_model.training and torch.is_grad_enabled()
