@@ -12,6 +12,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from turbotune.model.kernels import flash_support  # noqa: E402
 from turbotune.model.kernels import windowed_attention as wa  # noqa: E402
 
 
@@ -35,7 +36,8 @@ def test_flash_window_matches_reference(d, hkv, window):
     v = torch.randn(shape(hkv), device="cuda", generator=g).bfloat16().requires_grad_()
     scale = d ** -0.5
     out = wa.windowed_attention(q, k, v, window, scale)
-    assert wa._support.get((q.device.index, torch.bfloat16, d)) is True, "the flash window did not run"
+    assert flash_support._support.get(("window", q.device.index, torch.bfloat16, d)) is True, \
+        "the flash window did not run"
     ref = wa.windowed_attention_reference(q.float(), k.float(), v.float(), window, scale)
     assert _nrel(out, ref) < 1e-2
     dout = torch.randn_like(out)

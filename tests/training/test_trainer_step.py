@@ -69,6 +69,36 @@ def test_sfttrainer_losses_equal_stock(tiny_llama_dir, tmp_path, monkeypatch, co
     assert_same_logs(ours, stock, steps=4)
 
 
+def test_sfttrainer_with_sequence_offsets_equals_stock(tiny_llama_dir, tmp_path, monkeypatch):
+    """TURBOTUNE_FLASH_VARLEN=1: packed rows carry their samples' offsets and the patched attention uses them
+    (the CPU runs the offsets' masked reference); the losses are still the stock model's."""
+    from turbotune.model.kernels import varlen_attention as va
+    monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
+    calls = []
+    real = va.varlen_attention_reference
+    monkeypatch.setattr(va, "varlen_attention_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, ours = _sft(tiny_llama_dir, tmp_path, True, packing=False)
+    assert calls, "the attention did not take the sequence offsets"
+    monkeypatch.delenv("TURBOTUNE_FLASH_VARLEN")
+    _, stock = _sft(tiny_llama_dir, tmp_path, False, packing=False)
+    assert_same_logs(ours, stock, steps=4)
+
+
+def test_remove_padding_adds_fixed_size_offsets_with_the_switch(monkeypatch):
+    from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": ids.masked_fill(ids == 0, -100)}
+    assert "cu_seq_lens_q" not in remove_padding(batch, pad_id=0)  # off by default
+    monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
+    out = remove_padding(batch, pad_id=0)
+    offsets = out["cu_seq_lens_q"]
+    assert offsets.shape == (MAX_SEQUENCES + 1,) and offsets[:4].tolist() == [0, 3, 5, 256]
+    assert (offsets[3:] == 256).all() and out["max_length_q"] == out["max_length_k"] == 256
+    many = torch.ones(MAX_SEQUENCES, 2, dtype=torch.long)  # more samples than the offsets hold: the mask instead
+    assert "cu_seq_lens_q" not in remove_padding({"input_ids": many, "attention_mask": many.clone(),
+                                                  "labels": many.clone(), "position_ids": many.clone() * 0}, pad_id=0)
+
+
 def assert_same_logs(ours, stock, steps):
     """Per logged step: loss, grad norm and TRL's token accuracy and entropy equal the stock model's."""
     assert len(ours) == len(stock) == steps

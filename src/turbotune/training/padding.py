@@ -99,7 +99,20 @@ def _pack(batch: dict, keep: torch.Tensor, lengths: torch.Tensor, pad_id: int) -
     out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "position_ids")}
     out.update(input_ids=packed_ids.unsqueeze(0), labels=packed_labels.unsqueeze(0),
                position_ids=packed_pos.unsqueeze(0))
+    out.update(_sequence_offsets(lengths, total + tail))
     return out
+
+
+def _sequence_offsets(lengths: torch.Tensor, length: int) -> dict:
+    """With TURBOTUNE_FLASH_VARLEN=1: the packed row's sample offsets as transformers' flash keywords
+    (`cu_seq_lens_q/k`, `max_length_q/k`), a fixed size so graphs replay; turbotune's attention then runs
+    FlashAttention's varlen kernel instead of the document mask (kernels/varlen_attention.py). Empty where the row
+    holds more samples than the offsets have room for."""
+    from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES, sequence_offsets, varlen_enabled
+    if not varlen_enabled() or lengths.numel() >= MAX_SEQUENCES:
+        return {}
+    offsets = sequence_offsets(lengths, length)
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": length, "max_length_k": length}
 
 
 def _gather(x: torch.Tensor, where: torch.Tensor, tail: int, fill) -> torch.Tensor:

@@ -21,6 +21,7 @@ from turbotune.model.kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
 from turbotune.model.kernels.rmsnorm import rms_norm
 from turbotune.model.kernels.rope import apply_rope_, rope_reference
 from turbotune.model.kernels.swiglu import geglu, swiglu
+from turbotune.model.kernels.varlen_attention import varlen_attention
 from turbotune.model.kernels.windowed_attention import windowed_attention
 from turbotune.model.recompute import checkpoint_phase, recomputing
 
@@ -75,6 +76,7 @@ def make_attention_forward(spec, state):
         if args or has_cache(kwargs) or position_embeddings is None:
             return state.original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         cache_from_kwargs(kwargs)  # None here: drop the keywords
+        offsets = _pop_sequence_offsets(kwargs)  # a packed row's samples (padding.py, TURBOTUNE_FLASH_VARLEN=1)
         bsz, seq, _ = hidden_states.shape
         d = self.head_dim
 
@@ -93,6 +95,11 @@ def make_attention_forward(spec, state):
             dropout = self.attention_dropout if self.training else 0.0
             attn = windowed_attention(q, k, v, window, self.scaling, dropout).reshape(bsz, seq, -1)
             return _o_proj(self, state, attn), None
+        if offsets is not None and bsz == 1 and window is None and softcap is None \
+                and not (self.training and self.attention_dropout):
+            # Attention inside each sample from the offsets: no [L, L] mask (kernels/varlen_attention.py)
+            attn = varlen_attention(q[0], k[0], v[0], offsets[0], offsets[1], self.scaling).reshape(bsz, seq, -1)
+            return _o_proj(self, state, attn), None
         if window is not None:
             extra["sliding_window"] = window
         if softcap is not None:
@@ -103,6 +110,16 @@ def make_attention_forward(spec, state):
         return _o_proj(self, state, attn.reshape(bsz, seq, -1)), weights
 
     return forward
+
+
+def _pop_sequence_offsets(kwargs: dict):
+    """(cu_seq_lens_q, max_length_q) of a packed row, taken out of the attention's keywords (the stock attention
+    below gets none: SDPA would ignore them, flash would need its own layout); None without them."""
+    offsets = kwargs.pop("cu_seq_lens_q", None)
+    kwargs.pop("cu_seq_lens_k", None)
+    longest = kwargs.pop("max_length_q", None)
+    kwargs.pop("max_length_k", None)
+    return None if offsets is None else (offsets, longest)
 
 
 def _o_proj(attn_module, state, attn):

@@ -19,13 +19,11 @@ produce before any transpose; the output is [B, L, Hq, D].
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
-_support: dict[tuple, bool] = {}   # (device index, dtype, head dim) -> whether the flash call worked there
+from turbotune.model.kernels.flash_support import flash_shapes_ok, run_flash_or_reference
 
 
 def window_mask(length: int, window: int, device=None) -> torch.Tensor:
@@ -51,10 +49,7 @@ def flash_window_enabled() -> bool:
 
 
 def _flash_possible(q, k, v) -> bool:
-    d = q.shape[-1]
-    return (flash_window_enabled() and q.is_cuda and q.dtype in _FLASH_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and d % 8 == 0 and d <= 256 and v.shape[-1] == d and q.shape[2] % k.shape[2] == 0
-            and all(t.stride(-1) == 1 for t in (q, k, v)))
+    return flash_window_enabled() and flash_shapes_ok(q, k, v)
 
 
 def _flash(q, k, v, window: int, scale: float | None):
@@ -66,22 +61,10 @@ def _flash(q, k, v, window: int, scale: float | None):
 
 def windowed_attention(q, k, v, window: int, scale: float | None = None, dropout: float = 0.0):
     """Causal attention over the last `window` keys (see the module docstring): FlashAttention's window on a GPU,
-    the masked reference elsewhere. The first call on a (device, dtype, head size) tries the flash kernel and
-    remembers whether it ran; inside a CUDA-graph capture an untried combination takes the reference."""
+    the masked reference elsewhere (flash_support: the first call on a device, dtype and head size tries the
+    kernel and remembers whether it ran; inside a CUDA-graph capture an untried combination takes the reference)."""
     if dropout or window >= q.shape[1] or not _flash_possible(q, k, v):
         return windowed_attention_reference(q, k, v, window, scale, dropout)
-    key = (q.device.index, q.dtype, q.shape[-1])
-    ok = _support.get(key)
-    if ok is None and not torch.cuda.is_current_stream_capturing():  # q is on a GPU here
-        try:
-            out = _flash(q, k, v, window, scale)
-            _support[key] = True
-            return out
-        except (RuntimeError, TypeError) as exc:  # an older PyTorch, or a GPU its flash kernel does not cover
-            _support[key] = False
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            warnings.warn(f"turbotune: FlashAttention's sliding window unavailable here ({reason}); windowed "
-                          "layers use SDPA with a mask", stacklevel=2)
-    if ok:
-        return _flash(q, k, v, window, scale)
-    return windowed_attention_reference(q, k, v, window, scale, dropout)
+    return run_flash_or_reference("window", q, lambda: _flash(q, k, v, window, scale),
+                                  lambda: windowed_attention_reference(q, k, v, window, scale),
+                                  "FlashAttention's sliding window")

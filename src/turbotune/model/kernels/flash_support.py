@@ -1,0 +1,40 @@
+"""Whether one of PyTorch's FlashAttention entry points runs here, asked once per (kind, device, dtype, head size).
+
+`aten::_flash_attention_forward` takes arguments SDPA does not expose (a sliding window, sequence offsets), but
+it is missing from some builds and GPUs. The first call on a combination tries it and remembers the answer; an
+untried combination inside a CUDA-graph capture takes the reference (a failing kernel must not break a capture),
+and a failure warns once and falls back for good.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_support: dict[tuple, bool] = {}
+
+
+def flash_shapes_ok(q, k, v) -> bool:
+    """q [.., Hq, D], k and v [.., Hkv, D] on a GPU, in a 16-bit dtype, a head size FlashAttention has, GQA."""
+    d = q.shape[-1]
+    return (q.is_cuda and q.dtype in FLASH_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and d % 8 == 0 and d <= 256 and v.shape[-1] == d and q.shape[-2] % k.shape[-2] == 0
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
+
+
+def run_flash_or_reference(kind: str, q, flash, reference, what: str):
+    """flash() where the kernel is known to run for (kind, q's device, dtype, head size), else reference();
+    an untried combination outside a capture tries flash() first."""
+    key = (kind, q.device.index, q.dtype, q.shape[-1])
+    ok = _support.get(key)
+    if ok is None and not torch.cuda.is_current_stream_capturing():  # q is on a GPU here
+        try:
+            out = flash()
+            _support[key] = True
+            return out
+        except (RuntimeError, TypeError) as exc:  # an older PyTorch, or a GPU its flash kernel does not cover
+            _support[key] = False
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            warnings.warn(f"turbotune: {what} unavailable here ({reason}); using SDPA with a mask", stacklevel=3)
+    return flash() if ok else reference()
