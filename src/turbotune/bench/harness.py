@@ -150,10 +150,6 @@ def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
                         "--micro-batch x --grad-accum completions train per step")
 
 
-def _num_generations(args) -> int:
-    return grpo.DEFAULT_NUM_GENERATIONS if args.num_generations is None else args.num_generations
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m turbotune.bench.harness", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -240,7 +236,7 @@ def validate(args) -> dict:
     if args.trainer == "grpo":
         if args.seq_len < grpo.MIN_SEQ_LEN:
             raise BenchError(f"--trainer grpo needs --seq-len {grpo.MIN_SEQ_LEN} or more (a prompt and a completion)")
-        why = grpo.check_workload(args.micro_batch, args.grad_accum, _num_generations(args))
+        why = grpo.check_workload(args.micro_batch, args.grad_accum, grpo.num_generations(args.num_generations))
         if why:
             raise BenchError(why)
     if args.confirm_at is not None and not args.confirm:
@@ -385,7 +381,7 @@ def build_worker_spec(args, settings: dict, model_dir: Path | None, model_cfg: d
             "mode": ("max_context" if args.max_context else "packing" if args.packing
                      else args.trainer if args.trainer in ("sft", "dpo", "grpo") else "throughput"),
             "sft_lengths": args.lengths or "fixed", "beta": DEFAULT_BETA if args.beta is None else args.beta,
-            "num_generations": _num_generations(args),
+            "num_generations": grpo.num_generations(args.num_generations),
             "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,
             "padded_micro_batch": args.padded_micro_batch,
             "confirm": bool(args.confirm), "confirm_at": settings["confirm_at"],

@@ -108,12 +108,11 @@ def add_mode_header(header: dict, args, settings: dict) -> None:
         header["dpo"] = {"lengths": args.lengths or "fixed", "beta": DEFAULT_BETA if args.beta is None else args.beta,
                          "prompt_tokens": prompt, "max_completion_tokens": completion}
     elif args.trainer == "grpo":
-        from turbotune.bench.grpo import DEFAULT_NUM_GENERATIONS, grpo_lengths
+        from turbotune.bench.grpo import grpo_lengths, num_generations
         prompt, completion = grpo_lengths(args.seq_len)
         header["mode"] = "grpo"
         header["grpo"] = {"prompt_tokens": prompt, "completion_tokens": completion, "temperature": 1.0,
-                          "num_generations": DEFAULT_NUM_GENERATIONS if args.num_generations is None
-                          else args.num_generations}
+                          "num_generations": num_generations(args.num_generations)}
     elif args.packing:
         header["mode"] = "packing"
         header["packing"] = {"samples_per_step": args.samples_per_step, "padded_micro_batch": args.padded_micro_batch,

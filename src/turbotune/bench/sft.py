@@ -122,8 +122,17 @@ def count_real_tokens(trainer, count) -> list[int]:
 
 
 def train_timed(trainer, model, spec: dict, result: dict, clock, fed: list[int]) -> None:
-    """trainer.train() with the peak-memory counter reset after loading; fills result (losses TRL logged, step times,
-    real tokens per step from `fed`, notes) through _record."""
+    """run_timed, then result filled (losses TRL logged, step times, real tokens per step from `fed`, notes) through
+    _record."""
+    times, ga = run_timed(trainer, spec, result, clock), spec["grad_accum"]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens = [sum(fed[i * ga:(i + 1) * ga]) for i in range(len(times))]
+    notes = list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec)
+    _record(result, spec, losses, times, tokens, notes)
+
+
+def run_timed(trainer, spec: dict, result: dict, clock) -> list[float]:
+    """trainer.train() with the peak-memory counter reset after loading; the seconds of each step (clock's)."""
     import torch
 
     if spec["device"] == "cuda":
@@ -131,11 +140,7 @@ def train_timed(trainer, model, spec: dict, result: dict, clock, fed: list[int])
         torch.cuda.reset_peak_memory_stats()
     clock.t0 = time.perf_counter()
     trainer.train()
-    times, ga = clock.times, spec["grad_accum"]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = [sum(fed[i * ga:(i + 1) * ga]) for i in range(len(times))]
-    _record(result, spec, losses, [b - a for a, b in zip([clock.t0] + times[:-1], times)], tokens,
-            list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec))
+    return [b - a for a, b in zip([clock.t0] + clock.times[:-1], clock.times)]
 
 
 def run_own_trainer(model, spec: dict, result: dict, log) -> None:

@@ -176,9 +176,11 @@ class TrainerStep:
 
     # ------------------------------------------------------------------ the hook
     def __call__(self, *args, **kwargs):
-        if args or self.passthrough is not None or not self._training_call(kwargs):
-            out = None if args or self.passthrough is not None else self._no_grad_head_call(kwargs)
-            return self.original(*args, **kwargs) if out is None else out
+        if args or self.passthrough is not None:
+            return self.original(*args, **kwargs)
+        if not self._training_call(kwargs):
+            out = self._no_grad_head_call(kwargs)
+            return self.original(**kwargs) if out is None else out
         tensors, others = _split(kwargs)
         checkpointing = None if self._announced else self._checkpointing_line(tensors)  # plans on the fed batch
         self.paused_checkpointing = None  # a trainer's pause ends before its next training call (grpo.py)
