@@ -77,8 +77,13 @@ def test_sfttrainer_with_sequence_offsets_equals_stock(tiny_llama_dir, tmp_path,
     calls = []
     real = va.varlen_attention_reference
     monkeypatch.setattr(va, "varlen_attention_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from turbotune.training.graphed_call import GraphedCall
+    fed, real_call = [], GraphedCall.__call__  # the graphs' key reads every `tensors` value as a tensor (GPU bug)
+    monkeypatch.setattr(GraphedCall, "__call__", lambda self, t, o: fed.append((t, o)) or real_call(self, t, o))
     _, ours = _sft(tiny_llama_dir, tmp_path, True, packing=False)
     assert calls, "the attention did not take the sequence offsets"
+    assert fed and all(torch.is_tensor(v) for t, _ in fed for v in t.values())
+    assert all(o.get("max_length_q") == t["input_ids"].shape[1] for t, o in fed if "cu_seq_lens_q" in t)
     monkeypatch.delenv("TURBOTUNE_FLASH_VARLEN")
     _, stock = _sft(tiny_llama_dir, tmp_path, False, packing=False)
     assert_same_logs(ours, stock, steps=4)

@@ -196,7 +196,9 @@ class TrainerStep:
             if self.keep_rows and packed.get("input_ids") is not None \
                     and (packed["input_ids"].shape != rows["input_ids"].shape or lead is not None):
                 rows_mask = rows["attention_mask"]
-            tensors = packed
+            # the varlen offsets' max lengths are ints: constants of the call (the bucket), part of the graph key
+            tensors, extra = _split(packed)
+            others = {**others, **extra}
         if not self._announced:
             self._announce(tensors, others, checkpointing)
         out = self.graphs(tensors, others)
