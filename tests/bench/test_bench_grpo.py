@@ -60,7 +60,7 @@ def test_hf_and_turbotune_under_grpo_trainer(tmp_path, monkeypatch):
                          "--micro-batch", "4", "--grad-accum", "1", "--num-generations", "2", "--trainer", "grpo",
                          "--methods", "hf,turbotune", "--cache-dir", str(tmp_path / "cache")], tmp_path / "g.json")
     assert rc == 0 and "## turbotune bench --trainer grpo" in out and "GRPOTrainer" in out
-    assert doc["header"]["turbotune_env"] == {"TURBOTUNE_BUCKETS": "4"} and "- environment: TURBOTUNE_BUCKETS=4" in out
+    assert doc["header"]["switches_env"] == {"TURBOTUNE_BUCKETS": "4"} and "- environment: TURBOTUNE_BUCKETS=4" in out
     assert doc["header"]["grpo"] == {"prompt_tokens": 4, "completion_tokens": 12, "temperature": 1.0,
                                      "num_generations": 2}
     for name in ("hf", "turbotune"):

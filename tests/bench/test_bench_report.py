@@ -29,9 +29,9 @@ def test_no_environment_line_without_allocator_settings():
 
 def test_turbotune_switches_are_printed_beside_the_allocator():
     h = _header(alloc_conf="expandable_segments:True",
-                turbotune_env={"TURBOTUNE_BUCKETS": "4", "TURBOTUNE_FLASH_WINDOW": "0"})
+                switches_env={"TURBOTUNE_BUCKETS": "4", "TURBOTUNE_FLASH_WINDOW": "0"})
     lines = format_header(h).splitlines()
     i = next(n for n, line in enumerate(lines) if line.startswith("- command:"))
     assert lines[i + 1] == ("- environment: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TURBOTUNE_BUCKETS=4 "
                             "TURBOTUNE_FLASH_WINDOW=0")
-    assert "environment" not in format_header(_header(turbotune_env={}))
+    assert "environment" not in format_header(_header(switches_env={}))

@@ -19,6 +19,9 @@ VERSION_PACKAGES = ["torch", "transformers", "peft", "accelerate", "triton", "bi
                     "unsloth", "liger-kernel", "trl"]
 
 
+SWITCH_PREFIXES = ("TURBOTUNE_", "UNSLOTH_")
+
+
 def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -88,8 +91,9 @@ def collect_header(args, settings: dict, model_dir: Path | None, model_cfg: dict
         "price_usd_per_gpu_hour": args.price,
         "cost_steps": args.cost_steps,
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-        # turbotune's own switches (TURBOTUNE_FLASH_WINDOW=0, TURBOTUNE_BUCKETS=4, ...) change what a row measures
-        "turbotune_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TURBOTUNE_")},
+        # turbotune's switches (TURBOTUNE_FLASH_WINDOW=0, TURBOTUNE_BUCKETS=4, ...) and the baseline's
+        # (UNSLOTH_BLOCK_COMPILE=0, where its compile fails) change what a row measures
+        "switches_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(SWITCH_PREFIXES)},
     }
 
 

@@ -163,9 +163,9 @@ def format_header(header: dict) -> str:
     if header.get("gpus"):
         lines[0] = lines[0].replace("## turbotune bench", f"## turbotune bench --gpus {header['gpus']['count']}")
         lines.insert(8, _gpus_line(header["gpus"], wl, dev["type"]))
-    # the allocator's settings change peak reserved memory (bench/NOTES.md); turbotune's switches change the rows
+    # the allocator's settings change peak reserved memory (bench/NOTES.md); the switches change the rows
     env = ([f"PYTORCH_CUDA_ALLOC_CONF={header['alloc_conf']}"] if header.get("alloc_conf") else []) \
-        + [f"{k}={v}" for k, v in (header.get("turbotune_env") or {}).items()]
+        + [f"{k}={v}" for k, v in (header.get("switches_env") or {}).items()]
     if env:
         after = next(i for i, line in enumerate(lines) if line.startswith("- command:")) + 1
         lines.insert(after, f"- environment: {' '.join(env)}")
