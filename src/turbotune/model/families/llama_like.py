@@ -20,6 +20,7 @@ from turbotune.model.kernels.lora_parts import cached_lora_part
 from turbotune.model.kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
 from turbotune.model.kernels.rmsnorm import rms_norm
 from turbotune.model.kernels.rope import apply_rope_, rope_reference
+from turbotune.model.kernels.softcap_attention import softcap_attention, softcap_attention_enabled
 from turbotune.model.kernels.swiglu import geglu, swiglu
 from turbotune.model.kernels.varlen_attention import varlen_attention
 from turbotune.model.kernels.windowed_attention import windowed_attention
@@ -90,6 +91,9 @@ def make_attention_forward(spec, state):
         window = getattr(self.config, "sliding_window", None) if spec.sliding_window_from_config \
             else getattr(self, "sliding_window", None)
         softcap = getattr(self, "attn_logit_softcapping", None)  # Gemma 2: soft-capped scores (eager attention)
+        if attention_mask is PLAIN_CAUSAL:  # whole sequences (masks_left_to_us): the tiled soft-capped kernels
+            attn = softcap_attention(q, k, v, self.scaling, softcap, window).reshape(bsz, seq, -1)
+            return _o_proj(self, state, attn), None
         if window is not None and attention_mask is None and seq > window and softcap is None:
             # No mask for a window that binds: the lm forward asked transformers for none (windows_left_to_us)
             dropout = self.attention_dropout if self.training else 0.0
@@ -141,6 +145,33 @@ def windows_left_to_us(model, kwargs: dict):
             and not getattr(cfg, "use_bidirectional_attention", False):
         return sdpa_masks_leave_windows_to_attention()
     return contextlib.nullcontext()
+
+
+class _PlainCausal:
+    """Stands for a causal (sliding-window) mask over whole sequences: no padding, no packing, no cache."""
+    def __repr__(self):
+        return "turbotune.PLAIN_CAUSAL"
+
+
+PLAIN_CAUSAL = _PlainCausal()
+
+
+def masks_left_to_us(model, args, kwargs: dict) -> None:
+    """Soft-capped attention (Gemma 2) on kernels/softcap_attention.py: where the batch is whole sequences, hand
+    every layer PLAIN_CAUSAL instead of the [B, 1, L, L] masks transformers would build for eager attention (the
+    model takes a prepared {layer type: mask} mapping, as generate() passes it). The patched attention applies the
+    causal order and its layer's window itself; a recomputed layer gets the same object back. Only in training,
+    with the switch on, no attention dropout, no padding mask, no position ids (packed rows), no KV cache."""
+    cfg = model.config
+    layer_types = getattr(cfg, "layer_types", None)
+    use_cache = kwargs.get("use_cache")
+    if not (softcap_attention_enabled() and model.training and getattr(cfg, "attn_logit_softcapping", None)
+            and layer_types and not getattr(cfg, "attention_dropout", 0.0) and len(args) <= 1
+            and kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None
+            and not has_cache(kwargs) and not (use_cache if use_cache is not None else getattr(cfg, "use_cache", False))
+            and not getattr(cfg, "use_bidirectional_attention", False)):
+        return
+    kwargs["attention_mask"] = {kind: PLAIN_CAUSAL for kind in set(layer_types)}
 
 
 def make_mlp_forward(spec, state):
@@ -211,6 +242,7 @@ def make_lm_forward(spec, state):
     def forward(self, *args, **kwargs):
         if spec is None:  # the generic path keeps the stock attention, which needs transformers' masks
             return _forward(self, *args, **kwargs)
+        masks_left_to_us(self, args, kwargs)
         with windows_left_to_us(self, kwargs):
             return _forward(self, *args, **kwargs)
 

@@ -23,9 +23,9 @@ def flash_shapes_ok(q, k, v) -> bool:
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 
 
-def run_flash_or_reference(kind: str, q, flash, reference, what: str):
+def run_flash_or_reference(kind: str, q, flash, reference, what: str, errors=(RuntimeError, TypeError)):
     """flash() where the kernel is known to run for (kind, q's device, dtype, head size), else reference();
-    an untried combination outside a capture tries flash() first."""
+    an untried combination outside a capture tries flash() first (`errors`: what counts as "does not run here")."""
     key = (kind, q.device.index, q.dtype, q.shape[-1])
     ok = _support.get(key)
     if ok is None and not torch.cuda.is_current_stream_capturing():  # q is on a GPU here
@@ -33,8 +33,8 @@ def run_flash_or_reference(kind: str, q, flash, reference, what: str):
             out = flash()
             _support[key] = True
             return out
-        except (RuntimeError, TypeError) as exc:  # an older PyTorch, or a GPU its flash kernel does not cover
+        except errors as exc:  # an older PyTorch, a GPU its kernel does not cover, a tile that does not fit
             _support[key] = False
             reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            warnings.warn(f"turbotune: {what} unavailable here ({reason}); using SDPA with a mask", stacklevel=3)
+            warnings.warn(f"turbotune: {what} unavailable here ({reason}); using the reference", stacklevel=3)
     return flash() if ok else reference()

@@ -1,0 +1,77 @@
+"""Gemma 2 with TURBOTUNE_SOFTCAP_ATTENTION=1: whole sequences reach the patched attention as PLAIN_CAUSAL (no
+[B, 1, L, L] mask) and run the soft-capped attention (kernels/softcap_attention.py; its reference on the CPU);
+values and LoRA gradients equal the stock model's eager attention with transformers' masks."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from conftest import make_tiny_model, nonzero_lora_b  # noqa: E402
+
+from turbotune import FastModel  # noqa: E402
+from turbotune.model.families import llama_like  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory, smol_tokenizer):
+    # a cap small enough to bind on a tiny random model's scores; a sliding-window layer shorter than the batch
+    return make_tiny_model(tmp_path_factory.mktemp("gemma2-cap"), smol_tokenizer, "gemma2", head_dim=16,
+                           sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=0.5)
+
+
+def _model(folder, patch, checkpointing):
+    model, _ = FastModel.from_pretrained(str(folder), verbose=False, patch=patch)
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16, random_state=5, verbose=False,
+                                     use_gradient_checkpointing=checkpointing)
+    return nonzero_lora_b(model)
+
+
+def _compare(stock, fast, **batch):
+    stock.train(), fast.train()
+    out_s, out_f = stock(**batch), fast(**batch)
+    assert abs(out_f.loss.item() - out_s.loss.item()) <= 1e-5 * abs(out_s.loss.item())
+    out_s.loss.backward()
+    out_f.loss.backward()
+    grads = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            assert ((p.grad - grads[n]).norm() / grads[n].norm()).item() < 1e-5, n
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    calls = []
+    real = llama_like.softcap_attention
+    monkeypatch.setattr(llama_like, "softcap_attention", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_whole_sequences_take_the_softcap_attention(gemma2_dir, checkpointing, monkeypatch, spied):
+    monkeypatch.setenv("TURBOTUNE_SOFTCAP_ATTENTION", "1")
+    stock, fast = _model(gemma2_dir, False, checkpointing), _model(gemma2_dir, True, checkpointing)
+    ids = torch.randint(0, stock.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    _compare(stock, fast, input_ids=ids, labels=ids)
+    # both layer kinds, forward (and the recompute with checkpointing): the sliding layer with its window
+    assert set(spied) == {None, 8} and len(spied) == (4 if checkpointing else 2)
+
+
+def test_padding_keeps_transformers_masks(gemma2_dir, monkeypatch, spied):
+    monkeypatch.setenv("TURBOTUNE_SOFTCAP_ATTENTION", "1")
+    stock, fast = _model(gemma2_dir, False, False), _model(gemma2_dir, True, False)
+    ids = torch.randint(0, stock.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    _compare(stock, fast, input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert spied == []
+
+
+def test_off_by_default(gemma2_dir, monkeypatch, spied):
+    monkeypatch.delenv("TURBOTUNE_SOFTCAP_ATTENTION", raising=False)
+    fast = _model(gemma2_dir, True, False)
+    fast.train()
+    ids = torch.randint(0, fast.config.vocab_size, (1, 12))
+    fast(input_ids=ids, labels=ids).loss.backward()
+    assert spied == []
