@@ -42,6 +42,9 @@ class TurboState:
     # The family patch (models/): its switches (None while unpatched) and every replaced forward, for undo.
     toggles: Toggles | None = None
     patches: dict[nn.Module, AppliedPatch] = field(default_factory=dict)
+    # The family whose attention forward is patched in (None: unpatched, or the generic path's stock attention):
+    # callers of the inner model (trainer_step's fused head) then prepare masks as the patched lm forward does.
+    family: str | None = None
     # "auto" between get_peft_model(use_gradient_checkpointing="auto") and the plan, then the mode the plan
     # chose ("none" | "recompute" | "offload"); None: a fixed mode, read from the model's own switches.
     checkpointing: str | None = None

@@ -24,6 +24,7 @@ captured from (GPU tests).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 
@@ -299,6 +300,15 @@ def fused_head_refusal(peft_model) -> str | None:
     return None
 
 
+def _family_masks(causal_lm, kwargs: dict):
+    """The inner model called directly (not through the patched lm forward): the same mask preparation, so windows
+    and soft-capped layers take turbotune's attention here too."""
+    if turbo_state(causal_lm).family is None:
+        return contextlib.nullcontext()
+    from turbotune.model.families.llama_like import masks_left_to_us
+    return masks_left_to_us(causal_lm, (), kwargs)
+
+
 def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_batch=None, refusal=_UNCHECKED,
                        mean_logits=None, temperature=None, **kwargs):
     """What TRL's `add_fused_lm_head` forward returns for `fused_lm_head=True`, computed with turbotune's head;
@@ -315,7 +325,8 @@ def fused_head_forward(peft_model, labels=None, shift_labels=None, num_items_in_
     head = causal_lm.get_output_embeddings()
     cfg = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
     kwargs["use_cache"] = False
-    hidden = causal_lm.base_model(**kwargs).last_hidden_state
+    with _family_masks(causal_lm, kwargs):
+        hidden = causal_lm.base_model(**kwargs).last_hidden_state
     if shift_labels is None:
         hidden, targets = hidden[:, :-1], labels[:, 1:]
     else:

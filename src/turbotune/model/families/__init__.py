@@ -66,4 +66,6 @@ def patch_model(model: nn.Module, **toggles) -> PatchReport:
     if hasattr(lm, "lm_head") and hasattr(lm, "model"):
         set_forward(lm, lm, spec.make_lm_forward(spec, state))
         count("lm_head")
+    if report.patched.get("attention"):
+        state.family = spec.name
     return report

@@ -156,7 +156,16 @@ class _PlainCausal:
 PLAIN_CAUSAL = _PlainCausal()
 
 
-def masks_left_to_us(model, args, kwargs: dict) -> None:
+@contextlib.contextmanager
+def masks_left_to_us(model, args, kwargs: dict):
+    """The masks our patched attention builds itself, for a call of the model (the lm forward, or its inner model
+    from trainer_step's fused head): soft-capped layers' PLAIN_CAUSAL (put into `kwargs`) and sliding windows."""
+    plain_causal_masks(model, args, kwargs)
+    with windows_left_to_us(model, kwargs):
+        yield
+
+
+def plain_causal_masks(model, args, kwargs: dict) -> None:
     """Soft-capped attention (Gemma 2) on kernels/softcap_attention.py: where the batch is whole sequences, hand
     every layer PLAIN_CAUSAL instead of the [B, 1, L, L] masks transformers would build for eager attention (the
     model takes a prepared {layer type: mask} mapping, as generate() passes it). The patched attention applies the
@@ -242,8 +251,7 @@ def make_lm_forward(spec, state):
     def forward(self, *args, **kwargs):
         if spec is None:  # the generic path keeps the stock attention, which needs transformers' masks
             return _forward(self, *args, **kwargs)
-        masks_left_to_us(self, args, kwargs)
-        with windows_left_to_us(self, kwargs):
+        with masks_left_to_us(self, args, kwargs):
             return _forward(self, *args, **kwargs)
 
     def _forward(self, *args, labels=None, **kwargs):

@@ -108,7 +108,7 @@ def set_forward(model: nn.Module, module: nn.Module, forward) -> None:
 def unpatch_model(model: nn.Module) -> int:
     """Put every original forward back. Returns how many were restored."""
     state = turbo_state(model)
-    patches, state.patches, state.toggles = state.patches, {}, None
+    patches, state.patches, state.toggles, state.family = state.patches, {}, None, None
     for module, p in reversed(patches.items()):
         if p.saved is _MISSING:
             module.__dict__.pop(p.attr, None)
