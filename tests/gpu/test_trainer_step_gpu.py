@@ -123,3 +123,34 @@ def test_capture_at_first_sight_equals_eager(tiny_dir, tmp_path, monkeypatch):
     eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=12, batch=4)
     for a, b in zip(logs, eager_logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
+
+
+def _dpo(folder, tmp_path, graphs=True, steps=6):
+    model, tok, step = _model(folder)
+    if not graphs:
+        step.graphs.disabled_reason = "turned off"  # the reference passes' graphs follow the training call's
+    alphabet = "abcdefghijklm"
+    rows = [{"prompt": alphabet[i % 5:] * 3, "chosen": alphabet[:4 + i % 3] * 6, "rejected": alphabet[7:] * 5}
+            for i in range(48)]
+    args = trl.DPOConfig(output_dir=str(tmp_path / f"dpo-{graphs}"), per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, max_steps=steps, learning_rate=1e-3, logging_steps=1,
+                         report_to=[], save_strategy="no", bf16=True, seed=3, max_length=128)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok)
+    trainer.train()
+    return step, [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_dpo_reference_passes_replay_and_equal_eager(tiny_dir, tmp_path, monkeypatch):
+    """DPOTrainer's reference forward (no grad, adapters disabled) replays from forward-only graphs
+    (forward_graphs.py) once its shape and adapter state repeat; the losses equal the run with graphs off."""
+    monkeypatch.setenv("TURBOTUNE_NO_GRAD_GRAPHS", "1")
+    step, logs = _dpo(tiny_dir, tmp_path)
+    ref = step.no_grad_graphs
+    assert ref.disabled_reason is None and ref.captures >= 1 and ref.replays >= 6, vars(ref)
+    assert ref.captures <= 8
+    eager, eager_logs = _dpo(tiny_dir, tmp_path, graphs=False)
+    assert eager.no_grad_graphs.replays == 0
+    for a, b in zip(logs, eager_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)

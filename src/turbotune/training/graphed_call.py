@@ -84,18 +84,7 @@ class GraphedCall:
         return entry.rebuild(outs)
 
     def _key(self, tensors, others):
-        if self.disabled_reason is not None:
-            return None
-        key = []
-        for k, v in sorted(tensors.items()):
-            if v.device.type != "cuda":
-                return None
-            key.append((k, tuple(v.shape), v.dtype))
-        for k, v in sorted(others.items()):
-            if v is not None and not isinstance(v, (bool, int, float, str)):
-                return None  # a cache object, a list: stay eager
-            key.append((k, v))
-        return tuple(key)
+        return None if self.disabled_reason is not None else graph_key(tensors, others)
 
     def _capture(self, key, tensors, others, params):
         from turbotune.training.cuda_graphs import one_sequence_per_row
@@ -131,6 +120,21 @@ class GraphedCall:
         self._entries[key] = entry
         self.captures += 1
         return entry
+
+
+def graph_key(tensors: dict, others: dict) -> tuple | None:
+    """What a captured call is looked up by: every tensor's name, shape and dtype (all on a GPU) and every other
+    argument's value (scalars and strings only); None where the call can't be captured (stays eager)."""
+    key = []
+    for k, v in sorted(tensors.items()):
+        if v.device.type != "cuda":
+            return None
+        key.append((k, tuple(v.shape), v.dtype))
+    for k, v in sorted(others.items()):
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            return None  # a cache object, a list: stay eager
+        key.append((k, v))
+    return tuple(key)
 
 
 class _Entry:

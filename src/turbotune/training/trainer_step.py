@@ -32,6 +32,7 @@ import torch
 
 from turbotune._compat import trl_fused_output_class, unwrap_peft
 from turbotune.model.state import turbo_state
+from turbotune.training.forward_graphs import ForwardGraphs, no_grad_graphs_enabled
 from turbotune.training.graphed_call import GraphedCall
 from turbotune.training.grpo import pause_checkpointing, resume_checkpointing, rotate_back, rotate_left_padding
 
@@ -93,6 +94,8 @@ class TrainerStep:
         self.verbose = verbose
         self.remove_padding = True
         self.graphs = GraphedCall(self._model_call, peft_model)
+        self.no_grad_graphs = ForwardGraphs(self._no_grad_head)  # reference passes (forward_graphs.py)
+        self._lora_module = None  # one LoRA layer, whose state says which adapters a no-grad call ran with
         self._announced = False
         self.trainer_checkpointing = None  # what a trainer asked for with its checkpointing switch, if it did
         self.paused_checkpointing = None  # the layers the off switch took checkpointing from (grpo.py)
@@ -163,6 +166,7 @@ class TrainerStep:
                 rows, seq = 1, max(int(self.window.pass_tokens), seq * int(self.window.rows or 1))
             line = plan_checkpointing(model, seq, int(rows)).line()
             self.graphs.reset()
+            self.no_grad_graphs.reset()
         elif mode is None:
             from turbotune._compat import is_checkpointing
             from turbotune.model.checkpointing import get_offloaded_checkpointing
@@ -210,14 +214,35 @@ class TrainerStep:
         return out
 
     def _no_grad_head_call(self, kwargs):
-        """TRL's fused head asked for without grad, served by turbotune's head on the rows as they came (no graphs,
-        no padding removal: nothing is kept for a backward); None where it can't be (the original forward then)."""
+        """TRL's fused head asked for without grad, served by turbotune's head on the rows as they came (no padding
+        removal: nothing is kept for a backward), replayed from a forward-only CUDA graph per shape and adapter state
+        where the training call's graphs are on (forward_graphs.py); None where it can't be served (the original
+        forward then)."""
         if not kwargs.get("fused_lm_head") or torch.is_grad_enabled() or self._head_refusal() is not None \
                 or (kwargs.get("labels") is None and kwargs.get("shift_labels") is None):
             return None
         rest = {k: v for k, v in kwargs.items() if k != "fused_lm_head"}
+        if self.graphs.why_off() is not None or not no_grad_graphs_enabled():
+            return self._no_grad_head(**rest)
+        tensors, others = _split(rest)
+        mask = tensors.get("attention_mask")
+        if mask is not None and bool(mask.all()):  # one sync: no padding, so no mask
+            del tensors["attention_mask"]  # (captured with it, transformers would build a dense [B, 1, L, L] one)
+        return self.no_grad_graphs(tensors, others, self._adapter_state())
+
+    def _no_grad_head(self, **kwargs):
         return fused_head_forward(self.peft_model, refusal=None, mean_logits=self._mean_logits,
-                                  temperature=self._temperature, **rest)
+                                  temperature=self._temperature, **kwargs)
+
+    def _adapter_state(self) -> tuple:
+        """What a captured no-grad call depends on besides its inputs: which adapters are active or disabled (a
+        reference pass runs under PEFT's disable_adapter() or TRL's "ref" adapter), train mode, autocast."""
+        from turbotune.model.kernels.lora_parts import _state_key
+        if self._lora_module is None:
+            self._lora_module = next((m for m in self.peft_model.modules() if hasattr(m, "lora_A")), False)
+        lora = _state_key(self._lora_module) if self._lora_module is not False else None
+        return (lora, self.peft_model.training, torch.is_autocast_enabled("cuda"),
+                torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
 
     def _training_call(self, kwargs) -> bool:
         return (self.peft_model.training and torch.is_grad_enabled()
