@@ -129,6 +129,12 @@ def nonzero_lora_b(model, seed: int = 1, std: float = 0.05):
     return model
 
 
+def nrel(a, b) -> float:
+    """Norm-relative error ||a - b|| / ||b|| in fp32 (robust to a few one-ulp outliers)."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
 def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     """Mean GPU time of `fn()` in ms between CUDA events, after `warmup` untimed calls (gpu tests print it)."""
     import torch

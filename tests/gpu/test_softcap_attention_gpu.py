@@ -5,6 +5,9 @@ the switch against the stock eager model.
 
 Run: pytest tests/gpu/test_softcap_attention_gpu.py -q -s   (-s prints the timings)
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,10 +19,8 @@ if not torch.cuda.is_available():
 from turbotune.model.kernels import flash_support  # noqa: E402
 from turbotune.model.kernels import softcap_attention as sa  # noqa: E402
 
-
-def _nrel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import nrel  # noqa: E402
 
 
 def _qkv(b, length, hq, hkv, d, seed=0, spread=2.0):
@@ -39,12 +40,12 @@ def test_kernels_match_reference(hq, hkv, d, length, window):
     kind = "softcap" if window is None else "softcap-window"
     assert flash_support._support.get((kind, q.device.index, torch.bfloat16, d)) is True, "the kernels did not run"
     ref = sa.softcap_attention_reference(q.float(), k.float(), v.float(), scale, cap, window)
-    assert _nrel(out, ref) < 1e-2
+    assert nrel(out, ref) < 1e-2
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
     for name, a, b in zip("qkv", grads, ref_grads):
-        assert _nrel(a, b) < 2e-2, name
+        assert nrel(a, b) < 2e-2, name
 
 
 def test_graph_replay_and_timing():
@@ -85,9 +86,6 @@ def test_graph_replay_and_timing():
 def test_gemma2_trains_like_stock(tmp_path, smol_tokenizer, monkeypatch):
     """A tiny Gemma 2 in bf16 (a cap that binds, a window shorter than the batch): the patched model with the
     switch equals stock eager attention within bf16 rounding, loss and LoRA gradients."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from conftest import make_tiny_model, nonzero_lora_b
 
     from turbotune import FastModel
@@ -114,4 +112,4 @@ def test_gemma2_trains_like_stock(tmp_path, smol_tokenizer, monkeypatch):
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
     assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
     for n, g in grads[0].items():
-        assert _nrel(grads[1][n], g) < 5e-2, n
+        assert nrel(grads[1][n], g) < 5e-2, n

@@ -5,6 +5,9 @@ kernel, not the fallback, ran.
 
 Run: pytest tests/gpu/test_varlen_attention_gpu.py -q
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,10 +19,8 @@ if not torch.cuda.is_available():
 from turbotune.model.kernels import flash_support  # noqa: E402
 from turbotune.model.kernels import varlen_attention as va  # noqa: E402
 
-
-def _nrel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import nrel  # noqa: E402
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -35,12 +36,12 @@ def test_varlen_matches_reference(d, hkv):
     out = va.varlen_attention(q, k, v, offsets, total, scale=d ** -0.5)
     assert flash_support._support.get(("varlen", q.device.index, torch.bfloat16, d)) is True, "flash did not run"
     ref = va.varlen_attention_reference(q.float(), k.float(), v.float(), offsets, d ** -0.5)
-    assert _nrel(out, ref) < 1e-2
+    assert nrel(out, ref) < 1e-2
     grad = torch.randn(out.shape, device="cuda", generator=g).bfloat16()
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (q, k, v), grad.float())
     for a, b in zip(got, want):
-        assert _nrel(a, b) < 2e-2
+        assert nrel(a, b) < 2e-2
 
 
 def test_varlen_replays_in_a_cuda_graph():
@@ -59,5 +60,5 @@ def test_varlen_replays_in_a_cuda_graph():
     offsets.copy_(va.sequence_offsets(torch.tensor([700, 10], device="cuda"), 1024))  # other samples, same shape
     graph.replay()
     torch.cuda.synchronize()
-    assert _nrel(out, va.varlen_attention_reference(q, k, v, offsets, None)) < 1e-2
-    assert _nrel(eager, out) > 1e-3  # the replay used the new offsets
+    assert nrel(out, va.varlen_attention_reference(q, k, v, offsets, None)) < 1e-2
+    assert nrel(eager, out) > 1e-3  # the replay used the new offsets

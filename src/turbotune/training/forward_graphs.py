@@ -15,11 +15,9 @@ keep them across the next replay.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from turbotune.training.graphed_call import graph_key
+from turbotune.training.graphed_call import capture_failed, graph_key
 
 MAX_GRAPHS = 8  # shapes captured at most (DPO: one per padded length the collator produces)
 
@@ -76,11 +74,7 @@ class ForwardGraphs:
                     one_sequence_per_row(inputs):
                 out = self.fn(**inputs, **others)
         except Exception as exc:  # noqa: BLE001 - eager from now on, said once
-            torch.cuda.synchronize()
-            self.disabled_reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-            self.reset()
-            warnings.warn(f"turbotune: CUDA graphs off for no-grad calls: {self.disabled_reason}", stacklevel=4)
-            return None
+            return capture_failed(self, exc, "for no-grad calls")
         entry = _Entry(out, inputs, graph)
         self._entries[key] = entry
         self.captures += 1

@@ -109,17 +109,21 @@ class GraphedCall:
                 if self._grad_bufs is not None:
                     grads = _into_shared(grads, self._grad_bufs)
         except Exception as exc:  # noqa: BLE001 - eager from now on, said once
-            torch.cuda.synchronize()
-            self.disabled_reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-            self.reset()
-            warnings.warn(f"turbotune: CUDA graphs off in the trainer step: {self.disabled_reason}", stacklevel=4)
-            return None
+            return capture_failed(self, exc, "in the trainer step")
         entry.fwd, entry.bwd, entry.grads = fwd, bwd, grads
         entry.foreach_grads = _foreach_grads_allowed()
         entry.detach_outputs()
         self._entries[key] = entry
         self.captures += 1
         return entry
+
+
+def capture_failed(owner, exc: Exception, where: str) -> None:
+    """A capture raised: `owner` (GraphedCall, ForwardGraphs) stays eager from now on, said once."""
+    torch.cuda.synchronize()
+    owner.disabled_reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    owner.reset()
+    warnings.warn(f"turbotune: CUDA graphs off {where}: {owner.disabled_reason}", stacklevel=5)
 
 
 def graph_key(tensors: dict, others: dict) -> tuple | None:

@@ -75,6 +75,21 @@ if HAS_TRITON:
         return tl.where(visible, s, float("-inf")), t
 
     @triton.jit
+    def _tile(P, b, h, offs, sb, sl, sh, offs_d, length):
+        """Rows `offs` of head h of batch b ([len(offs), D]; zeros past the sequence)."""
+        return tl.load(P + b * sb + h * sh + offs[:, None] * sl + offs_d[None, :], mask=(offs < length)[:, None],
+                       other=0.0)
+
+    @triton.jit
+    def _key_range(pid_m, length, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The key tiles query tile pid_m sees: up to its diagonal, from its window's start (a tile boundary)."""
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, length)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(pid_m * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        return lo, hi
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
                     length, heads, group, scale, softcap, window,
                     HAS_WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -86,19 +101,15 @@ if HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         rows = offs_m < length
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=rows[:, None], other=0.0)
+        q = _tile(Q, b, h, offs_m, sqb, sql, sqh, offs_d, length)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, length)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(pid_m * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        lo, hi = _key_range(pid_m, length, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            cols = offs_n < length
-            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], mask=cols[:, None], other=0.0)
-            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], mask=cols[:, None], other=0.0)
+            k = _tile(K, b, hk, offs_n, skb, skl, skh, offs_d, length)
+            v = _tile(V, b, hk, offs_n, svb, svl, svh, offs_d, length)
             s, _t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, HAS_WINDOW)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -127,8 +138,8 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         cols = offs_n < length
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], mask=cols[:, None], other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], mask=cols[:, None], other=0.0)
+        k = _tile(K, b, hk, offs_n, skb, skl, skh, offs_d, length)
+        v = _tile(V, b, hk, offs_n, svb, svl, svh, offs_d, length)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         lo = pid_n * BLOCK_N // BLOCK_M * BLOCK_M
@@ -141,10 +152,8 @@ if HAS_TRITON:
             for start in range(lo, hi, BLOCK_M):
                 offs_m = start + tl.arange(0, BLOCK_M)
                 rows = offs_m < length
-                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=rows[:, None],
-                            other=0.0)
-                do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :],
-                             mask=rows[:, None], other=0.0)
+                q = _tile(Q, b, h, offs_m, sqb, sql, sqh, offs_d, length)
+                do = _tile(DO, b, h, offs_m, sdob, sdol, sdoh, offs_d, length)
                 lse = tl.load(LSE + bh * length + offs_m, mask=rows, other=0.0)
                 delta = tl.load(DELTA + bh * length + offs_m, mask=rows, other=0.0)
                 s, t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, HAS_WINDOW)
@@ -172,21 +181,16 @@ if HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         rows = offs_m < length
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=rows[:, None], other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :], mask=rows[:, None],
-                     other=0.0)
+        q = _tile(Q, b, h, offs_m, sqb, sql, sqh, offs_d, length)
+        do = _tile(DO, b, h, offs_m, sdob, sdol, sdoh, offs_d, length)
         lse = tl.load(LSE + bh * length + offs_m, mask=rows, other=0.0)
         delta = tl.load(DELTA + bh * length + offs_m, mask=rows, other=0.0)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, length)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(pid_m * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        lo, hi = _key_range(pid_m, length, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            cols = offs_n < length
-            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skl + offs_d[None, :], mask=cols[:, None], other=0.0)
-            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :], mask=cols[:, None], other=0.0)
+            k = _tile(K, b, hk, offs_n, skb, skl, skh, offs_d, length)
+            v = _tile(V, b, hk, offs_n, svb, svl, svh, offs_d, length)
             s, t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, HAS_WINDOW)
             p = tl.where(rows[:, None], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v))
