@@ -127,6 +127,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="turbotune methods: how fp32 adapters read 16-bit activations (torch: fp32 copies + "
                         "cuBLAS; bf16x3: exact three-piece bf16 GEMMs with fp32 output, kernels/bf16x3.py; "
                         "triton: in place, kernels/skinny_fp32.py); default auto (bf16x3 on CUDA)")
+    g.add_argument("--memory-report", default=None, metavar="DIR",
+                   help="record the CUDA allocator's history in each method's run and write DIR/memory-<method>.txt: "
+                        "the blocks live at its peak, by allocating code (slows the host: timings not comparable)")
     g.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed steps, profile one more step per method with torch.profiler and write "
                         "DIR/profile-<method>.txt (GPU busy vs wall time, top ops and kernels)")
@@ -386,7 +389,8 @@ def build_worker_spec(args, settings: dict, model_dir: Path | None, model_cfg: d
             "padded_micro_batch": args.padded_micro_batch,
             "confirm": bool(args.confirm), "confirm_at": settings["confirm_at"],
             "card_memory_bytes": settings["card_memory_bytes"],
-            "profile_dir": str(Path(args.profile).expanduser().resolve()) if args.profile else None}
+            "profile_dir": str(Path(args.profile).expanduser().resolve()) if args.profile else None,
+            "memory_dir": str(Path(args.memory_report).expanduser().resolve()) if args.memory_report else None}
 
 
 def run_methods(args, methods: list[tuple[str, str | None]], spec: dict) -> list[dict]:

@@ -421,6 +421,9 @@ def run_spec(spec: dict, train_fn=None) -> dict:
                 raise RuntimeError("CUDA is not available in the worker process")
             torch.cuda.reset_peak_memory_stats()
             result["device_name"] = torch.cuda.get_device_name(0)
+            if spec.get("memory_dir"):  # --memory-report: the allocator's history from before the model loads
+                from turbotune.bench import memory_report
+                memory_report.start()
         else:
             result["device_name"] = "cpu"
         result["phase"] = "load"
@@ -454,6 +457,9 @@ def run_spec(spec: dict, train_fn=None) -> dict:
         torch_mod = sys.modules.get("torch")
         if spec["device"] == "cuda" and torch_mod is not None and torch_mod.cuda.is_initialized():
             result["peak_alloc_bytes_at_failure"] = int(torch_mod.cuda.max_memory_allocated())
+    if spec.get("memory_dir"):
+        from turbotune.bench.memory_report import report_into
+        report_into(spec, result, _log)
     result["wall_s"] = time.perf_counter() - t_start
     return result
 
