@@ -24,8 +24,8 @@ from conftest import nrel  # noqa: E402
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("hkv", [2, 8])
-def test_varlen_matches_reference(d, hkv):
+@pytest.mark.parametrize("hkv,window", [(2, None), (8, None), (2, 200)])
+def test_varlen_matches_reference(d, hkv, window):
     g = torch.Generator(device="cuda").manual_seed(d + hkv)
     lengths = [300, 17, 900, 1, 450]
     total = 2048  # the bucket: the rest is the tail sequence
@@ -33,9 +33,10 @@ def test_varlen_matches_reference(d, hkv):
     k = torch.randn(total, hkv, d, device="cuda", generator=g).bfloat16().requires_grad_()
     v = torch.randn(total, hkv, d, device="cuda", generator=g).bfloat16().requires_grad_()
     offsets = va.sequence_offsets(torch.tensor(lengths, device="cuda"), total)
-    out = va.varlen_attention(q, k, v, offsets, total, scale=d ** -0.5)
-    assert flash_support._support.get(("varlen", q.device.index, torch.bfloat16, d)) is True, "flash did not run"
-    ref = va.varlen_attention_reference(q.float(), k.float(), v.float(), offsets, d ** -0.5)
+    out = va.varlen_attention(q, k, v, offsets, total, scale=d ** -0.5, window=window)
+    kind = "varlen" if window is None else "varlen-window"
+    assert flash_support._support.get((kind, q.device.index, torch.bfloat16, d)) is True, "flash did not run"
+    ref = va.varlen_attention_reference(q.float(), k.float(), v.float(), offsets, d ** -0.5, window)
     assert nrel(out, ref) < 1e-2
     grad = torch.randn(out.shape, device="cuda", generator=g).bfloat16()
     got = torch.autograd.grad(out, (q, k, v), grad)

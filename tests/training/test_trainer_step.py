@@ -2,13 +2,19 @@
 a turbotune model logs the same per-step losses as on the stock transformers + PEFT model (fp32, CPU), for
 padded batches of mixed lengths, TRL's packing and its padding-free batches; padding is really removed and TRL's
 fused head really served by ours."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from turbotune import FastModel
-from turbotune.training import padding as padding_mod
-from turbotune.training import trainer_step
-from turbotune.training.padding import bucket_length, remove_padding
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_tiny_model  # noqa: E402
+
+from turbotune import FastModel  # noqa: E402
+from turbotune.training import padding as padding_mod  # noqa: E402
+from turbotune.training import trainer_step  # noqa: E402
+from turbotune.training.padding import bucket_length, remove_padding  # noqa: E402
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -69,19 +75,25 @@ def test_sfttrainer_losses_equal_stock(tiny_llama_dir, tmp_path, monkeypatch, co
     assert_same_logs(ours, stock, steps=4)
 
 
-def test_sfttrainer_with_sequence_offsets_equals_stock(tiny_llama_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("window", [None, 8])
+def test_sfttrainer_with_sequence_offsets_equals_stock(tiny_llama_dir, tmp_path, monkeypatch, window,
+                                                       smol_tokenizer):
     """TURBOTUNE_FLASH_VARLEN=1: packed rows carry their samples' offsets and the patched attention uses them
-    (the CPU runs the offsets' masked reference); the losses are still the stock model's."""
+    (the CPU runs the offsets' masked reference), with a sliding window where the model has one (a Mistral whose
+    8-token window binds in every sample); the losses are still the stock model's."""
     from turbotune.model.kernels import varlen_attention as va
+    if window is not None:
+        tiny_llama_dir = make_tiny_model(tmp_path / "mistral", smol_tokenizer, "mistral", sliding_window=window)
     monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
     calls = []
     real = va.varlen_attention_reference
-    monkeypatch.setattr(va, "varlen_attention_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(va, "varlen_attention_reference",
+                        lambda *a, **k: calls.append(a[5] if len(a) > 5 else k.get("window")) or real(*a, **k))
     from turbotune.training.graphed_call import GraphedCall
     fed, real_call = [], GraphedCall.__call__  # the graphs' key reads every `tensors` value as a tensor (GPU bug)
     monkeypatch.setattr(GraphedCall, "__call__", lambda self, t, o: fed.append((t, o)) or real_call(self, t, o))
     _, ours = _sft(tiny_llama_dir, tmp_path, True, packing=False)
-    assert calls, "the attention did not take the sequence offsets"
+    assert calls and set(calls) == {window}, "the attention did not take the sequence offsets (and window)"
     assert fed and all(torch.is_tensor(v) for t, _ in fed for v in t.values())
     assert all(o.get("max_length_q") == t["input_ids"].shape[1] for t, o in fed if "cu_seq_lens_q" in t)
     monkeypatch.delenv("TURBOTUNE_FLASH_VARLEN")

@@ -42,3 +42,23 @@ def test_reference_equals_per_sample_attention(hkv):
     want_g = torch.autograd.grad(want, (q, k, v), grad)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_with_a_window_equals_per_sample_windowed_attention():
+    """A packed row of a sliding-window model (Mistral, Phi-3, Gemma 3's local layers): inside each sample, the
+    last `window` keys only, as the padded batch's window mask gives each sample."""
+    from turbotune.model.kernels.windowed_attention import windowed_attention_reference
+    g = torch.Generator().manual_seed(3)
+    lengths, window = [9, 2, 12], 4
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, 4, 8, generator=g, requires_grad=True) for _ in range(3))
+    offsets = va.sequence_offsets(torch.tensor(lengths[:-1]), total, slots=6)
+    got = va.varlen_attention(q, k, v, offsets, total, scale=0.3, window=window)
+    want, start = [], 0
+    for n in lengths:
+        want.append(windowed_attention_reference(*(t[start:start + n].unsqueeze(0) for t in (q, k, v)),
+                                                 window, 0.3)[0])
+        start += n
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-6)
+    unwindowed = va.varlen_attention(q, k, v, offsets, total, scale=0.3)
+    assert (got - unwindowed).abs().max() > 1e-3  # the window binds in the 9- and 12-token samples

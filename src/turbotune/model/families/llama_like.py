@@ -99,11 +99,10 @@ def make_attention_forward(spec, state):
             dropout = self.attention_dropout if self.training else 0.0
             attn = windowed_attention(q, k, v, window, self.scaling, dropout).reshape(bsz, seq, -1)
             return _o_proj(self, state, attn), None
-        if offsets is not None and bsz == 1 and window is None and softcap is None \
-                and not (self.training and self.attention_dropout):
-            # Attention inside each sample from the offsets: no [L, L] mask (kernels/varlen_attention.py)
-            attn = varlen_attention(q[0], k[0], v[0], offsets[0], offsets[1], self.scaling).reshape(bsz, seq, -1)
-            return _o_proj(self, state, attn), None
+        if offsets is not None and bsz == 1 and softcap is None and not (self.training and self.attention_dropout):
+            # Attention inside each sample from the offsets (and window): no [L, L] mask (kernels/varlen_attention.py)
+            attn = varlen_attention(q[0], k[0], v[0], offsets[0], offsets[1], self.scaling, window)
+            return _o_proj(self, state, attn.reshape(bsz, seq, -1)), None
         if window is not None:
             extra["sliding_window"] = window
         if softcap is not None:

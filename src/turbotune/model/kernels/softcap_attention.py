@@ -196,8 +196,8 @@ if HAS_TRITON:
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None]) * (1.0 - t * t)
             dq += tl.dot(ds.to(k.dtype), k)
-        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=rows[:, None])
+        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
 def _blocks(d: int, interpret: bool) -> dict:

@@ -44,28 +44,37 @@ def sequence_offsets(lengths: torch.Tensor, total: int, slots: int = MAX_SEQUENC
     return torch.cat([head, ends, rest])
 
 
-def varlen_attention_reference(q, k, v, offsets, scale: float | None = None):
-    """SDPA with the document mask the offsets describe (plain PyTorch; any device and dtype)."""
+def varlen_attention_reference(q, k, v, offsets, scale: float | None = None, window: int | None = None):
+    """SDPA with the document mask the offsets describe, and the sliding window if one is given (plain PyTorch;
+    any device and dtype)."""
     length = q.shape[0]
     token = torch.arange(length, device=q.device)
     sample = torch.searchsorted(offsets[1:].to(torch.int64), token, right=True)  # each token's sequence
     mask = (sample[:, None] == sample[None, :]) & (token[None, :] <= token[:, None])
+    if window is not None:
+        mask &= token[:, None] - token[None, :] < window
     qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=kt.shape[1] != qt.shape[1])
     return out[0].transpose(0, 1)
 
 
-def _flash(q, k, v, offsets, max_length: int, scale: float | None):
+def _flash(q, k, v, offsets, max_length: int, scale: float | None, window: int | None):
+    extra = {} if window is None else dict(window_size_left=window - 1, window_size_right=0)
     return torch.ops.aten._flash_attention_forward(
-        q, k, v, offsets, offsets, max_length, max_length, 0.0, True, False, scale=scale)[0]
+        q, k, v, offsets, offsets, max_length, max_length, 0.0, True, False, scale=scale, **extra)[0]
 
 
-def varlen_attention(q, k, v, offsets, max_length: int | None = None, scale: float | None = None):
-    """Causal attention inside each sequence of the packed row (see the module docstring): FlashAttention's varlen
-    kernel on a GPU, the masked reference elsewhere."""
+def varlen_attention(q, k, v, offsets, max_length: int | None = None, scale: float | None = None,
+                     window: int | None = None):
+    """Causal attention inside each sequence of the packed row (see the module docstring), over the last `window`
+    keys where a sliding window binds (as windowed_attention.py: FlashAttention's `window_size_left`):
+    FlashAttention's varlen kernel on a GPU, the masked reference elsewhere."""
     max_length = q.shape[0] if max_length is None else int(max_length)
+    if window is not None and window >= q.shape[0]:
+        window = None
     if not flash_shapes_ok(q, k, v):
-        return varlen_attention_reference(q, k, v, offsets, scale)
-    return run_flash_or_reference("varlen", q, lambda: _flash(q, k, v, offsets, max_length, scale),
-                                  lambda: varlen_attention_reference(q, k, v, offsets, scale),
+        return varlen_attention_reference(q, k, v, offsets, scale, window)
+    return run_flash_or_reference("varlen" if window is None else "varlen-window", q,
+                                  lambda: _flash(q, k, v, offsets, max_length, scale, window),
+                                  lambda: varlen_attention_reference(q, k, v, offsets, scale, window),
                                   "FlashAttention's varlen kernel")
