@@ -48,6 +48,21 @@ def test_kernels_match_reference(hq, hkv, d, length, window):
         assert nrel(a, b) < 2e-2, name
 
 
+def test_packed_row_matches_reference():
+    """A packed row's sample offsets (varlen_attention.sequence_offsets): attention stays inside each sample."""
+    from turbotune.model.kernels.varlen_attention import sequence_offsets
+    q, k, v = _qkv(1, 2048, 16, 8, 256, seed=3)
+    offsets = sequence_offsets(torch.tensor([300, 17, 900], device="cuda"), 2048)
+    out = sa.softcap_attention(q, k, v, 1 / 16, 5.0, 1000, offsets=offsets)
+    assert flash_support._support.get(("softcap-window-packed", 0, torch.bfloat16, 256)) is True
+    starts = sa.sample_starts(offsets, 2048)
+    ref = sa.softcap_attention_reference(q.float(), k.float(), v.float(), 1 / 16, 5.0, 1000, starts)
+    assert nrel(out, ref) < 1e-2
+    dout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.float())):
+        assert nrel(a, b) < 2e-2
+
+
 def test_graph_replay_and_timing():
     """Not a speed target (those live in the bench): prints the kernels against the eager attention transformers
     runs for Gemma 2, and checks forward and backward replay from a CUDA graph."""

@@ -75,3 +75,31 @@ def test_off_by_default(gemma2_dir, monkeypatch, spied):
     ids = torch.randint(0, fast.config.vocab_size, (1, 12))
     fast(input_ids=ids, labels=ids).loss.backward()
     assert spied == []
+
+
+def test_packed_rows_under_sfttrainer_take_the_kernels_per_sample(gemma2_dir, tmp_path, monkeypatch, spied,
+                                                                 smol_tokenizer):
+    """SFTTrainer's padded batches become packed rows with sample offsets (TURBOTUNE_FLASH_VARLEN=1): Gemma 2's
+    soft-capped attention then runs per sample from the offsets; the logged losses equal the stock model's."""
+    import datasets
+    import trl
+
+    def run(patch):
+        model = _model(gemma2_dir, patch, False)
+        rows = [{"text": " ".join(["alpha", "beta", "gamma"][(i + j) % 3] for j in range(3 + (i * 5) % 17))}
+                for i in range(16)]
+        args = trl.SFTConfig(output_dir=str(tmp_path / f"sft-{patch}"), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=1, max_steps=3, learning_rate=5e-3, logging_steps=1,
+                             report_to=[], save_strategy="no", bf16=False, fp16=False, seed=7, max_length=64)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=smol_tokenizer)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    monkeypatch.setenv("TURBOTUNE_SOFTCAP_ATTENTION", "1")
+    monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
+    ours = run(True)
+    assert spied, "the packed rows did not reach the soft-capped attention"
+    monkeypatch.delenv("TURBOTUNE_FLASH_VARLEN")
+    stock = run(False)
+    assert ours == pytest.approx(stock, rel=1e-5)

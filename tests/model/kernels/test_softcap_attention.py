@@ -65,3 +65,23 @@ def test_reference_equals_transformers_gemma2_eager_attention(window):
                                        scaling=0.25, softcap=3.0)
     ours = softcap_attention_reference(q, k, v, scale=0.25, softcap=3.0, window=window)
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_rows_stay_inside_each_sample():
+    """offsets (a packed row of three samples): the kernels against the reference, and the reference against each
+    sample's own attention."""
+    from turbotune.model.kernels.varlen_attention import sequence_offsets
+    lengths = [11, 4, 22]
+    q, k, v = _inputs(1, sum(lengths), 4, 2, 16, seed=5)
+    offsets = sequence_offsets(torch.tensor(lengths[:-1]), sum(lengths), slots=8)
+    kw = dict(scale=0.25, softcap=4.0, window=9, offsets=offsets)
+    ours = _run(softcap_attention, q, k, v, backend="triton", **kw)
+    ref = _run(softcap_attention, q, k, v, backend="torch", **kw)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=name)
+    start, parts = 0, []
+    for n in lengths:
+        parts.append(softcap_attention_reference(q[:, start:start + n], k[:, start:start + n], v[:, start:start + n],
+                                                 0.25, 4.0, 9))
+        start += n
+    torch.testing.assert_close(ref[0], torch.cat(parts, dim=1), rtol=1e-5, atol=1e-6)

@@ -94,6 +94,10 @@ def make_attention_forward(spec, state):
         if attention_mask is PLAIN_CAUSAL:  # whole sequences (masks_left_to_us): the tiled soft-capped kernels
             attn = softcap_attention(q, k, v, self.scaling, softcap, window).reshape(bsz, seq, -1)
             return _o_proj(self, state, attn), None
+        if softcap is not None and offsets is not None and bsz == 1 and softcap_attention_enabled() \
+                and not (self.training and self.attention_dropout):  # a packed row: the same kernels, per sample
+            attn = softcap_attention(q, k, v, self.scaling, softcap, window, offsets=offsets[0])
+            return _o_proj(self, state, attn.reshape(bsz, seq, -1)), None
         if window is not None and attention_mask is None and seq > window and softcap is None:
             # No mask for a window that binds: the lm forward asked transformers for none (windows_left_to_us)
             dropout = self.attention_dropout if self.training else 0.0

@@ -28,6 +28,7 @@ import torch
 from turbotune.model.kernels._dispatch import use_triton
 from turbotune.model.kernels._triton_utils import HAS_TRITON, tl, triton
 from turbotune.model.kernels.flash_support import run_flash_or_reference
+from turbotune.model.kernels.varlen_attention import sample_starts
 
 
 def softcap_attention_enabled() -> bool:
@@ -43,15 +44,18 @@ def _visible(length: int, window: int | None, device) -> torch.Tensor:
     return mask & (i - j < window) if window is not None else mask
 
 
-def softcap_attention_reference(q, k, v, scale: float, softcap: float, window: int | None = None):
-    """Plain PyTorch: fp32 scores, the cap, the causal (window) mask, fp32 softmax; output in q's dtype."""
+def softcap_attention_reference(q, k, v, scale: float, softcap: float, window: int | None = None, starts=None):
+    """Plain PyTorch: fp32 scores, the cap, the causal (window, sample) mask, fp32 softmax; output in q's dtype."""
     qt, kt, vt = (t.transpose(1, 2).float() for t in (q, k, v))  # [B, H, L, D]
     group = qt.shape[1] // kt.shape[1]
     if group > 1:
         kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~_visible(q.shape[1], window, q.device), float("-inf"))
+    visible = _visible(q.shape[1], window, q.device)
+    if starts is not None:  # a packed row: each query sees its own sample's keys only
+        visible = visible & (torch.arange(q.shape[1], device=q.device)[None, :] >= starts[:, None])
+    scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), vt)
     return out.transpose(1, 2).to(q.dtype)
 
@@ -63,16 +67,25 @@ if HAS_TRITON:
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
-    def _scores(q, k, offs_m, offs_n, length, scale, softcap, window,
-                HAS_WINDOW: tl.constexpr):
-        """Capped scores of one tile (fp32) with -inf where the key is not visible, and tanh of the cap."""
+    def _scores(q, k, offs_m, offs_n, length, scale, softcap, window, starts_m,
+                HAS_WINDOW: tl.constexpr, HAS_STARTS: tl.constexpr):
+        """Capped scores of one tile (fp32) with -inf where the key is not visible, and tanh of the cap.
+        `starts_m`: each query row's sample start in a packed row (HAS_STARTS)."""
         x = tl.dot(q, tl.trans(k)) * scale
         t = _tanh(x / softcap)
         s = t * softcap
         visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < length)
         if HAS_WINDOW:
             visible = visible & (offs_m[:, None] - offs_n[None, :] < window)
+        if HAS_STARTS:
+            visible = visible & (offs_n[None, :] >= starts_m[:, None])
         return tl.where(visible, s, float("-inf")), t
+
+    @triton.jit
+    def _starts(STARTS, offs_m, length, HAS_STARTS: tl.constexpr):
+        if HAS_STARTS:
+            return tl.load(STARTS + offs_m, mask=offs_m < length, other=0)
+        return offs_m * 0
 
     @triton.jit
     def _tile(P, b, h, offs, sb, sl, sh, offs_d, length):
@@ -90,9 +103,10 @@ if HAS_TRITON:
         return lo, hi
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+    def _fwd_kernel(Q, K, V, O, LSE, STARTS, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
                     length, heads, group, scale, softcap, window,
-                    HAS_WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_WINDOW: tl.constexpr, HAS_STARTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // heads
@@ -102,6 +116,7 @@ if HAS_TRITON:
         offs_d = tl.arange(0, D)
         rows = offs_m < length
         q = _tile(Q, b, h, offs_m, sqb, sql, sqh, offs_d, length)
+        starts_m = _starts(STARTS, offs_m, length, HAS_STARTS)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -110,7 +125,7 @@ if HAS_TRITON:
             offs_n = start + tl.arange(0, BLOCK_N)
             k = _tile(K, b, hk, offs_n, skb, skl, skh, offs_d, length)
             v = _tile(V, b, hk, offs_n, svb, svl, svh, offs_d, length)
-            s, _t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, HAS_WINDOW)
+            s, _t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, starts_m, HAS_WINDOW, HAS_STARTS)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
             p = tl.exp(s - m_safe[:, None])
@@ -125,11 +140,12 @@ if HAS_TRITON:
         tl.store(LSE + bh * length + offs_m, m_i + tl.log(l_safe), mask=rows)
 
     @triton.jit
-    def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+    def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, STARTS,
                        sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdob, sdol, sdoh,
                        sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                        length, heads, kv_heads, group, scale, softcap, window,
-                       HAS_WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HAS_WINDOW: tl.constexpr, HAS_STARTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """dK and dV of one key tile: every query head of the group, every query tile that sees the keys."""
         pid_n = tl.program_id(0)
         bhk = tl.program_id(1)
@@ -156,7 +172,9 @@ if HAS_TRITON:
                 do = _tile(DO, b, h, offs_m, sdob, sdol, sdoh, offs_d, length)
                 lse = tl.load(LSE + bh * length + offs_m, mask=rows, other=0.0)
                 delta = tl.load(DELTA + bh * length + offs_m, mask=rows, other=0.0)
-                s, t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, HAS_WINDOW)
+                starts_m = _starts(STARTS, offs_m, length, HAS_STARTS)
+                s, t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, starts_m, HAS_WINDOW,
+                               HAS_STARTS)
                 p = tl.where(rows[:, None], tl.exp(s - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dp = tl.dot(do, tl.trans(v))
@@ -168,10 +186,11 @@ if HAS_TRITON:
                  mask=cols[:, None])
 
     @triton.jit
-    def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+    def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, STARTS,
                       sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdob, sdol, sdoh, sdqb, sdql, sdqh,
                       length, heads, group, scale, softcap, window,
-                      HAS_WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_WINDOW: tl.constexpr, HAS_STARTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """dQ of one query tile, over the key tiles it sees."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -186,12 +205,13 @@ if HAS_TRITON:
         lse = tl.load(LSE + bh * length + offs_m, mask=rows, other=0.0)
         delta = tl.load(DELTA + bh * length + offs_m, mask=rows, other=0.0)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
+        starts_m = _starts(STARTS, offs_m, length, HAS_STARTS)
         lo, hi = _key_range(pid_m, length, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             k = _tile(K, b, hk, offs_n, skb, skl, skh, offs_d, length)
             v = _tile(V, b, hk, offs_n, svb, svl, svh, offs_d, length)
-            s, t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, HAS_WINDOW)
+            s, t = _scores(q, k, offs_m, offs_n, length, scale, softcap, window, starts_m, HAS_WINDOW, HAS_STARTS)
             p = tl.where(rows[:, None], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None]) * (1.0 - t * t)
@@ -212,7 +232,7 @@ def _blocks(d: int, interpret: bool) -> dict:
 
 class SoftcapAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, softcap, window):
+    def forward(ctx, q, k, v, scale, softcap, window, starts):
         bsz, length, heads, d = q.shape
         kv_heads = k.shape[2]
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -220,17 +240,19 @@ class SoftcapAttentionFunction(torch.autograd.Function):
         lse = torch.empty(bsz * heads, length, device=q.device, dtype=torch.float32)
         tiles = _blocks(d, not q.is_cuda)
         grid = (triton.cdiv(length, tiles["BLOCK_M"]), bsz * heads)
-        _fwd_kernel[grid](q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                          k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-                          out.stride(2), length, heads, heads // kv_heads, scale, softcap, window or 0,
-                          HAS_WINDOW=window is not None, D=d, **tiles)
-        ctx.save_for_backward(q, k, v, out, lse)
+        _fwd_kernel[grid](q, k, v, out, lse, lse if starts is None else starts, q.stride(0), q.stride(1),
+                          q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                          out.stride(0), out.stride(1), out.stride(2), length, heads, heads // kv_heads, scale,
+                          softcap, window or 0, HAS_WINDOW=window is not None, HAS_STARTS=starts is not None,
+                          D=d, **tiles)
+        ctx.save_for_backward(q, k, v, out, lse, *(() if starts is None else (starts,)))
         ctx.scale, ctx.softcap, ctx.window = scale, softcap, window
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *starts = ctx.saved_tensors
+        starts = starts[0] if starts else None
         bsz, length, heads, d = q.shape
         kv_heads = k.shape[2]
         group = heads // kv_heads
@@ -239,18 +261,19 @@ class SoftcapAttentionFunction(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).reshape(bsz * heads, length).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tiles = _blocks(d, not q.is_cuda)
-        window, has_window = ctx.window or 0, ctx.window is not None
+        window = ctx.window or 0
+        flags = dict(HAS_WINDOW=ctx.window is not None, HAS_STARTS=starts is not None, D=d, **tiles)
+        starts = lse if starts is None else starts  # a pointer the kernels don't read without HAS_STARTS
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
         _bwd_kv_kernel[(triton.cdiv(length, tiles["BLOCK_N"]), bsz * kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+            q, k, v, dout, lse, delta, dk, dv, starts, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), length, heads, kv_heads, group, ctx.scale, ctx.softcap, window,
-            HAS_WINDOW=has_window, D=d, **tiles)
+            **flags)
         _bwd_q_kernel[(triton.cdiv(length, tiles["BLOCK_M"]), bsz * heads)](
-            q, k, v, dout, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-            length, heads, group, ctx.scale, ctx.softcap, window,
-            HAS_WINDOW=has_window, D=d, **tiles)
-        return dq, dk, dv, None, None, None
+            q, k, v, dout, lse, delta, dq, starts, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            length, heads, group, ctx.scale, ctx.softcap, window, **flags)
+        return dq, dk, dv, None, None, None, None
 
 
 def kernel_shapes_ok(q, k, v) -> bool:
@@ -260,31 +283,36 @@ def kernel_shapes_ok(q, k, v) -> bool:
             and q.shape[-2] % k.shape[-2] == 0 and q.dtype == k.dtype == v.dtype)
 
 
-def softcap_attention(q, k, v, scale: float, softcap: float, window: int | None = None, backend: str = "auto"):
+def softcap_attention(q, k, v, scale: float, softcap: float, window: int | None = None, offsets=None,
+                      backend: str = "auto"):
     """Causal soft-capped attention (see the module docstring): the Triton kernels on a GPU, the reference
-    elsewhere. `window` None (or not shorter than the sequence) means plain causal."""
+    elsewhere. `window` None (or not shorter than the sequence) means plain causal. `offsets`: a packed row's
+    sample offsets (varlen_attention.sequence_offsets; batch of one row): attention stays inside each sample."""
     if window is not None and window >= q.shape[1]:
         window = None
+    starts = None if offsets is None else sample_starts(offsets, q.shape[1])
     # On a GPU only 16-bit inputs: an fp32 tl.dot would run in TF32 there (the interpreter's is exact fp32)
     gpu_ok = not q.is_cuda or q.dtype in (torch.bfloat16, torch.float16)
     if not (kernel_shapes_ok(q, k, v) and gpu_ok and use_triton(q, backend)):
-        return softcap_attention_reference(q, k, v, scale, softcap, window)
-    run = lambda: SoftcapAttentionFunction.apply(q, k, v, float(scale), float(softcap), window)  # noqa: E731
+        return softcap_attention_reference(q, k, v, scale, softcap, window, starts)
+    run = lambda: SoftcapAttentionFunction.apply(q, k, v, float(scale), float(softcap), window, starts)  # noqa: E731
     if not q.is_cuda:  # the CPU interpreter (tests)
         return run()
     # The first call on a device, dtype and head size compiles forward and backward on a small probe, so a tile
     # that does not fit this GPU falls back here, not in the middle of a backward pass (flash_support).
-    kind = "softcap" if window is None else "softcap-window"  # separately compiled variants
-    return run_flash_or_reference(kind, q, lambda: (_probe(q, k, window), run())[1],
-                                  lambda: softcap_attention_reference(q, k, v, scale, softcap, window),
+    kind = "softcap" + ("-window" if window is not None else "") + ("-packed" if starts is not None else "")
+    return run_flash_or_reference(kind, q, lambda: (_probe(q, k, window, starts is not None), run())[1],
+                                  lambda: softcap_attention_reference(q, k, v, scale, softcap, window, starts),
                                   "the soft-capped attention kernels", errors=(Exception,))
 
 
-def _probe(q, k, window):
-    """Forward and backward of the kernels on a 2-tile sequence shaped like q and k (compiles them)."""
+def _probe(q, k, window, packed: bool):
+    """Forward and backward of the kernels on a 2-tile sequence shaped like q and k (compiles the variant)."""
     heads, kv_heads, d = q.shape[2], k.shape[2], q.shape[3]
     with torch.enable_grad():  # the first call may come from a no-grad pass (a reference model's forward)
         x = torch.randn(1, 128, heads, d, device=q.device, dtype=q.dtype, requires_grad=True)
         y = torch.randn(1, 128, kv_heads, d, device=q.device, dtype=q.dtype, requires_grad=True)
-        SoftcapAttentionFunction.apply(x, y, y, d ** -0.5, 50.0, None if window is None else 64).sum().backward()
+        starts = sample_starts(torch.tensor([0, 50, 128], dtype=torch.int32, device=q.device), 128) if packed else None
+        out = SoftcapAttentionFunction.apply(x, y, y, d ** -0.5, 50.0, None if window is None else 64, starts)
+        out.sum().backward()
     torch.cuda.synchronize(q.device)

@@ -44,6 +44,13 @@ def sequence_offsets(lengths: torch.Tensor, total: int, slots: int = MAX_SEQUENC
     return torch.cat([head, ends, rest])
 
 
+def sample_starts(offsets: torch.Tensor, length: int) -> torch.Tensor:
+    """int32 [length]: for each token of the packed row, where its sample starts (from the offsets; no host sync)."""
+    token = torch.arange(length, device=offsets.device)
+    sample = torch.searchsorted(offsets[1:].to(torch.int64), token, right=True)
+    return offsets.to(torch.int32)[sample]
+
+
 def varlen_attention_reference(q, k, v, offsets, scale: float | None = None, window: int | None = None):
     """SDPA with the document mask the offsets describe, and the sliding window if one is given (plain PyTorch;
     any device and dtype)."""
