@@ -242,10 +242,14 @@ def _step_notes(model, spec) -> list[str]:
     step = trainer_step_of(model)
     if step is None:
         return []
-    g = step.graphs
+    g, ng = step.graphs, step.no_grad_graphs
     state = (f"off: {g.disabled_reason}" if g.disabled_reason
-             else f"on ({g.replays} of {g.replays + g.eager_calls} calls replayed, {g.captures} graphs)")
+             else f"on ({g.replays} of {g.replays + g.eager_calls} calls replayed, {g.captures} graphs, "
+                  f"{g.capture_s:.1f} s capturing)")
     w = step.window
     passes = (f"{w.micro_batches} micro-batches of {w.steps} optimizer steps ran as {w.passes} passes"
               if w.steps else w.line() or "micro-batches run one by one")
-    return [f"CUDA graphs {state}", passes]
+    notes = [f"CUDA graphs {state}", passes]
+    if ng.replays or ng.captures or ng.disabled_reason:
+        notes.append(f"no-grad calls: {ng.disabled_reason or f'{ng.replays} replayed, {ng.captures} graphs'}")
+    return notes

@@ -4,6 +4,7 @@ replayed, the LoRA parameters as its inputs, so the trainer's loss scaling, accu
 see ordinary `.grad`s."""
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -28,6 +29,7 @@ class GraphedCall:
         self.warmup, self.max_graphs = warmup, max_graphs
         self.disabled_reason = None if enabled else "turned off"
         self.replays = self.captures = self.eager_calls = 0
+        self.capture_s = 0.0  # wall time spent capturing (graph instantiation included): the cost of a new shape
         self.eager_after_capture = 0  # eager calls of a capturable shape once some shape was captured
         self.reset()
 
@@ -70,7 +72,9 @@ class GraphedCall:
             # or after one eager call with TURBOTUNE_CAPTURE_FIRST_SIGHT=0. A failed capture turns graphs off.
             needed = self.warmup if not self._entries else (0 if _first_sight() else min(self.warmup, 1))
             if seen >= needed and len(self._entries) < self.max_graphs:
+                t0 = time.perf_counter()
                 entry = self._capture(key, tensors, others, params)
+                self.capture_s += time.perf_counter() - t0
             else:
                 self._seen[key] = seen + 1
         if entry is None:
