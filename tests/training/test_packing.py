@@ -217,7 +217,8 @@ CASES = [("llama", "stock", "sdpa", None), ("llama", "fast", "sdpa", None),
          ("qwen2", "stock", "sdpa", None), ("qwen2", "fast", "sdpa", None),
          ("mistral", "fast", "sdpa", None),
          ("llama", "stock", "sdpa", "mask_4d"), ("llama", "fast", "eager", None),
-         ("llama", "fast", "eager", "mask_4d")]
+         ("llama", "fast", "eager", "mask_4d"),
+         ("llama", "fast", "sdpa", "varlen"), ("mistral", "fast", "sdpa", "varlen")]
 
 
 @pytest.mark.parametrize("family,kind,attn,force", CASES, ids=["-".join(filter(None, c)) for c in CASES])
@@ -225,12 +226,20 @@ def test_packed_equals_padded(family_dirs, family, kind, attn, force, monkeypatc
     """Summed token loss and every LoRA gradient of a packed batch equal those of the padded batch."""
     if force == "mask_4d":  # what a transformers without packed-sequence support gets
         monkeypatch.setattr(packing, "transformers_builds_packed_mask", lambda: False)
+    offsets_seen = []
+    if force == "varlen":  # turbotune's attention takes the samples' offsets (TURBOTUNE_FLASH_VARLEN=1)
+        from turbotune.model.kernels import varlen_attention as va
+        monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
+        real = va.varlen_attention_reference
+        monkeypatch.setattr(va, "varlen_attention_reference",
+                            lambda *a, **k: offsets_seen.append(a[3].shape) or real(*a, **k))
     model = nonzero_lora_b((_stock if kind == "stock" else _fast)(family_dirs[family], attn))
     assert is_patched(model.get_base_model()) == (kind == "fast")
     model.train()
     samples = _samples(model.config.vocab_size)
     collate = PackingCollator.for_model(model, 0)
-    assert collate.mode == (force or "position_ids")
+    assert collate.mode == (force if force in ("mask_4d",) else "position_ids")
+    assert collate.sequence_offsets == (force == "varlen")
     assert collate.mask_format == ("additive" if attn == "eager" else "bool")
     rows = pack_samples(samples, 24)
     assert [r.indices for r in rows] == [(0, 1), (2, 3), (4, 5, 6)]
@@ -244,6 +253,9 @@ def test_packed_equals_padded(family_dirs, family, kind, attn, force, monkeypatc
     assert int((packed["labels"] != -100).sum()) == num_items
     assert ("attention_mask" in packed) == (force == "mask_4d")
     loss_pack, grads_pack = _loss_and_grads(model, packed, torch.tensor(num_items))
+    if force == "varlen":  # fixed-size offsets over the rows end to end, taken by every layer's attention
+        assert packed["cu_seq_lens_q"].shape == (va.MAX_SEQUENCES + 1,) and packed["max_length_q"] == 24
+        assert offsets_seen and all(shape == (va.MAX_SEQUENCES + 1,) for shape in offsets_seen)
 
     assert abs(loss_pack.item() - loss_pad.item()) <= 1e-5 * abs(loss_pad.item())
     assert grads_pack.keys() == grads_pad.keys() and len(grads_pad) == 2 * 7 * 2  # 2 layers × 7 × (A, B)

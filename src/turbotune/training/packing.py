@@ -49,6 +49,7 @@ from typing import Any, Iterable, Sequence
 from turbotune._compat import (
     call_create_causal_mask, packed_mask_builder, transformers_mask_is_capture_safe, unwrap_peft,
 )
+from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES
 
 IGNORE_INDEX = -100
 TRAIN_LOOKAHEAD = 64  # pack_samples' first-fit window in `turbotune train` (see "Packing strategy" above)
@@ -296,6 +297,9 @@ class PackingCollator:
         self.mask_format = mask_format
         self.mask_dtype = mask_dtype
         self.pad_to_multiple_of = pad_to_multiple_of
+        # turbotune's patched attention takes the samples' offsets itself (for_model: TURBOTUNE_FLASH_VARLEN=1):
+        # fixed-size cu_seq_lens over the flattened rows, beside the mode's own keys (which it then ignores)
+        self.sequence_offsets = False
 
     @classmethod
     def for_model(cls, model, tokenizer_or_pad_id: Any, pad_to_multiple_of: int | None = None,
@@ -321,8 +325,13 @@ class PackingCollator:
         dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             dtype = torch.float32
-        return cls(tokenizer_or_pad_id, mode=mode, mask_format=_mask_format(impl), mask_dtype=dtype,
-                   pad_to_multiple_of=pad_to_multiple_of)
+        collator = cls(tokenizer_or_pad_id, mode=mode, mask_format=_mask_format(impl), mask_dtype=dtype,
+                       pad_to_multiple_of=pad_to_multiple_of)
+        from turbotune.model.kernels.varlen_attention import varlen_enabled
+        from turbotune.model.state import turbo_state
+        collator.sequence_offsets = (mode != MODE_FLASH_VARLEN and varlen_enabled()
+                                     and turbo_state(base).family is not None)
+        return collator
 
     def __call__(self, rows: Iterable) -> dict:
         import torch
@@ -374,7 +383,10 @@ class PackingCollator:
             cu_t = torch.tensor(cu, dtype=torch.int32)
             longest = int(max(b - a for a, b in zip(cu, cu[1:])))
             batch.update(cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t.clone(), max_length_q=longest, max_length_k=longest)
-        elif self.mode == MODE_MASK_4D:
+        elif self.sequence_offsets and len(cu) <= MAX_SEQUENCES + 1:  # else the mode's mask, as without
+            offsets = torch.tensor(cu + [cu[-1]] * (MAX_SEQUENCES + 1 - len(cu)), dtype=torch.int32)
+            batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=L, max_length_k=L)
+        if self.mode == MODE_MASK_4D:
             mask = document_mask(seq_ids)
             if self.mask_format == MASK_ADDITIVE:
                 dtype = self.mask_dtype or torch.float32

@@ -94,18 +94,21 @@ def make_attention_forward(spec, state):
         if attention_mask is PLAIN_CAUSAL:  # whole sequences (masks_left_to_us): the tiled soft-capped kernels
             attn = softcap_attention(q, k, v, self.scaling, softcap, window).reshape(bsz, seq, -1)
             return _o_proj(self, state, attn), None
-        if softcap is not None and offsets is not None and bsz == 1 and softcap_attention_enabled() \
-                and not (self.training and self.attention_dropout):  # a packed row: the same kernels, per sample
-            attn = softcap_attention(q, k, v, self.scaling, softcap, window, offsets=offsets[0])
+        if softcap is not None and offsets is not None and softcap_attention_enabled() \
+                and not (self.training and self.attention_dropout):  # packed rows: the same kernels, per sample
+            attn = softcap_attention(*(t.reshape(1, bsz * seq, *t.shape[2:]) for t in (q, k, v)), self.scaling,
+                                     softcap, window, offsets=offsets[0])  # offsets over the rows, end to end
             return _o_proj(self, state, attn.reshape(bsz, seq, -1)), None
         if window is not None and attention_mask is None and seq > window and softcap is None:
             # No mask for a window that binds: the lm forward asked transformers for none (windows_left_to_us)
             dropout = self.attention_dropout if self.training else 0.0
             attn = windowed_attention(q, k, v, window, self.scaling, dropout).reshape(bsz, seq, -1)
             return _o_proj(self, state, attn), None
-        if offsets is not None and bsz == 1 and softcap is None and not (self.training and self.attention_dropout):
-            # Attention inside each sample from the offsets (and window): no [L, L] mask (kernels/varlen_attention.py)
-            attn = varlen_attention(q[0], k[0], v[0], offsets[0], offsets[1], self.scaling, window)
+        if offsets is not None and softcap is None and not (self.training and self.attention_dropout):
+            # Attention inside each sample from the offsets (over the rows end to end) and the window: no [L, L]
+            # mask (kernels/varlen_attention.py)
+            attn = varlen_attention(*(t.reshape(bsz * seq, *t.shape[2:]) for t in (q, k, v)), offsets[0],
+                                    offsets[1], self.scaling, window)
             return _o_proj(self, state, attn.reshape(bsz, seq, -1)), None
         if window is not None:
             extra["sliding_window"] = window
