@@ -237,10 +237,10 @@ class TrainerStep:
     def _adapter_state(self) -> tuple:
         """What a captured no-grad call depends on besides its inputs: which adapters are active or disabled (a
         reference pass runs under PEFT's disable_adapter() or TRL's "ref" adapter), train mode, autocast."""
-        from turbotune.model.kernels.lora_parts import _state_key
+        from turbotune.model.kernels.lora_parts import lora_state_key
         if self._lora_module is None:
             self._lora_module = next((m for m in self.peft_model.modules() if hasattr(m, "lora_A")), False)
-        lora = _state_key(self._lora_module) if self._lora_module is not False else None
+        lora = lora_state_key(self._lora_module) if self._lora_module is not False else None
         return (lora, self.peft_model.training, torch.is_autocast_enabled("cuda"),
                 torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
 

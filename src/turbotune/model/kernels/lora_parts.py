@@ -210,7 +210,7 @@ def lora_part(peft_linear: nn.Module, fp32_backend: str = "auto") -> LoRAPart | 
                     float(peft_linear.scaling[name]), peft_linear, fp32_backend)
 
 
-def _state_key(m: nn.Module) -> tuple:
+def lora_state_key(m: nn.Module) -> tuple:
     """What can change a module's fused-LoRA eligibility between forwards, cheaply read: PEFT's
     disable_adapter() context, merge/unmerge, set_adapter / load_adapter, and freezing or replacing the base."""
     if not hasattr(m, "lora_A"):
@@ -221,14 +221,14 @@ def _state_key(m: nn.Module) -> tuple:
 
 
 def cached_lora_part(module: nn.Module, fp32_backend: str = "auto") -> LoRAPart | None:
-    """`lora_part(module, fp32_backend)`, remembered on the module until its `_state_key` (or the backend) changes.
+    """`lora_part(module, fp32_backend)`, remembered on the module until its `lora_state_key` (or the backend) changes.
 
     The full check walks a dozen PEFT attributes; done for seven projections per layer in every forward,
     recompute and backward, it was about a third of the host time of a patched training step (measured with
     cProfile on a 28-layer model whose arithmetic is negligible). Dropout probabilities and LoRA variants are
     fixed at construction in PEFT, so the key leaves them out.
     """
-    key = (_state_key(module), fp32_backend)
+    key = (lora_state_key(module), fp32_backend)
     hit = module.__dict__.get("_turbotune_part")
     if hit is not None and hit[0] == key:
         return hit[1]

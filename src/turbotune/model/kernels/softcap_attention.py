@@ -14,10 +14,11 @@ d s / d x = 1 − (s / c)².
     key j is visible to query i  iff  j <= i  (and i − j < window for a sliding-window layer)
 
 Layout: q [B, L, Hq, D], k and v [B, L, Hkv, D] (Hq a multiple of Hkv: grouped-query heads read their group's
-K/V), the layout the projections produce; the output is [B, L, Hq, D]. No padding and no packing: the caller runs
-it only for batches of whole sequences (kernels work out the causal mask from positions). `softcap_attention_
-reference` is the same function in plain PyTorch (fp32 scores, an explicit mask): the CPU path and what the tests
-compare against. Behind TURBOTUNE_SOFTCAP_ATTENTION=1 until its GPU tests have run.
+K/V), the layout the projections produce; the output is [B, L, Hq, D]. No padding: the caller runs it for batches
+of whole sequences (the kernels work out the causal mask from positions), or for packed rows given their samples'
+offsets (varlen_attention.sequence_offsets; each token's sample start then bounds its keys from below).
+`softcap_attention_reference` is the same function in plain PyTorch (fp32 scores, an explicit mask): the CPU path
+and what the tests compare against. Behind TURBOTUNE_SOFTCAP_ATTENTION=1 until its GPU tests have run.
 """
 from __future__ import annotations
 
@@ -29,19 +30,13 @@ from turbotune.model.kernels._dispatch import use_triton
 from turbotune.model.kernels._triton_utils import HAS_TRITON, tl, triton
 from turbotune.model.kernels.flash_support import run_flash_or_reference
 from turbotune.model.kernels.varlen_attention import sample_starts
+from turbotune.model.kernels.windowed_attention import window_mask
 
 
 def softcap_attention_enabled() -> bool:
     """TURBOTUNE_SOFTCAP_ATTENTION=1 runs Gemma 2's attention on these kernels (off until the GPU tests have run:
     built in the eleventh session without GPU time)."""
     return os.environ.get("TURBOTUNE_SOFTCAP_ATTENTION", "0") == "1"
-
-
-def _visible(length: int, window: int | None, device) -> torch.Tensor:
-    i = torch.arange(length, device=device).unsqueeze(1)
-    j = torch.arange(length, device=device).unsqueeze(0)
-    mask = j <= i
-    return mask & (i - j < window) if window is not None else mask
 
 
 def softcap_attention_reference(q, k, v, scale: float, softcap: float, window: int | None = None, starts=None):
@@ -52,7 +47,7 @@ def softcap_attention_reference(q, k, v, scale: float, softcap: float, window: i
         kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    visible = _visible(q.shape[1], window, q.device)
+    visible = window_mask(q.shape[1], window or q.shape[1], q.device)
     if starts is not None:  # a packed row: each query sees its own sample's keys only
         visible = visible & (torch.arange(q.shape[1], device=q.device)[None, :] >= starts[:, None])
     scores = scores.masked_fill(~visible, float("-inf"))
