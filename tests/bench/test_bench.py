@@ -338,3 +338,23 @@ def test_trainer_sft_own_trainer_row_on_the_same_length_mix(tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(TINY_ARGS + ["--methods", "turbotune-train", "--cache-dir", str(tmp_path / "cache")]) != 0
     assert "--trainer sft" in capsys.readouterr().err
+
+
+def test_unsloth_block_compile_failure_runs_it_again_without(monkeypatch, tmp_path):
+    """Unsloth's per-layer compile failing in torch's compiler (gemma2-9b, torch 2.11): the row runs again with
+    UNSLOTH_BLOCK_COMPILE=0 and says so; other failures and other methods are reported as they are."""
+    calls = []
+
+    def fake(method, spec, workdir, timeout, command=None, env=None):
+        calls.append((method, env))
+        if method == "unsloth" and not env:
+            return {"method": method, "status": "failed", "error": "torch._inductor.exc.InductorError: AssertionError:"}
+        return {"method": method, "status": "ok" if method == "unsloth" else "failed", "error": "InductorError"}
+
+    monkeypatch.setattr(bench, "run_worker", fake)
+    monkeypatch.delenv("UNSLOTH_BLOCK_COMPILE", raising=False)
+    args = mock.Mock(packing=False, timeout=10)
+    results = bench.run_methods(args, [("unsloth", None), ("hf", None)], {"device": "cuda"})
+    assert calls == [("unsloth", None), ("unsloth", {"UNSLOTH_BLOCK_COMPILE": "0"}), ("hf", None)]
+    assert results[0]["status"] == "ok" and "UNSLOTH_BLOCK_COMPILE=0" in results[0]["notes"][0]
+    assert "InductorError" in results[0]["notes"][0] and results[1]["status"] == "failed"

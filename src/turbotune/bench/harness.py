@@ -269,8 +269,8 @@ def worker_command(method: str, spec_path: str, pre_import=None) -> list[str]:
     return [sys.executable, "-m", "turbotune.bench.worker", "--spec", spec_path]
 
 
-def _worker_env() -> dict:
-    env = dict(os.environ)
+def _worker_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, **(extra or {}))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -280,9 +280,10 @@ def _worker_env() -> dict:
     return env
 
 
-def run_worker(method: str, spec: dict, workdir: Path, timeout: float, command=None) -> dict:
+def run_worker(method: str, spec: dict, workdir: Path, timeout: float, command=None, env: dict | None = None) -> dict:
     """Start the worker, relay its output to stderr, return its result (or a failure built from its output).
-    command(method, spec_path): the command line instead of worker_command's (bench --gpus: torchrun)."""
+    command(method, spec_path): the command line instead of worker_command's (bench --gpus: torchrun); env: extra
+    environment variables for it."""
     spec = dict(spec, method=method, extra_warmup=METHODS[method].extra_warmup,
                 result_path=str(workdir / f"{method}.result.json"))
     spec_path = workdir / f"{method}.spec.json"
@@ -291,7 +292,7 @@ def run_worker(method: str, spec: dict, workdir: Path, timeout: float, command=N
     tail = collections.deque(maxlen=40)
     t0 = time.perf_counter()
     proc = subprocess.Popen((command or worker_command)(method, str(spec_path)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", env=_worker_env(), bufsize=1,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", env=_worker_env(env), bufsize=1,
                             start_new_session=True)  # its own process group: a kill also ends its helpers
 
     def kill():
@@ -406,11 +407,29 @@ def run_methods(args, methods: list[tuple[str, str | None]], spec: dict) -> list
             for mode in (("padded", "packed") if args.packing else (None,)):
                 _log(f"{method}{f' ({mode})' if mode else ''}: starting worker")
                 results.append(run_worker(method, dict(spec, packing_mode=mode), Path(tmp), args.timeout))
+                if _unsloth_compile_failed(method, results[-1]):
+                    results[-1] = _unsloth_without_block_compile(args, spec, mode, Path(tmp), results[-1])
                 r = results[-1]
                 r.setdefault("mode", mode)
                 _log(f"{method}: {r['status']}"
                      + ("" if r["status"] == "ok" else f" — {r.get('error') or r.get('reason')}"))
     return results
+
+
+def _unsloth_compile_failed(method: str, result: dict) -> bool:
+    return (method == "unsloth" and result["status"] == "failed" and "InductorError" in (result.get("error") or "")
+            and os.environ.get("UNSLOTH_BLOCK_COMPILE") != "0")
+
+
+def _unsloth_without_block_compile(args, spec: dict, mode, workdir: Path, failed: dict) -> dict:
+    """Unsloth compiles each decoder layer as one region; where torch's compiler fails on it (gemma2-9b under torch
+    2.11, eleventh session), run it again with Unsloth's own switch that leaves that compile out, and say so."""
+    _log("unsloth: its block compile failed; running it again with UNSLOTH_BLOCK_COMPILE=0")
+    result = run_worker("unsloth", dict(spec, packing_mode=mode), workdir, args.timeout,
+                        env={"UNSLOTH_BLOCK_COMPILE": "0"})
+    result.setdefault("notes", []).append(
+        f"UNSLOTH_BLOCK_COMPILE=0 (with its block compile the run failed: {failed.get('error')})")
+    return result
 
 
 def format_results(args, settings: dict, header: dict, results: list[dict], model_cfg: dict | None,
