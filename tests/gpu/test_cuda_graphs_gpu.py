@@ -137,6 +137,41 @@ def test_trainer_packed_rows_replay_graphs_like_eager(tiny_dir, tmp_path, dtype)
         assert abs(a - b) <= tol * max(1.0, abs(b)), (graphed, eager)
 
 
+def test_trainer_packed_rows_with_sequence_offsets_equal_the_document_mask(tiny_dir, tmp_path, monkeypatch):
+    """TURBOTUNE_FLASH_VARLEN=1: turbotune train's packed rows carry fixed-size sample offsets and every layer runs
+    FlashAttention's varlen kernel over the rows end to end, replayed from graphs; per-step losses equal the run
+    with transformers' document mask (bf16: flash and masked SDPA round differently)."""
+    from transformers import AutoTokenizer
+
+    from turbotune.bench.packing import make_length_mix
+    from turbotune.model.kernels import flash_support
+    from turbotune.training.config import TrainConfig
+    from turbotune.training.trainer import Trainer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    samples = make_length_mix(0, 40, 512, lo=5, hi=120)
+
+    def run(varlen):
+        if varlen:
+            monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
+        else:
+            monkeypatch.delenv("TURBOTUNE_FLASH_VARLEN", raising=False)
+        model = _model(tiny_dir, torch.bfloat16, False)
+        cfg = TrainConfig(output_dir=str(tmp_path / f"v{varlen}"), batch_size=2, grad_accum=2, max_steps=6,
+                          packing=None, max_seq_length=256, cuda_graphs=True, lr=1e-3, warmup_steps=0, seed=3)
+        t = Trainer(cfg, model, tok, samples, progress=False)
+        assert t.collate.sequence_offsets == varlen
+        result = t.train()
+        return [h["loss"] for h in result.history], t.micro
+
+    masked, _ = run(False)
+    offsets, micro = run(True)
+    assert micro.active and micro.replays > 0, micro.disabled_reason
+    assert any(k[0] == "varlen" and ok for k, ok in flash_support._support.items()), flash_support._support
+    for a, b in zip(offsets, masked):
+        assert abs(a - b) <= 5e-3 * max(1.0, abs(b)), (offsets, masked)
+
+
 def test_captured_attention_stays_causal_without_a_mask(tiny_dir, monkeypatch):
     """Plain rows (no position_ids, no mask): the captured step's SDPA calls get is_causal and no mask, as the
     eager ones do (transformers would otherwise build a full mask while capturing: about 3x slower attention)."""
