@@ -89,6 +89,14 @@ if HAS_TRITON:
                        other=0.0)
 
     @triton.jit
+    def _query_tile(heads, group, BLOCK_M: tl.constexpr, D: tl.constexpr):
+        """This program's query tile: its index, (batch·head, batch, head, kv head), row and column offsets."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        h = bh % heads
+        return pid_m, bh, bh // heads, h, h // group, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
+
+    @triton.jit
     def _key_range(pid_m, length, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The key tiles query tile pid_m sees: up to its diagonal, from its window's start (a tile boundary)."""
         hi = tl.minimum((pid_m + 1) * BLOCK_M, length)
@@ -102,13 +110,7 @@ if HAS_TRITON:
                     length, heads, group, scale, softcap, window,
                     HAS_WINDOW: tl.constexpr, HAS_STARTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // heads
-        h = bh % heads
-        hk = h // group
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
+        pid_m, bh, b, h, hk, offs_m, offs_d = _query_tile(heads, group, BLOCK_M, D)
         rows = offs_m < length
         q = _tile(Q, b, h, offs_m, sqb, sql, sqh, offs_d, length)
         starts_m = _starts(STARTS, offs_m, length, HAS_STARTS)
@@ -140,7 +142,7 @@ if HAS_TRITON:
                        sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                        length, heads, kv_heads, group, scale, softcap, window,
                        HAS_WINDOW: tl.constexpr, HAS_STARTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr):
         """dK and dV of one key tile: every query head of the group, every query tile that sees the keys."""
         pid_n = tl.program_id(0)
         bhk = tl.program_id(1)
@@ -185,15 +187,9 @@ if HAS_TRITON:
                       sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdob, sdol, sdoh, sdqb, sdql, sdqh,
                       length, heads, group, scale, softcap, window,
                       HAS_WINDOW: tl.constexpr, HAS_STARTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr):
         """dQ of one query tile, over the key tiles it sees."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // heads
-        h = bh % heads
-        hk = h // group
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
+        pid_m, bh, b, h, hk, offs_m, offs_d = _query_tile(heads, group, BLOCK_M, D)
         rows = offs_m < length
         q = _tile(Q, b, h, offs_m, sqb, sql, sqh, offs_d, length)
         do = _tile(DO, b, h, offs_m, sdob, sdol, sdoh, offs_d, length)
