@@ -330,3 +330,25 @@ def test_fill_rows_keeps_the_loss(tiny_llama_dir, smol_tokenizer, monkeypatch):
     b = m(**big, num_items_in_batch=n, use_cache=False).loss
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert n_tok == 21 and fill_rows(big, 2) is big
+
+
+def test_fill_rows_with_sequence_offsets(tiny_llama_dir, smol_tokenizer, monkeypatch):
+    """TURBOTUNE_FLASH_VARLEN=1: the added rows become samples of their own in the fixed-size offsets, so the short
+    last micro-batch keeps the graphs' shape; the loss is unchanged."""
+    from turbotune import FastModel
+    from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES
+    from turbotune.training.packing import fill_rows
+    monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
+    m, _ = FastModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, verbose=False)
+    m.train()
+    c = PackingCollator.for_model(m, smol_tokenizer, no_host_sync=True, pad_to_multiple_of=32)
+    batch = c(pack_samples([_sample(9, seed=4), _sample(12, seed=5)], 32))
+    batch.pop("num_tokens")
+    assert batch["cu_seq_lens_q"][:5].tolist() == [0, 9, 21, 32, 32]
+    big = fill_rows(batch, 3)
+    assert big["input_ids"].shape == (3, 32) and big["cu_seq_lens_q"].shape == (MAX_SEQUENCES + 1,)
+    assert big["cu_seq_lens_q"][:7].tolist() == [0, 9, 21, 32, 64, 96, 96] and int(big["cu_seq_lens_q"][-1]) == 96
+    n = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
+    a = m(**batch, num_items_in_batch=n, use_cache=False).loss
+    b = m(**big, num_items_in_batch=n, use_cache=False).loss
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -404,16 +404,31 @@ def fill_rows(batch: dict, rows: int) -> dict:
     import torch
 
     have = batch["input_ids"].shape[0]
-    if have >= rows or "cu_seq_lens_q" in batch:  # flash varlen indexes the flattened tokens: leave it be
+    offsets = batch.get("cu_seq_lens_q")
+    fixed = offsets is not None and offsets.numel() == MAX_SEQUENCES + 1  # the collator's fixed-size offsets
+    if have >= rows or (offsets is not None and not fixed):  # flash varlen's own tables: leave them be
         return batch
+    if fixed and int((offsets < offsets[-1]).sum()) + (rows - have) > MAX_SEQUENCES:
+        return batch  # no room for the new rows' segments
     out = dict(batch)
     for key, value in batch.items():
-        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == have:
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == have and key not in _OFFSET_KEYS:
             extra = value[-1:].expand(rows - have, *value.shape[1:])
             if key == "labels":
                 extra = torch.full_like(extra, IGNORE_INDEX)
             out[key] = torch.cat([value, extra], dim=0)
+    if fixed:  # each added row is one more sample of its own (label-free, seen by no real token)
+        length = batch["input_ids"].shape[1]
+        used = int((offsets < offsets[-1]).sum()) + 1  # 0, the boundaries, then the end of the real rows
+        grown = offsets.clone()
+        ends = torch.arange(have + 1, rows + 1, dtype=offsets.dtype, device=offsets.device) * length
+        grown[used:used + len(ends)] = ends
+        grown[used + len(ends):] = rows * length
+        out["cu_seq_lens_q"], out["cu_seq_lens_k"] = grown, grown.clone()
     return out
+
+
+_OFFSET_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 
 
 def packing_efficiency(rows: Sequence[PackedRow], max_seq_length: int | None = None) -> float:
