@@ -48,9 +48,10 @@ def report_into(spec: dict, result: dict, log) -> None:
     if spec["device"] != "cuda" or torch_mod is None or not torch_mod.cuda.is_initialized():
         return
     try:
-        result["memory"] = finish(spec["memory_dir"], spec["method"])
-        log(spec["method"], f"memory at peak: {result['memory']['peak_bytes'] / 2 ** 30:.2f} GiB -> "
-                            f"{result['memory']['report']}")
+        result["memory"] = m = finish(spec["memory_dir"], spec["method"])
+        line = f"memory at peak {m['peak_bytes'] / 2 ** 30:.2f} GiB by allocating site: {m['report']}"
+        log(spec["method"], line)
+        result.setdefault("notes", []).append(line)
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the run
         result["memory"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
