@@ -33,11 +33,12 @@ def _texts(lengths):
     return [{"text": "".join(alphabet[(i + j) % 26] for j in range(n))} for i, n in enumerate(lengths)]
 
 
-def _model(folder):
+def _model(folder, checkpointing="auto"):
     from turbotune import FastModel
     from turbotune.training.trainer_step import trainer_step_of
     model, tok = FastModel.from_pretrained(str(folder), dtype=torch.bfloat16, max_seq_length=512, verbose=False)
-    model = FastModel.get_peft_model(model, r=8, random_state=1, verbose=False)
+    model = FastModel.get_peft_model(model, r=8, random_state=1, verbose=False,
+                                     use_gradient_checkpointing=checkpointing)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -45,8 +46,11 @@ def _model(folder):
     return model, tok, trainer_step_of(model)
 
 
-def _sft(folder, tmp_path, rows, graphs=True, steps=6, batch=2):
-    model, tok, step = _model(folder)
+def _sft(folder, tmp_path, rows, graphs=True, steps=6, batch=2, checkpointing="auto"):
+    model, tok, step = _model(folder, checkpointing)
+    from turbotune.model.checkpointing import get_offloaded_checkpointing
+    if get_offloaded_checkpointing(model) is not None:  # the tiny model's layer inputs are far below the 1 MiB floor
+        get_offloaded_checkpointing(model).config.min_offload_bytes = 0
     if not graphs:
         step.graphs.disabled_reason = "turned off"
     args = trl.SFTConfig(output_dir=str(tmp_path / f"sft-{graphs}"), per_device_train_batch_size=batch,
@@ -151,6 +155,23 @@ def test_dpo_reference_passes_replay_and_equal_eager(tiny_dir, tmp_path, monkeyp
     assert ref.captures <= 8
     eager, eager_logs = _dpo(tiny_dir, tmp_path, graphs=False)
     assert eager.no_grad_graphs.replays == 0
+    for a, b in zip(logs, eager_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
+
+
+def test_offloaded_checkpointing_replays_and_equals_eager(tiny_dir, tmp_path, monkeypatch):
+    """use_gradient_checkpointing="offload" (each layer's input parked in host memory) under SFTTrainer with
+    TURBOTUNE_GRAPH_OFFLOAD=1: the copies to the host are joined inside the forward graph, the backward graph
+    prefetches them back; replayed steps equal the eager run's."""
+    monkeypatch.setenv("TURBOTUNE_GRAPH_OFFLOAD", "1")
+    rows = _texts([150] * 40)
+    step, logs = _sft(tiny_dir, tmp_path, rows, checkpointing="offload")
+    from turbotune.model.checkpointing import get_offloaded_checkpointing
+    offload = get_offloaded_checkpointing(step.peft_model)
+    assert offload is not None and offload.stats["offloaded_inputs"] > 0, offload and offload.stats
+    assert step.graphs.disabled_reason is None and step.graphs.replays >= 8, vars(step.graphs)
+    eager, eager_logs = _sft(tiny_dir, tmp_path, rows, graphs=False, checkpointing="offload")
     for a, b in zip(logs, eager_logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)

@@ -287,3 +287,19 @@ def test_own_loop_micro_step_makes_the_hook_pass_through(tiny_llama_dir, monkeyp
     model.train()
     loss = micro({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
     assert torch.isfinite(loss) and not calls and hook.graphs.eager_calls == 0
+
+
+@pytest.mark.parametrize("switch", ["0", "1"])
+def test_offloaded_checkpointing_and_the_graphs_switch(tiny_llama_dir, monkeypatch, switch):
+    """Offloaded checkpointing keeps the trainer step's graphs off unless TURBOTUNE_GRAPH_OFFLOAD=1, which asks the
+    offload for reusable pinned buffers (what a replay needs); on the CPU the graphs stay off either way."""
+    from turbotune.model.checkpointing import get_offloaded_checkpointing
+    monkeypatch.setenv("TURBOTUNE_GRAPH_OFFLOAD", switch)
+    model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
+    model = FastModel.get_peft_model(model, r=4, random_state=1, verbose=False, use_gradient_checkpointing="offload")
+    offload, step = get_offloaded_checkpointing(model), trainer_step.trainer_step_of(model)
+    reason = step.graphs.why_off()
+    if switch == "1":
+        assert offload.config.static_host_buffers and "CUDA" in reason
+    else:
+        assert not offload.config.static_host_buffers and "offloaded checkpointing" in reason

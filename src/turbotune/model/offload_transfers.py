@@ -107,6 +107,18 @@ class SavedInputs:
             entry.device_ref = None
         self._unjoined = []
 
+    def end_forward_capture(self) -> None:
+        """(capture of a forward alone: trainer_step's graphs, whose backward is another graph) The compute stream
+        waits for every copy to the host before the forward graph ends, and the backward no longer waits on their
+        events: a graph may not wait on an event recorded in another graph, and once the forward graph has
+        replayed, every copy is done."""
+        for ref in self._pending:
+            entry = ref()
+            if entry is not None and entry.d2h_event is not None:
+                torch.cuda.current_stream(entry.device).wait_event(entry.d2h_event)
+                entry.d2h_event = None
+        self._join_copies()
+
     def _release_host(self, entry: _Saved) -> None:
         """The host copy has been queued back to the device: its pooled buffer may take another input."""
         if entry.pool_key is not None:
@@ -138,7 +150,8 @@ class SavedInputs:
             return x
         if entry.copied:
             compute = torch.cuda.current_stream(entry.device)
-            compute.wait_event(entry.d2h_event)
+            if entry.d2h_event is not None:  # None: joined at the end of a captured forward
+                compute.wait_event(entry.d2h_event)
             self.stats["sync_restores"] += 1
             x = entry.tensor.to(entry.device, non_blocking=self.config.pin_memory)
             self._release_host(entry)
@@ -162,7 +175,8 @@ class SavedInputs:
         # the compute work queued so far, since that work may still use the memory the allocator hands us.
         buffer = torch.empty(entry.tensor.shape, dtype=entry.tensor.dtype, device=device)
         side.wait_stream(compute)
-        side.wait_event(entry.d2h_event)
+        if entry.d2h_event is not None:  # None: joined at the end of a captured forward
+            side.wait_event(entry.d2h_event)
         with torch.cuda.stream(side):
             buffer.copy_(entry.tensor, non_blocking=self.config.pin_memory)
             done = torch.cuda.Event()

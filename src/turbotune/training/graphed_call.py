@@ -46,12 +46,15 @@ class GraphedCall:
             if self.disabled_reason is None:
                 from turbotune.model.checkpointing import get_offloaded_checkpointing
                 from turbotune.training.cuda_graphs import why_not_graphable
-                if get_offloaded_checkpointing(self.model) is not None:
-                    # Seen on an H100 (bench/NOTES.md, 2026-12-06): the capture fails, likely because the
-                    # offload's copy events would cross from the forward graph into the backward one.
-                    # cuda_graphs.GraphedMicroStep holds it in one graph; here it stays eager for now.
+                offload = get_offloaded_checkpointing(self.model)
+                if offload is not None and not graph_offload_enabled():
+                    # Seen on an H100 (bench/NOTES.md, 2026-12-06): the capture failed, the offload's copy events
+                    # crossing from the forward graph into the backward one. TURBOTUNE_GRAPH_OFFLOAD=1 joins them
+                    # inside the forward graph (end_forward_capture); off until its GPU test has run.
                     self.disabled_reason = "offloaded checkpointing is not captured in the trainer step yet"
                 else:
+                    if offload is not None:  # pinned host buffers reused by the replays (host_buffers.py)
+                        offload.config.static_host_buffers = True
                     self.disabled_reason = why_not_graphable(self.model, self._params)
         return self._params
 
@@ -104,6 +107,7 @@ class GraphedCall:
             with torch.cuda.graph(fwd, pool=self._pool, capture_error_mode="thread_local"), \
                     one_sequence_per_row(inputs):
                 out = self.fn(**inputs, **others)
+                _end_offload_forward(self.model)
             entry = _Entry(out, inputs, params)
             # The trainer runs its backward outside the forward's autocast (accelerate's bf16 wrapper): so here.
             with torch.cuda.graph(bwd, pool=self._pool, capture_error_mode="thread_local"), \
@@ -120,6 +124,20 @@ class GraphedCall:
         self._entries[key] = entry
         self.captures += 1
         return entry
+
+
+def graph_offload_enabled() -> bool:
+    """TURBOTUNE_GRAPH_OFFLOAD=1: offloaded checkpointing (use_gradient_checkpointing="offload", the bench's
+    turbotune-min-memory row) is captured in the trainer step's graphs too (off until its GPU test has run)."""
+    import os
+    return os.environ.get("TURBOTUNE_GRAPH_OFFLOAD", "0") == "1"
+
+
+def _end_offload_forward(model) -> None:
+    from turbotune.model.checkpointing import get_offloaded_checkpointing
+    offload = get_offloaded_checkpointing(model)
+    if offload is not None:
+        offload.end_forward_capture()
 
 
 def capture_failed(owner, exc: Exception, where: str) -> None:
