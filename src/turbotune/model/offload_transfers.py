@@ -112,12 +112,15 @@ class SavedInputs:
         waits for every copy to the host before the forward graph ends, and the backward no longer waits on their
         events: a graph may not wait on an event recorded in another graph, and once the forward graph has
         replayed, every copy is done."""
-        for ref in self._pending:
+        for ref in self._pending:  # every saved entry, the ones not joined yet (self._unjoined) among them
             entry = ref()
-            if entry is not None and entry.d2h_event is not None:
+            if entry is None:
+                continue
+            if entry.d2h_event is not None:
                 torch.cuda.current_stream(entry.device).wait_event(entry.d2h_event)
                 entry.d2h_event = None
-        self._join_copies()
+            entry.device_ref = None
+        self._unjoined = []
 
     def _release_host(self, entry: _Saved) -> None:
         """The host copy has been queued back to the device: its pooled buffer may take another input."""
