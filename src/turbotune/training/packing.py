@@ -49,7 +49,7 @@ from typing import Any, Iterable, Sequence
 from turbotune._compat import (
     call_create_causal_mask, packed_mask_builder, transformers_mask_is_capture_safe, unwrap_peft,
 )
-from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES
+from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES, sequence_offsets
 
 IGNORE_INDEX = -100
 TRAIN_LOOKAHEAD = 64  # pack_samples' first-fit window in `turbotune train` (see "Packing strategy" above)
@@ -384,7 +384,7 @@ class PackingCollator:
             longest = int(max(b - a for a, b in zip(cu, cu[1:])))
             batch.update(cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t.clone(), max_length_q=longest, max_length_k=longest)
         elif self.sequence_offsets and len(cu) <= MAX_SEQUENCES + 1:  # else the mode's mask, as without
-            offsets = torch.tensor(cu + [cu[-1]] * (MAX_SEQUENCES + 1 - len(cu)), dtype=torch.int32)
+            offsets = sequence_offsets(torch.tensor([b - a for a, b in zip(cu, cu[1:])]), cu[-1])
             batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=L, max_length_k=L)
         if self.mode == MODE_MASK_4D:
             mask = document_mask(seq_ids)
@@ -408,7 +408,8 @@ def fill_rows(batch: dict, rows: int) -> dict:
     fixed = offsets is not None and offsets.numel() == MAX_SEQUENCES + 1  # the collator's fixed-size offsets
     if have >= rows or (offsets is not None and not fixed):  # flash varlen's own tables: leave them be
         return batch
-    if fixed and int((offsets < offsets[-1]).sum()) + (rows - have) > MAX_SEQUENCES:
+    used = int((offsets < offsets[-1]).sum()) + 1 if fixed else 0  # 0, the boundaries, then the real rows' end
+    if fixed and used + (rows - have) > MAX_SEQUENCES + 1:
         return batch  # no room for the new rows' segments
     out = dict(batch)
     for key, value in batch.items():
@@ -419,7 +420,6 @@ def fill_rows(batch: dict, rows: int) -> dict:
             out[key] = torch.cat([value, extra], dim=0)
     if fixed:  # each added row is one more sample of its own (label-free, seen by no real token)
         length = batch["input_ids"].shape[1]
-        used = int((offsets < offsets[-1]).sum()) + 1  # 0, the boundaries, then the end of the real rows
         grown = offsets.clone()
         ends = torch.arange(have + 1, rows + 1, dtype=offsets.dtype, device=offsets.device) * length
         grown[used:used + len(ends)] = ends

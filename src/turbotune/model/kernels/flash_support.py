@@ -23,6 +23,15 @@ def flash_shapes_ok(q, k, v) -> bool:
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 
 
+def flash_forward(q, k, v, scale: float | None, window: int | None = None, offsets=None, max_length=None):
+    """`aten::_flash_attention_forward`, causal, no dropout: q [B, L, Hq, D] (or one packed row [L, Hq, D] with its
+    sample `offsets` and an upper bound `max_length` on their lengths), over the last `window` keys if given."""
+    length = q.shape[-3] if max_length is None else max_length
+    extra = {} if window is None else dict(window_size_left=window - 1, window_size_right=0)
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, offsets, offsets, length, length, 0.0, True, False, scale=scale, **extra)[0]
+
+
 def run_flash_or_reference(kind: str, q, flash, reference, what: str, errors=(RuntimeError, TypeError)):
     """flash() where the kernel is known to run for (kind, q's device, dtype, head size), else reference();
     an untried combination outside a capture tries flash() first (`errors`: what counts as "does not run here")."""

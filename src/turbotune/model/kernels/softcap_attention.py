@@ -29,8 +29,7 @@ import torch
 from turbotune.model.kernels._dispatch import use_triton
 from turbotune.model.kernels._triton_utils import HAS_TRITON, tl, triton
 from turbotune.model.kernels.flash_support import run_flash_or_reference
-from turbotune.model.kernels.varlen_attention import sample_starts
-from turbotune.model.kernels.windowed_attention import window_mask
+from turbotune.model.kernels.varlen_attention import sample_starts, visible_keys
 
 
 def softcap_attention_enabled() -> bool:
@@ -47,10 +46,7 @@ def softcap_attention_reference(q, k, v, scale: float, softcap: float, window: i
         kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    visible = window_mask(q.shape[1], window or q.shape[1], q.device)
-    if starts is not None:  # a packed row: each query sees its own sample's keys only
-        visible = visible & (torch.arange(q.shape[1], device=q.device)[None, :] >= starts[:, None])
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(~visible_keys(q.shape[1], window, starts, q.device), float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), vt)
     return out.transpose(1, 2).to(q.dtype)
 

@@ -22,7 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from turbotune.model.kernels.flash_support import flash_shapes_ok, run_flash_or_reference
+from turbotune.model.kernels.flash_support import flash_forward, flash_shapes_ok, run_flash_or_reference
+from turbotune.model.kernels.windowed_attention import window_mask
 
 MAX_SEQUENCES = 64  # offsets per packed row; a row of more samples keeps the document mask (flash's grid grows
                     # with the count of sequences, empty ones included)
@@ -51,24 +52,23 @@ def sample_starts(offsets: torch.Tensor, length: int) -> torch.Tensor:
     return offsets.to(torch.int32)[sample]
 
 
+def visible_keys(length: int, window: int | None = None, starts=None, device=None) -> torch.Tensor:
+    """[L, L] bool, True where query i may attend key j: causal, within the last `window` keys if given, and not
+    before the query's sample start (`starts`, sample_starts' [L]) in a packed row. The references' mask."""
+    mask = window_mask(length, window or length, device)
+    if starts is not None:
+        mask &= torch.arange(length, device=device)[None, :] >= starts[:, None]
+    return mask
+
+
 def varlen_attention_reference(q, k, v, offsets, scale: float | None = None, window: int | None = None):
     """SDPA with the document mask the offsets describe, and the sliding window if one is given (plain PyTorch;
     any device and dtype)."""
     length = q.shape[0]
-    token = torch.arange(length, device=q.device)
-    sample = torch.searchsorted(offsets[1:].to(torch.int64), token, right=True)  # each token's sequence
-    mask = (sample[:, None] == sample[None, :]) & (token[None, :] <= token[:, None])
-    if window is not None:
-        mask &= token[:, None] - token[None, :] < window
+    mask = visible_keys(length, window, sample_starts(offsets, length), q.device)
     qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=kt.shape[1] != qt.shape[1])
     return out[0].transpose(0, 1)
-
-
-def _flash(q, k, v, offsets, max_length: int, scale: float | None, window: int | None):
-    extra = {} if window is None else dict(window_size_left=window - 1, window_size_right=0)
-    return torch.ops.aten._flash_attention_forward(
-        q, k, v, offsets, offsets, max_length, max_length, 0.0, True, False, scale=scale, **extra)[0]
 
 
 def varlen_attention(q, k, v, offsets, max_length: int | None = None, scale: float | None = None,
@@ -82,6 +82,6 @@ def varlen_attention(q, k, v, offsets, max_length: int | None = None, scale: flo
     if not flash_shapes_ok(q, k, v):
         return varlen_attention_reference(q, k, v, offsets, scale, window)
     return run_flash_or_reference("varlen" if window is None else "varlen-window", q,
-                                  lambda: _flash(q, k, v, offsets, max_length, scale, window),
+                                  lambda: flash_forward(q, k, v, scale, window, offsets, max_length),
                                   lambda: varlen_attention_reference(q, k, v, offsets, scale, window),
                                   "FlashAttention's varlen kernel")

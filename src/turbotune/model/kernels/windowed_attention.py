@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from turbotune.model.kernels.flash_support import flash_shapes_ok, run_flash_or_reference
+from turbotune.model.kernels.flash_support import flash_forward, flash_shapes_ok, run_flash_or_reference
 
 
 def window_mask(length: int, window: int, device=None) -> torch.Tensor:
@@ -52,19 +52,12 @@ def _flash_possible(q, k, v) -> bool:
     return flash_window_enabled() and flash_shapes_ok(q, k, v)
 
 
-def _flash(q, k, v, window: int, scale: float | None):
-    length = q.shape[1]
-    return torch.ops.aten._flash_attention_forward(
-        q, k, v, None, None, length, length, 0.0, True, False, scale=scale,
-        window_size_left=window - 1, window_size_right=0)[0]
-
-
 def windowed_attention(q, k, v, window: int, scale: float | None = None, dropout: float = 0.0):
     """Causal attention over the last `window` keys (see the module docstring): FlashAttention's window on a GPU,
     the masked reference elsewhere (flash_support: the first call on a device, dtype and head size tries the
     kernel and remembers whether it ran; inside a CUDA-graph capture an untried combination takes the reference)."""
     if dropout or window >= q.shape[1] or not _flash_possible(q, k, v):
         return windowed_attention_reference(q, k, v, window, scale, dropout)
-    return run_flash_or_reference("window", q, lambda: _flash(q, k, v, window, scale),
+    return run_flash_or_reference("window", q, lambda: flash_forward(q, k, v, scale, window),
                                   lambda: windowed_attention_reference(q, k, v, window, scale),
                                   "FlashAttention's sliding window")
