@@ -129,6 +129,20 @@ def nonzero_lora_b(model, seed: int = 1, std: float = 0.05):
     return model
 
 
+def assert_same_loss_and_lora_grads(stock, fast, **batch) -> None:
+    """One training forward and backward of each model on `batch`: the loss and every trainable gradient equal
+    stock's within 1e-5 relative."""
+    stock.train(), fast.train()
+    out_s, out_f = stock(**batch), fast(**batch)
+    assert abs(out_f.loss.item() - out_s.loss.item()) <= 1e-5 * abs(out_s.loss.item())
+    out_s.loss.backward()
+    out_f.loss.backward()
+    grads = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            assert ((p.grad - grads[n]).norm() / grads[n].norm().clamp_min(1e-12)).item() < 1e-5, n
+
+
 def nrel(a, b) -> float:
     """Norm-relative error ||a - b|| / ||b|| in fp32 (robust to a few one-ulp outliers)."""
     a, b = a.float(), b.float()

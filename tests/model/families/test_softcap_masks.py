@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from conftest import make_tiny_model, nonzero_lora_b  # noqa: E402
+from conftest import assert_same_loss_and_lora_grads, make_tiny_model, nonzero_lora_b  # noqa: E402
 
 from turbotune import FastModel  # noqa: E402
 from turbotune.model.families import llama_like  # noqa: E402
@@ -28,18 +28,6 @@ def _model(folder, patch, checkpointing):
     return nonzero_lora_b(model)
 
 
-def _compare(stock, fast, **batch):
-    stock.train(), fast.train()
-    out_s, out_f = stock(**batch), fast(**batch)
-    assert abs(out_f.loss.item() - out_s.loss.item()) <= 1e-5 * abs(out_s.loss.item())
-    out_s.loss.backward()
-    out_f.loss.backward()
-    grads = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
-    for n, p in fast.named_parameters():
-        if p.requires_grad:
-            assert ((p.grad - grads[n]).norm() / grads[n].norm()).item() < 1e-5, n
-
-
 @pytest.fixture
 def spied(monkeypatch):
     calls = []
@@ -53,7 +41,7 @@ def test_whole_sequences_take_the_softcap_attention(gemma2_dir, checkpointing, m
     monkeypatch.setenv("TURBOTUNE_SOFTCAP_ATTENTION", "1")
     stock, fast = _model(gemma2_dir, False, checkpointing), _model(gemma2_dir, True, checkpointing)
     ids = torch.randint(0, stock.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    _compare(stock, fast, input_ids=ids, labels=ids)
+    assert_same_loss_and_lora_grads(stock, fast, input_ids=ids, labels=ids)
     # both layer kinds, forward (and the recompute with checkpointing): the sliding layer with its window
     assert set(spied) == {None, 8} and len(spied) == (4 if checkpointing else 2)
 
@@ -64,7 +52,7 @@ def test_padding_keeps_transformers_masks(gemma2_dir, monkeypatch, spied):
     ids = torch.randint(0, stock.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, -5:] = 0
-    _compare(stock, fast, input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert_same_loss_and_lora_grads(stock, fast, input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
     assert spied == []
 
 
