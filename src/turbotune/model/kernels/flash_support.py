@@ -32,13 +32,17 @@ def flash_forward(q, k, v, scale: float | None, window: int | None = None, offse
         q, k, v, offsets, offsets, length, length, 0.0, True, False, scale=scale, **extra)[0]
 
 
-def run_flash_or_reference(kind: str, q, flash, reference, what: str, errors=(RuntimeError, TypeError)):
+def run_flash_or_reference(kind: str, q, flash, reference, what: str, errors=(RuntimeError, TypeError),
+                           first=None):
     """flash() where the kernel is known to run for (kind, q's device, dtype, head size), else reference();
-    an untried combination outside a capture tries flash() first (`errors`: what counts as "does not run here")."""
+    an untried combination outside a capture tries first() (a probe, if given) and flash() (`errors`: what counts
+    as "does not run here"). The probe runs on that first try only: it may synchronise, which a capture forbids."""
     key = (kind, q.device.index, q.dtype, q.shape[-1])
     ok = _support.get(key)
     if ok is None and not torch.cuda.is_current_stream_capturing():  # q is on a GPU here
         try:
+            if first is not None:
+                first()
             out = flash()
             _support[key] = True
             return out

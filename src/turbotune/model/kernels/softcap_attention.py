@@ -288,9 +288,10 @@ def softcap_attention(q, k, v, scale: float, softcap: float, window: int | None 
     # The first call on a device, dtype and head size compiles forward and backward on a small probe, so a tile
     # that does not fit this GPU falls back here, not in the middle of a backward pass (flash_support).
     kind = "softcap" + ("-window" if window is not None else "") + ("-packed" if starts is not None else "")
-    return run_flash_or_reference(kind, q, lambda: (_probe(q, k, window, starts is not None), run())[1],
+    return run_flash_or_reference(kind, q, run,
                                   lambda: softcap_attention_reference(q, k, v, scale, softcap, window, starts),
-                                  "the soft-capped attention kernels", errors=(Exception,))
+                                  "the soft-capped attention kernels", errors=(Exception,),
+                                  first=lambda: _probe(q, k, window, starts is not None))
 
 
 def _probe(q, k, window, packed: bool):
