@@ -39,6 +39,7 @@ class GraphedCall:
         self._pool = None
         self._params = None  # the trainable parameters, read once (not per micro-step)
         self._grad_bufs = None  # shared_grads: the one set of gradient outputs every backward graph copies into
+        self._offload = False  # offloaded checkpointing in the captured calls (set by params())
 
     def params(self) -> list[torch.Tensor]:
         if self._params is None:
@@ -55,6 +56,7 @@ class GraphedCall:
                 else:
                     if offload is not None:  # pinned host buffers reused by the replays (host_buffers.py)
                         offload.config.static_host_buffers = True
+                        self._offload = True
                     self.disabled_reason = why_not_graphable(self.model, self._params)
         return self._params
 
@@ -73,7 +75,7 @@ class GraphedCall:
             # After the first capture the code paths are warm: a new shape is captured when first seen (a Triton
             # kernel's new size specialisation compiles on the host during the capture, as the GPU tests show),
             # or after one eager call with TURBOTUNE_CAPTURE_FIRST_SIGHT=0. A failed capture turns graphs off.
-            needed = self.warmup if not self._entries else (0 if _first_sight() else min(self.warmup, 1))
+            needed = eager_calls_before_capture(self.warmup, bool(self._entries), _first_sight(), self._offload)
             if seen >= needed and len(self._entries) < self.max_graphs:
                 t0 = time.perf_counter()
                 entry = self._capture(key, tensors, others, params)
@@ -232,6 +234,15 @@ def _into_shared(grads, bufs):
     if pairs:
         torch._foreach_copy_([b for b, _ in pairs], [g for _, g in pairs])
     return tuple(b if g is not None else None for b, g in zip(bufs, grads))
+
+
+def eager_calls_before_capture(warmup: int, captured_before: bool, first_sight: bool, offload: bool) -> int:
+    """Eager calls of a new shape before it is captured: `warmup` for the first shape; later ones none
+    (first_sight) or one. With offloaded checkpointing at least one: its pinned host buffers for a new shape can
+    only be made in an eager call (none can be pinned during a capture; seen on an H200, twelfth session, when
+    mixed lengths brought a new shape after the first capture)."""
+    needed = warmup if not captured_before else (0 if first_sight else min(warmup, 1))
+    return max(needed, 1) if offload else needed
 
 
 def _first_sight() -> bool:
