@@ -41,3 +41,23 @@ def test_frees_of_blocks_from_before_the_trace_are_ignored():
 def test_site_skips_pytorch_frames():
     assert site_of([TORCH]) == "(PyTorch internals)"
     assert site_of([TORCH, ADAM]) == "transformers/trainer.py:99 _inner_training_loop"
+
+
+def test_recording_turns_checkpoint_early_stop_off_until_finish(monkeypatch, tmp_path):
+    """start() also runs recompute without early stop (see its comment) and finish() restores it; the CUDA
+    recording itself is stood in for (a CPU build has none)."""
+    import torch
+    import torch.utils.checkpoint as ckpt
+
+    from turbotune.bench import memory_report
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: {"device_traces": [[]]})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    assert ckpt._enable_checkpoint_early_stop is not False
+    memory_report.start()
+    assert ckpt._enable_checkpoint_early_stop is False
+    memory_report.finish(str(tmp_path), "m")
+    assert ckpt._enable_checkpoint_early_stop is not False
+    assert (tmp_path / "memory-m.txt").exists()

@@ -12,6 +12,7 @@ Recording slows the host: the timed figures of a run with this switch are not co
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 
@@ -19,9 +20,18 @@ MAX_ENTRIES = 2_000_000  # allocator events kept (a ring: the oldest go first; s
 _SKIP = ("/torch/", "/memory_report.py", "<frozen", "/contextlib.py", "/functools.py")
 
 
+_stack = contextlib.ExitStack()
+
+
 def start() -> None:
     import torch
+    from torch.utils.checkpoint import set_checkpoint_early_stop
     torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=MAX_ENTRIES)
+    # Recompute then runs each checkpointed region to its end instead of raising out of it once the saved tensors
+    # are back (same values). On an H200 (twelfth session) a recording run failed inside a recompute with
+    # "SystemError: ... apply ... returned NULL"; the likely cause, read from the traceback, is that early-stop
+    # exception unwinding through a custom autograd Function while the allocator gathers Python stacks.
+    _stack.enter_context(set_checkpoint_early_stop(False))
 
 
 def finish(directory: str, method: str) -> dict:
@@ -29,6 +39,7 @@ def finish(directory: str, method: str) -> dict:
     import torch
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
+    _stack.close()
     traces = snapshot.get("device_traces") or [[]]
     device = torch.cuda.current_device()
     summary = peak_breakdown(traces[device] if device < len(traces) else [], torch.cuda.memory_allocated())
