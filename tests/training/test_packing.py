@@ -227,6 +227,7 @@ def test_packed_equals_padded(family_dirs, family, kind, attn, force, monkeypatc
     if force == "mask_4d":  # what a transformers without packed-sequence support gets
         monkeypatch.setattr(packing, "transformers_builds_packed_mask", lambda: False)
     offsets_seen = []
+    monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "0")  # the other modes: the mask (varlen is the default)
     if force == "varlen":  # turbotune's attention takes the samples' offsets (TURBOTUNE_FLASH_VARLEN=1)
         from turbotune.model.kernels import varlen_attention as va
         monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")

@@ -96,7 +96,7 @@ def test_sfttrainer_with_sequence_offsets_equals_stock(tiny_llama_dir, tmp_path,
     assert calls and set(calls) == {window}, "the attention did not take the sequence offsets (and window)"
     assert fed and all(torch.is_tensor(v) for t, _ in fed for v in t.values())
     assert all(o.get("max_length_q") == t["input_ids"].shape[1] for t, o in fed if "cu_seq_lens_q" in t)
-    monkeypatch.delenv("TURBOTUNE_FLASH_VARLEN")
+    monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "0")
     _, stock = _sft(tiny_llama_dir, tmp_path, False, packing=False)
     assert_same_logs(ours, stock, steps=4)
 
@@ -105,7 +105,8 @@ def test_remove_padding_adds_fixed_size_offsets_with_the_switch(monkeypatch):
     from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": ids.masked_fill(ids == 0, -100)}
-    assert "cu_seq_lens_q" not in remove_padding(batch, pad_id=0)  # off by default
+    monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "0")
+    assert "cu_seq_lens_q" not in remove_padding(batch, pad_id=0)  # the switch off: the document mask
     monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
     out = remove_padding(batch, pad_id=0)
     offsets = out["cu_seq_lens_q"]

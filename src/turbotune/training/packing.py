@@ -297,7 +297,7 @@ class PackingCollator:
         self.mask_format = mask_format
         self.mask_dtype = mask_dtype
         self.pad_to_multiple_of = pad_to_multiple_of
-        # turbotune's patched attention takes the samples' offsets itself (for_model: TURBOTUNE_FLASH_VARLEN=1):
+        # turbotune's patched attention takes the samples' offsets itself (for_model; TURBOTUNE_FLASH_VARLEN=0: not):
         # fixed-size cu_seq_lens over the flattened rows, beside the mode's own keys (which it then ignores)
         self.sequence_offsets = False
 

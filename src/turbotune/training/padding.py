@@ -104,7 +104,7 @@ def _pack(batch: dict, keep: torch.Tensor, lengths: torch.Tensor, pad_id: int) -
 
 
 def _sequence_offsets(lengths: torch.Tensor, length: int) -> dict:
-    """With TURBOTUNE_FLASH_VARLEN=1: the packed row's sample offsets as transformers' flash keywords
+    """Unless TURBOTUNE_FLASH_VARLEN=0: the packed row's sample offsets as transformers' flash keywords
     (`cu_seq_lens_q/k`, `max_length_q/k`), a fixed size so graphs replay; turbotune's attention then runs
     FlashAttention's varlen kernel instead of the document mask (kernels/varlen_attention.py). Empty where the row
     holds more samples than the offsets have room for."""

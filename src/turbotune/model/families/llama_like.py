@@ -77,7 +77,7 @@ def make_attention_forward(spec, state):
         if args or has_cache(kwargs) or position_embeddings is None:
             return state.original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         cache_from_kwargs(kwargs)  # None here: drop the keywords
-        offsets = _pop_sequence_offsets(kwargs)  # a packed row's samples (padding.py, TURBOTUNE_FLASH_VARLEN=1)
+        offsets = _pop_sequence_offsets(kwargs)  # a packed row's samples (padding.py; TURBOTUNE_FLASH_VARLEN=0: none)
         bsz, seq, _ = hidden_states.shape
         d = self.head_dim
 

@@ -12,7 +12,8 @@ repeating the row length (empty sequences), and the longest sequence is given as
 it only sizes the grid). Where the kernel can't run (CPU, fp32, a head size it lacks), `varlen_attention_reference`
 builds the document mask from the offsets and calls SDPA: the same function, and what the tests compare against.
 
-Behind TURBOTUNE_FLASH_VARLEN=1 until its GPU tests have run (tests/gpu/test_varlen_attention_gpu.py).
+On by default since its GPU tests passed on an H200 (twelfth session); TURBOTUNE_FLASH_VARLEN=0 keeps the
+document mask.
 Layout: q [L, Hq, D], k and v [L, Hkv, D] (one packed row, Hq a multiple of Hkv); the output is [L, Hq, D].
 """
 from __future__ import annotations
@@ -30,9 +31,8 @@ MAX_SEQUENCES = 64  # offsets per packed row; a row of more samples keeps the do
 
 
 def varlen_enabled() -> bool:
-    """TURBOTUNE_FLASH_VARLEN=1 lets packed rows carry sequence offsets to the attention (off until its GPU tests
-    have run: built in the tenth session without GPU time)."""
-    return os.environ.get("TURBOTUNE_FLASH_VARLEN", "0") == "1"
+    """Packed rows carry sequence offsets to the attention unless TURBOTUNE_FLASH_VARLEN=0 (the document mask)."""
+    return os.environ.get("TURBOTUNE_FLASH_VARLEN", "1") == "1"
 
 
 def sequence_offsets(lengths: torch.Tensor, total: int, slots: int = MAX_SEQUENCES) -> torch.Tensor:
