@@ -320,6 +320,20 @@ def test_trainer_sft_mixed_lengths_with_profile(tmp_path):
         assert (tmp_path / "prof" / f"profile-{m['method']}.txt").is_file()
     assert hf["real_tokens_per_step"] == ours["real_tokens_per_step"]       # the same rows, the same order
     assert max_rel_diff(ours["losses"], hf["losses"]) < 1e-5
+    for m in (hf, ours):  # the optimizer that ran, named (a library may change TRL's default)
+        assert any(n.startswith("optimizer torch AdamW") and "weight decay 0" in n for n in m["notes"]), m["notes"]
+
+
+def test_trainer_sft_optim_reaches_every_method(tmp_path):
+    """--optim is the optimizer every row's TRL config names (as a tutorial script writes it); the rows say so."""
+    pytest.importorskip("trl")
+    rc, out, doc = _run(TINY_ARGS + ["--trainer", "sft", "--methods", "hf,turbotune", "--optim", "sgd",
+                                     "--cache-dir", str(tmp_path / "cache")], tmp_path / "sgd.json")
+    assert rc == 0
+    hf, ours = _ok(doc, "hf"), _ok(doc, "turbotune")
+    for m in (hf, ours):
+        assert any(n.startswith("optimizer torch SGD (optim=sgd)") for n in m["notes"]), m["notes"]
+    assert max_rel_diff(ours["losses"], hf["losses"]) < 1e-5
 
 
 def test_trainer_sft_own_trainer_row_on_the_same_length_mix(tmp_path, capsys):

@@ -83,6 +83,11 @@ def test_beta_goes_with_dpo(capsys):
     assert rc == 2 and "--beta goes with --trainer dpo" in capsys.readouterr().err
 
 
+def test_optim_goes_with_a_trl_trainer(capsys):
+    rc, _, _ = _run(["--device", "cpu", "--optim", "adamw_8bit"])
+    assert rc == 2 and "--optim goes with --trainer sft|dpo|grpo" in capsys.readouterr().err
+
+
 def test_hf_and_turbotune_under_dpo_trainer(tmp_path):
     """Mixed lengths: the collator pads, turbotune removes the padding; the same rows in the same order for both."""
     pytest.importorskip("trl")

@@ -24,7 +24,8 @@ import re
 import tempfile
 import time
 
-from turbotune.bench.sft import _graphs_setting, _record, _step_notes, run_timed, step_clock, trl_workload
+from turbotune.bench.sft import (_graphs_setting, _record, _step_notes, optimizer_note, run_timed, step_clock,
+                                 trl_workload)
 
 DEFAULT_NUM_GENERATIONS = 4
 MIN_SEQ_LEN = 8  # a prompt of 2 tokens and a completion of 6
@@ -115,7 +116,7 @@ def run_grpo(model, spec: dict, result: dict, log) -> None:
     tokens = [per_step * (prompt + (n if n is not None else completion)) for n in lengths]
     gen = _per_step(generate_s, [clock.t0] + clock.times)
     _record(result, spec, [h["loss"] for h in logged], times, tokens,
-            list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec))
+            list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec) + optimizer_note(trainer))
     result.update(rewards=[h.get("reward") for h in logged], completion_mean_lengths=lengths,
                   generate_s_per_step=gen)
     timed = range(spec["warmup"], len(times))

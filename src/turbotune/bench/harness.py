@@ -148,6 +148,9 @@ def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
                         "(non-padding) tokens")
     g.add_argument("--beta", type=float, default=None,
                    help=f"--trainer dpo: DPO's beta (default {DEFAULT_BETA}, TRL's)")
+    g.add_argument("--optim", default=None, help="the optimizer every method's TRL config names (transformers' "
+                   "`optim`, e.g. adamw_8bit as Unsloth's notebooks write it); default: TRL's, which Unsloth's "
+                   "patched configs turn into adamw_8bit (each row's note names the optimizer that ran)")
     g.add_argument("--num-generations", type=int, default=None,
                    help=f"--trainer grpo: completions per prompt (default {grpo.DEFAULT_NUM_GENERATIONS}); "
                         "--micro-batch x --grad-accum completions train per step")
@@ -230,6 +233,8 @@ def validate(args) -> dict:
                 "not used (completions have a fixed length)" if args.trainer == "grpo" else "fixed or mixed"))
     elif not args.max_context and (args.lengths or args.confirm or args.card_memory):
         raise BenchError("--lengths, --confirm and --card-memory go with --max-context (or --trainer sft|dpo)")
+    if args.optim is not None and args.trainer not in ("sft", "dpo", "grpo"):
+        raise BenchError("--optim goes with --trainer sft|dpo|grpo (the own loop runs torch's AdamW)")
     if args.beta is not None and args.trainer != "dpo":
         raise BenchError("--beta goes with --trainer dpo")
     if args.trainer == "dpo" and args.seq_len < MIN_SEQ_LEN:
@@ -385,7 +390,7 @@ def build_worker_spec(args, settings: dict, model_dir: Path | None, model_cfg: d
             "mode": ("max_context" if args.max_context else "packing" if args.packing
                      else args.trainer if args.trainer in ("sft", "dpo", "grpo") else "throughput"),
             "sft_lengths": args.lengths or "fixed", "beta": DEFAULT_BETA if args.beta is None else args.beta,
-            "num_generations": grpo.num_generations(args.num_generations),
+            "num_generations": grpo.num_generations(args.num_generations), "optim": args.optim,
             "lengths": settings["lengths"], "samples_per_step": args.samples_per_step,
             "padded_micro_batch": args.padded_micro_batch,
             "confirm": bool(args.confirm), "confirm_at": settings["confirm_at"],

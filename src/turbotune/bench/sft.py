@@ -69,9 +69,9 @@ def run_sft(model, spec: dict, result: dict, log) -> None:
 
 def trl_workload(spec: dict, steps: int, output_dir: str) -> dict:
     """The arguments every TRL row sets on top of its trainer's defaults: the run's workload, a log entry per step,
-    nothing saved, the device's dtype."""
+    nothing saved, the device's dtype; --optim where given."""
     cuda = spec["device"] == "cuda"
-    return dict(output_dir=output_dir, per_device_train_batch_size=spec["micro_batch"],
+    return ({"optim": spec["optim"]} if spec.get("optim") else {}) | dict(output_dir=output_dir, per_device_train_batch_size=spec["micro_batch"],
                 gradient_accumulation_steps=spec["grad_accum"], max_steps=steps, learning_rate=spec["lr"],
                 logging_steps=1, report_to=[], save_strategy="no", bf16=cuda and spec["dtype"] == "bfloat16",
                 fp16=cuda and spec["dtype"] == "float16", max_length=spec["seq_len"], seed=spec["seed"],
@@ -127,8 +127,21 @@ def train_timed(trainer, model, spec: dict, result: dict, clock, fed: list[int])
     times, ga = run_timed(trainer, spec, result, clock), spec["grad_accum"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = [sum(fed[i * ga:(i + 1) * ga]) for i in range(len(times))]
-    notes = list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec)
+    notes = list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec) + optimizer_note(trainer)
     _record(result, spec, losses, times, tokens, notes)
+
+
+def optimizer_note(trainer) -> list[str]:
+    """The optimizer that ran and its weight decay: a library may change TRL's defaults (Unsloth's patched configs
+    pick bitsandbytes' 8-bit AdamW and weight decay 0.001), which moves peak memory and losses."""
+    opt = getattr(trainer, "optimizer", None)
+    opt = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+    if opt is None:
+        return []
+    decay = sorted({g.get("weight_decay", 0.0) for g in opt.param_groups if g["params"]})
+    name = getattr(trainer.args.optim, "value", trainer.args.optim)  # transformers' OptimizerNames enum
+    return [f"optimizer {type(opt).__module__.split('.')[0]} {type(opt).__name__} (optim={name}), "
+            f"weight decay {', '.join(f'{d:g}' for d in decay)}"]
 
 
 def run_timed(trainer, spec: dict, result: dict, clock) -> list[float]:
