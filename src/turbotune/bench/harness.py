@@ -30,7 +30,8 @@ from turbotune.bench.header import (  # noqa: F401 - VERSION_PACKAGES and comman
     command_line,
 )
 from turbotune.bench import grpo
-from turbotune.bench.preference import DEFAULT_BETA, MIN_SEQ_LEN
+from turbotune.bench.preference import DEFAULT_BETA
+from turbotune.bench.trainer_options import add_trainer_arguments, check_trainer_arguments
 from turbotune.bench.presets import (
     DEFAULT_METHODS,
     METHODS,
@@ -103,7 +104,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--samples-per-step", type=int, default=64, help="samples per optimizer step (default 64)")
     g.add_argument("--padded-micro-batch", type=int, default=8,
                    help="samples per padded micro-batch (default 8); packed micro-batches hold --micro-batch rows")
-    _add_trainer_arguments(parser)
+    add_trainer_arguments(parser)
     from turbotune.bench.multi_gpu import add_gpus_arguments
     add_gpus_arguments(parser)
     g = parser.add_argument_group("report")
@@ -134,26 +135,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="after the timed steps, profile one more step per method with torch.profiler and write "
                         "DIR/profile-<method>.txt (GPU busy vs wall time, top ops and kernels)")
     return parser
-
-
-def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("trainer (--trainer sft|dpo|grpo)")
-    g.add_argument("--trainer", choices=["loop", "sft", "dpo", "grpo"], default="loop",
-                   help="loop: the bench's own training loop (default); sft: every method trained by TRL's "
-                        "SFTTrainer as the tutorials write it, with --lengths fixed or mixed (a long-tailed mix, "
-                        "padded per batch by TRL); dpo: by TRL's DPOTrainer on preference pairs (prompt a quarter of "
-                        "--seq-len, completions the rest or, with --lengths mixed, that mix); grpo: by TRL's "
-                        "GRPOTrainer, prompts a quarter of --seq-len and every completion generated to exactly the "
-                        "rest (try --seq-len 512: generation is token by token); tokens/s counts real "
-                        "(non-padding) tokens")
-    g.add_argument("--beta", type=float, default=None,
-                   help=f"--trainer dpo: DPO's beta (default {DEFAULT_BETA}, TRL's)")
-    g.add_argument("--optim", default=None, help="the optimizer every method's TRL config names (transformers' "
-                   "`optim`, e.g. adamw_8bit as Unsloth's notebooks write it); default: TRL's, which Unsloth's "
-                   "patched configs turn into adamw_8bit (each row's note names the optimizer that ran)")
-    g.add_argument("--num-generations", type=int, default=None,
-                   help=f"--trainer grpo: completions per prompt (default {grpo.DEFAULT_NUM_GENERATIONS}); "
-                        "--micro-batch x --grad-accum completions train per step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,32 +202,7 @@ def validate(args) -> dict:
         raise BenchError("--packing and --max-context are separate benchmarks; run one at a time")
     if args.packing and (args.samples_per_step < 1 or args.padded_micro_batch < 1):
         raise BenchError("--samples-per-step and --padded-micro-batch must be at least 1")
-    if args.trainer != "sft" and args.methods and "turbotune-train" in args.methods.split(","):
-        raise BenchError("turbotune-train compares turbotune's own Trainer with the SFTTrainer rows: use it with "
-                         "--trainer sft")
-    if args.trainer in ("sft", "dpo", "grpo"):
-        if args.max_context or args.packing:
-            raise BenchError(f"--trainer {args.trainer} is its own benchmark; run --max-context and --packing "
-                             "without it")
-        if args.lengths not in (None, "fixed", "mixed") or (args.trainer == "grpo" and args.lengths):
-            raise BenchError(f"with --trainer {args.trainer}, --lengths is " + (
-                "not used (completions have a fixed length)" if args.trainer == "grpo" else "fixed or mixed"))
-    elif not args.max_context and (args.lengths or args.confirm or args.card_memory):
-        raise BenchError("--lengths, --confirm and --card-memory go with --max-context (or --trainer sft|dpo)")
-    if args.optim is not None and args.trainer not in ("sft", "dpo", "grpo"):
-        raise BenchError("--optim goes with --trainer sft|dpo|grpo (the own loop runs torch's AdamW)")
-    if args.beta is not None and args.trainer != "dpo":
-        raise BenchError("--beta goes with --trainer dpo")
-    if args.trainer == "dpo" and args.seq_len < MIN_SEQ_LEN:
-        raise BenchError(f"--trainer dpo needs --seq-len {MIN_SEQ_LEN} or more (a prompt and two completions)")
-    if args.num_generations is not None and args.trainer != "grpo":
-        raise BenchError("--num-generations goes with --trainer grpo")
-    if args.trainer == "grpo":
-        if args.seq_len < grpo.MIN_SEQ_LEN:
-            raise BenchError(f"--trainer grpo needs --seq-len {grpo.MIN_SEQ_LEN} or more (a prompt and a completion)")
-        why = grpo.check_workload(args.micro_batch, args.grad_accum, grpo.num_generations(args.num_generations))
-        if why:
-            raise BenchError(why)
+    check_trainer_arguments(args)
     if args.confirm_at is not None and not args.confirm:
         raise BenchError("--confirm-at goes with --confirm")
     dtype = {"auto": "bfloat16" if device == "cuda" else "float32", "bf16": "bfloat16", "fp16": "float16",
