@@ -71,11 +71,14 @@ def trl_workload(spec: dict, steps: int, output_dir: str) -> dict:
     """The arguments every TRL row sets on top of its trainer's defaults: the run's workload, a log entry per step,
     nothing saved, the device's dtype; --optim where given."""
     cuda = spec["device"] == "cuda"
-    return ({"optim": spec["optim"]} if spec.get("optim") else {}) | dict(output_dir=output_dir, per_device_train_batch_size=spec["micro_batch"],
-                gradient_accumulation_steps=spec["grad_accum"], max_steps=steps, learning_rate=spec["lr"],
-                logging_steps=1, report_to=[], save_strategy="no", bf16=cuda and spec["dtype"] == "bfloat16",
-                fp16=cuda and spec["dtype"] == "float16", max_length=spec["seq_len"], seed=spec["seed"],
-                dataloader_drop_last=True, use_cpu=not cuda)
+    workload = dict(output_dir=output_dir, per_device_train_batch_size=spec["micro_batch"],
+                    gradient_accumulation_steps=spec["grad_accum"], max_steps=steps, learning_rate=spec["lr"],
+                    logging_steps=1, report_to=[], save_strategy="no", bf16=cuda and spec["dtype"] == "bfloat16",
+                    fp16=cuda and spec["dtype"] == "float16", max_length=spec["seq_len"], seed=spec["seed"],
+                    dataloader_drop_last=True, use_cpu=not cuda)
+    if spec.get("optim"):
+        workload["optim"] = spec["optim"]
+    return workload
 
 
 def step_clock(spec: dict, result: dict, log):
