@@ -18,6 +18,7 @@ def fresh(monkeypatch):
 
 
 def _calls():
+    """Counters, and run(first=...) calling run_flash_or_reference with counting stand-ins ("F": flash ran)."""
     calls = {"first": 0, "flash": 0, "reference": 0}
 
     def bump(name, value):
@@ -25,47 +26,38 @@ def _calls():
             calls[name] += 1
             return value
         return f
-    return calls, bump
+
+    def run(first=None):
+        return flash_support.run_flash_or_reference("k", torch.zeros(1, 4, 2, 8), bump("flash", "F"),
+                                                    bump("reference", "R"), "thing",
+                                                    first=first or bump("first", None))
+    return calls, run
 
 
 def test_probe_runs_once_then_flash_is_called_alone(fresh):
-    q = torch.zeros(1, 4, 2, 8)
-    calls, bump = _calls()
-    for _ in range(3):
-        out = flash_support.run_flash_or_reference("k", q, bump("flash", "F"), bump("reference", "R"), "x",
-                                                   first=bump("first", None))
-        assert out == "F"
+    calls, run = _calls()
+    assert [run() for _ in range(3)] == ["F"] * 3
     assert calls == {"first": 1, "flash": 3, "reference": 0}
     fresh["now"] = True  # known to run: a capture replays the kernel too, without the probe
-    assert flash_support.run_flash_or_reference("k", q, bump("flash", "F"), bump("reference", "R"), "x",
-                                                first=bump("first", None)) == "F"
-    assert calls["first"] == 1
+    assert run() == "F" and calls["first"] == 1
 
 
 def test_untried_inside_a_capture_takes_the_reference_and_tries_later(fresh):
-    q = torch.zeros(1, 4, 2, 8)
-    calls, bump = _calls()
+    calls, run = _calls()
     fresh["now"] = True
-    assert flash_support.run_flash_or_reference("k", q, bump("flash", "F"), bump("reference", "R"), "x",
-                                                first=bump("first", None)) == "R"
-    assert calls == {"first": 0, "flash": 0, "reference": 1}
+    assert run() == "R" and calls == {"first": 0, "flash": 0, "reference": 1}
     fresh["now"] = False
-    assert flash_support.run_flash_or_reference("k", q, bump("flash", "F"), bump("reference", "R"), "x",
-                                                first=bump("first", None)) == "F"
-    assert calls["first"] == 1
+    assert run() == "F" and calls["first"] == 1
 
 
 def test_a_failing_probe_falls_back_for_good_with_one_warning(fresh):
-    q = torch.zeros(1, 4, 2, 8)
-    calls, bump = _calls()
+    calls, run = _calls()
 
     def broken():
         raise RuntimeError("no kernel image for this GPU\nmore")
     with pytest.warns(UserWarning, match="no kernel image for this GPU"):
-        assert flash_support.run_flash_or_reference("k", q, bump("flash", "F"), bump("reference", "R"), "thing",
-                                                    first=broken) == "R"
+        assert run(first=broken) == "R"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert flash_support.run_flash_or_reference("k", q, bump("flash", "F"), bump("reference", "R"), "thing",
-                                                    first=broken) == "R"
+        assert run(first=broken) == "R"
     assert calls == {"first": 0, "flash": 0, "reference": 2}
