@@ -234,13 +234,17 @@ def _real_lengths(batches: list[dict]) -> list[list[int]] | None:
 def _budget(trainer, batches: list[dict], hook) -> int:
     """Real tokens per pass at most: the largest batch the settings allow in one micro-step
     (per_device_train_batch_size x the trainer's max_length, else the model's max_seq_length), at least the
-    largest padded micro-batch seen."""
+    largest padded micro-batch seen. TURBOTUNE_PASS_BUDGET=seen: only the largest padded micro-batch seen so far,
+    so a pass holds no more tokens than the trainer's own micro-batches have needed (less memory on data whose
+    longest samples have not come yet; more passes, so slower: an A/B for the mixed-length memory line)."""
     window = hook.window
     rows = int(getattr(trainer.args, "per_device_train_batch_size", 0) or 0)
     window.rows = rows or None
     length = int(getattr(trainer.args, "max_length", 0) or getattr(trainer.args, "max_seq_length", 0)
                  or hook.max_seq_length() or 0)  # transformers' Trainer has no max_length: the model's
     window.largest_batch = max(window.largest_batch, max(b["input_ids"].numel() for b in batches))
+    if os.environ.get("TURBOTUNE_PASS_BUDGET", "settings") == "seen":
+        return window.largest_batch
     return max(rows * length, window.largest_batch)
 
 
