@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from turbotune.training.graphed_call import capture_failed, graph_key
+from turbotune.training.graphed_call import capture_failed, capturing, graph_key
 
 MAX_GRAPHS = 8  # shapes captured at most (DPO: one per padded length the collator produces)
 
@@ -44,7 +44,7 @@ class ForwardGraphs:
         self._pool = None
 
     def __call__(self, tensors: dict, others: dict, state):
-        key = None if self.disabled_reason is not None or _capturing() else graph_key(tensors, others)
+        key = None if self.disabled_reason is not None or capturing() else graph_key(tensors, others)
         key = None if key is None else (state, key)
         entry = self._entries.get(key) if key is not None else None
         if entry is None and key is not None:
@@ -86,7 +86,3 @@ class _Entry:
         self.inputs, self.graph, self.cls = inputs, graph, type(out)
         self.names = [k for k, v in out.items() if torch.is_tensor(v)]
         self.outputs = [out[k] for k in self.names]
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -65,7 +65,7 @@ class GraphedCall:
         return self.disabled_reason
 
     def __call__(self, tensors: dict, others: dict):
-        if _capturing():  # inside a graph someone else captures: a sync or a nested capture would break theirs
+        if capturing():  # inside a graph someone else captures: a sync or a nested capture would break theirs
             return self.fn(**tensors, **others)
         params = self.params()
         key = self._key(tensors, others)
@@ -252,7 +252,8 @@ def _first_sight() -> bool:
     return os.environ.get("TURBOTUNE_CAPTURE_FIRST_SIGHT", "1") == "1"
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether this thread's current stream is being captured into a CUDA graph."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

@@ -49,9 +49,10 @@ from typing import Any, Iterable, Sequence
 from turbotune._compat import (
     call_create_causal_mask, packed_mask_builder, transformers_mask_is_capture_safe, unwrap_peft,
 )
-from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES, sequence_offsets
+from turbotune.model.kernels.varlen_attention import MAX_SEQUENCES, sequence_offsets, varlen_enabled
 
 IGNORE_INDEX = -100
+_OFFSET_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")  # fixed-size sequence offsets: fill_rows extends, never repeats
 TRAIN_LOOKAHEAD = 64  # pack_samples' first-fit window in `turbotune train` (see "Packing strategy" above)
 
 # What `packing_attention_mode` returns.
@@ -327,7 +328,6 @@ class PackingCollator:
             dtype = torch.float32
         collator = cls(tokenizer_or_pad_id, mode=mode, mask_format=_mask_format(impl), mask_dtype=dtype,
                        pad_to_multiple_of=pad_to_multiple_of)
-        from turbotune.model.kernels.varlen_attention import varlen_enabled
         from turbotune.model.state import turbo_state
         collator.sequence_offsets = (mode != MODE_FLASH_VARLEN and varlen_enabled()
                                      and turbo_state(base).family is not None)
@@ -426,9 +426,6 @@ def fill_rows(batch: dict, rows: int) -> dict:
         grown[used + len(ends):] = rows * length
         out["cu_seq_lens_q"], out["cu_seq_lens_k"] = grown, grown.clone()
     return out
-
-
-_OFFSET_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 
 
 def packing_efficiency(rows: Sequence[PackedRow], max_seq_length: int | None = None) -> float:
