@@ -138,7 +138,7 @@ def test_trainer_packed_rows_replay_graphs_like_eager(tiny_dir, tmp_path, dtype)
 
 
 def test_trainer_packed_rows_with_sequence_offsets_equal_the_document_mask(tiny_dir, tmp_path, monkeypatch):
-    """TURBOTUNE_FLASH_VARLEN=1: turbotune train's packed rows carry fixed-size sample offsets and every layer runs
+    """TURBOTUNE_FLASH_VARLEN (the default): turbotune train's packed rows carry fixed-size sample offsets and every layer runs
     FlashAttention's varlen kernel over the rows end to end, replayed from graphs; per-step losses equal the run
     with transformers' document mask (bf16: flash and masked SDPA round differently)."""
     from transformers import AutoTokenizer
@@ -152,10 +152,7 @@ def test_trainer_packed_rows_with_sequence_offsets_equal_the_document_mask(tiny_
     samples = make_length_mix(0, 40, 512, lo=5, hi=120)
 
     def run(varlen):
-        if varlen:
-            monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1")
-        else:
-            monkeypatch.delenv("TURBOTUNE_FLASH_VARLEN", raising=False)
+        monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "1" if varlen else "0")  # on by default
         model = _model(tiny_dir, torch.bfloat16, False)
         cfg = TrainConfig(output_dir=str(tmp_path / f"v{varlen}"), batch_size=2, grad_accum=2, max_steps=6,
                           packing=None, max_seq_length=256, cuda_graphs=True, lr=1e-3, warmup_steps=0, seed=3)
