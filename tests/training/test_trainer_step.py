@@ -292,8 +292,9 @@ def test_own_loop_micro_step_makes_the_hook_pass_through(tiny_llama_dir, monkeyp
 
 @pytest.mark.parametrize("switch", ["0", "1"])
 def test_offloaded_checkpointing_and_the_graphs_switch(tiny_llama_dir, monkeypatch, switch):
-    """Offloaded checkpointing keeps the trainer step's graphs off unless TURBOTUNE_GRAPH_OFFLOAD=1, which asks the
-    offload for reusable pinned buffers (what a replay needs); on the CPU the graphs stay off either way."""
+    """Offloaded checkpointing is captured in the trainer step's graphs (TURBOTUNE_GRAPH_OFFLOAD, on by default):
+    the offload is asked for reusable pinned buffers (what a replay needs); =0 keeps the graphs off. On the CPU the
+    graphs stay off either way."""
     from turbotune.model.checkpointing import get_offloaded_checkpointing
     monkeypatch.setenv("TURBOTUNE_GRAPH_OFFLOAD", switch)
     model, _ = FastModel.from_pretrained(str(tiny_llama_dir), verbose=False)
