@@ -75,6 +75,34 @@ def test_sfttrainer_replays_and_equals_eager(tiny_dir, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
 
 
+def test_flat_graph_grads_equal_the_default_and_time_the_passes(tiny_dir, tmp_path, monkeypatch):
+    """TURBOTUNE_GRAPH_GRADS=flat (one autograd input per replay, a step's new gradients in one allocation) gives
+    the default's losses and gradient norms on mixed lengths (passes of several micro-batches, so .grad is both
+    created and added to); the pass timeline records every replayed pass."""
+    from turbotune.training.pass_timeline import PassTimeline
+    lengths = [17 + (i * 37) % 180 for i in range(48)]
+    runs = {}
+    for mode in ("foreach", "flat"):
+        monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode)
+        model, tok, step = _model(tiny_dir)
+        step.graphs.timeline = PassTimeline()
+        args = trl.SFTConfig(output_dir=str(tmp_path / mode), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, max_steps=12, learning_rate=1e-3, logging_steps=1,
+                             report_to=[], save_strategy="no", bf16=True, seed=3, max_length=200, packing=False,
+                             dataset_text_field="text")
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_texts(lengths)),
+                                 processing_class=tok)
+        trainer.train()
+        summary = step.graphs.timeline.summary(skip_fraction=0)
+        assert step.graphs.replays >= 6 and len(step.graphs.timeline.passes) == step.graphs.replays
+        assert summary is not None and summary["forward"] > 0 and summary["backward"] > 0, summary
+        runs[mode] = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+    a, b = runs["foreach"], runs["flat"]
+    assert len(a) == len(b) == 12
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4), (a, b)
+
+
 def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path):
     lengths = [17 + (i * 37) % 180 for i in range(80)]  # every micro-batch pads to another length
     step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=20, batch=4)

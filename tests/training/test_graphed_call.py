@@ -1,7 +1,10 @@
-"""graphed_call's schedule of eager calls before a shape is captured (the captures themselves: tests/gpu)."""
+"""graphed_call's schedule of eager calls before a shape is captured, and how replayed gradients reach .grad
+(the captures themselves: tests/gpu)."""
 import pytest
+import torch
 
-from turbotune.training.graphed_call import eager_calls_before_capture
+from turbotune.training.graphed_call import (_accumulate_foreach, eager_calls_before_capture, graph_grads_mode,
+                                             views_of_one_buffer)
 
 
 @pytest.mark.parametrize("captured_before, first_sight, offload, expected", [
@@ -19,3 +22,91 @@ def test_eager_calls_before_capture(captured_before, first_sight, offload, expec
 def test_offload_needs_an_eager_call_even_without_warmup():
     assert eager_calls_before_capture(0, False, True, True) == 1
     assert eager_calls_before_capture(0, False, True, False) == 0
+
+
+@pytest.mark.parametrize("one_allocation", [False, True])
+def test_replayed_gradients_reach_grad_as_autograd_would(one_allocation):
+    """Two passes of one optimizer step: the first pass's gradients become .grad (copies: the replay's buffers are
+    overwritten by the next backward), the second's are added; a parameter without a gradient keeps none."""
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(4, 3), (5,), (2, 2)]]
+    first = [torch.randn(4, 3), torch.randn(5), None]
+    second = [torch.randn(4, 3), torch.randn(5), None]
+    _accumulate_foreach(params, first, one_allocation=one_allocation)
+    kept = [g.clone() for g in first[:2]]
+    for g in first[:2]:
+        g.fill_(7.0)  # the shared buffers, overwritten by the next backward replay
+    _accumulate_foreach(params, second, one_allocation=one_allocation)
+    for p, a, b in zip(params, kept, second):
+        torch.testing.assert_close(p.grad, a + b)
+    assert params[2].grad is None
+    if one_allocation:  # the fresh gradients are views of one buffer
+        assert params[0].grad.untyped_storage().data_ptr() == params[1].grad.untyped_storage().data_ptr()
+
+
+def test_views_of_one_buffer_per_dtype():
+    like = [torch.zeros(3, 2), torch.zeros(4, dtype=torch.float64), torch.zeros(5)]
+    out = views_of_one_buffer(like)
+    assert [t.shape for t in out] == [t.shape for t in like] and [t.dtype for t in out] == [t.dtype for t in like]
+    assert out[0].untyped_storage().data_ptr() == out[2].untyped_storage().data_ptr()
+    assert out[1].untyped_storage().data_ptr() != out[0].untyped_storage().data_ptr()
+    out[0].fill_(1.0)
+    out[2].fill_(2.0)
+    assert out[0].sum() == 6 and out[2].sum() == 10  # no overlap
+
+
+def test_graph_grads_mode_switch(monkeypatch):
+    monkeypatch.delenv("TURBOTUNE_GRAPH_GRADS", raising=False)
+    assert graph_grads_mode() == "foreach"
+    for mode in ("flat", "autograd"):
+        monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode)
+        assert graph_grads_mode() == mode
+    monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", "fast")
+    with pytest.raises(ValueError, match="foreach, flat or autograd"):
+        graph_grads_mode()
+
+
+class _FakeGraph:
+    def __init__(self, run):
+        self.replay = run
+
+
+def _fake_entry(params, grads_mode):
+    """An _Entry whose "graphs" run on the CPU: forward out = 2 * x, backward grads = upstream sum times 1, 2."""
+    from turbotune.training.graphed_call import _Entry
+
+    x = torch.arange(3.0)
+    out = {"logits": torch.zeros(3).requires_grad_()}  # as a captured forward's output
+    entry = _Entry(out, {"x": x}, params)
+    entry.grads = [torch.zeros_like(p) for p in params]
+
+    def forward():
+        entry.outputs[0].copy_(2 * x)
+
+    def backward():
+        for k, g in enumerate(entry.grads):
+            g.fill_(float(entry.grad_inputs[0].sum()) * (k + 1))
+
+    entry.fwd, entry.bwd, entry.grads_mode = _FakeGraph(forward), _FakeGraph(backward), grads_mode
+    entry.detach_outputs()
+    return entry
+
+
+@pytest.mark.parametrize("mode", ["autograd", "foreach", "flat"])
+def test_replay_autograd_plumbing(mode):
+    """The replay's autograd Function in each gradients mode: outputs require grad, the backward hands autograd
+    one gradient per input, and .grad ends up the same (two backwards: added)."""
+    from turbotune.training.graphed_call import GraphedCall, _Replay
+
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    model = torch.nn.Module()
+    call = GraphedCall(lambda **kw: None, model)
+    entry = _fake_entry(params, mode)
+    inputs = call._autograd_inputs(entry)
+    assert len(inputs) == (1 if mode == "flat" else 2)
+    for _ in range(2):
+        (out,) = _Replay.apply(entry, None, *inputs)
+        assert out.requires_grad
+        torch.testing.assert_close(out, 2 * torch.arange(3.0))
+        out.sum().backward()  # upstream gradient: ones, sum 3
+    torch.testing.assert_close(params[0].grad, torch.full((2,), 6.0))
+    torch.testing.assert_close(params[1].grad, torch.full((3,), 12.0))

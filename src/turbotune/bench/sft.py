@@ -247,10 +247,14 @@ def _peak_rss_bytes() -> int:
 
 
 def _graphs_setting(model, spec) -> None:
+    """--no-cuda-graphs; on a GPU, CUDA events around every replayed pass (pass_timeline.py) for the notes."""
+    from turbotune.training.pass_timeline import PassTimeline
     from turbotune.training.trainer_step import trainer_step_of
     step = trainer_step_of(model)
     if step is not None and not spec.get("cuda_graphs", True):
         step.graphs.disabled_reason = "turned off (--no-cuda-graphs)"
+    if step is not None and spec["device"] == "cuda":
+        step.graphs.timeline = PassTimeline()
 
 
 def _step_notes(model, spec) -> list[str]:
@@ -266,6 +270,11 @@ def _step_notes(model, spec) -> list[str]:
     passes = (f"{w.micro_batches} micro-batches of {w.steps} optimizer steps ran as {w.passes} passes"
               if w.steps else w.line() or "micro-batches run one by one")
     notes = [f"CUDA graphs {state}", passes]
+    if g.timeline is not None:
+        from turbotune.training.pass_timeline import timeline_line
+        line = timeline_line(g.timeline.summary())
+        if line:
+            notes.append(line)
     if ng.replays or ng.captures or ng.disabled_reason:
         notes.append(f"no-grad calls: {ng.disabled_reason or f'{ng.replays} replayed, {ng.captures} graphs'}")
     return notes

@@ -9,6 +9,8 @@ import warnings
 
 import torch
 
+from turbotune.training.pass_timeline import PassTimeline
+
 WARMUP = 2       # eager calls of the first shape before it is captured (lazy initialisation, Triton compilation);
                  # later shapes need one
 MAX_GRAPHS = 16  # shapes captured at most (bucketed lengths: about 4 per octave of tokens)
@@ -31,6 +33,9 @@ class GraphedCall:
         self.replays = self.captures = self.eager_calls = 0
         self.capture_s = 0.0  # wall time spent capturing (graph instantiation included): the cost of a new shape
         self.eager_after_capture = 0  # eager calls of a capturable shape once some shape was captured
+        self.calls = 0
+        self.timeline = None  # a PassTimeline (pass_timeline.py) to time the replays on the device; off: None
+        self._carrier = None  # TURBOTUNE_GRAPH_GRADS=flat: the one autograd input of a replay
         self.reset()
 
     def reset(self) -> None:
@@ -66,6 +71,7 @@ class GraphedCall:
         if capturing():  # inside a graph someone else captures: a sync or a nested capture would break theirs
             return self.fn(**tensors, **others)
         params = self.params()
+        self.calls += 1
         key = self._key(tensors, others)
         entry = self._entries.get(key) if key is not None else None
         if entry is None and key is not None:
@@ -84,11 +90,22 @@ class GraphedCall:
             self.eager_calls += 1
             self.eager_after_capture += bool(self._entries) and key is not None
             return self.fn(**tensors, **others)
+        events = None if self.timeline is None else self.timeline.begin(self.calls)
         for k, buf in entry.inputs.items():
             buf.copy_(tensors[k], non_blocking=True)
-        outs = _Replay.apply(entry, *entry.params)
+        outs = _Replay.apply(entry, events, *self._autograd_inputs(entry))
         self.replays += 1
         return entry.rebuild(outs)
+
+    def _autograd_inputs(self, entry) -> list[torch.Tensor]:
+        """What a replay hands autograd as its inputs: the trainable parameters, or (grads mode "flat") one
+        scalar that requires grad, so the outputs require grad without ~400 inputs and ~400 AccumulateGrad nodes
+        per backward (the replay puts the gradients into .grad itself either way)."""
+        if entry.grads_mode != "flat":
+            return entry.params
+        if self._carrier is None:
+            self._carrier = torch.zeros((), device=entry.params[0].device, requires_grad=True)
+        return [self._carrier]
 
     def _key(self, tensors, others):
         return None if self.disabled_reason is not None else graph_key(tensors, others)
@@ -119,7 +136,7 @@ class GraphedCall:
         except Exception as exc:  # noqa: BLE001 - eager from now on, said once
             return capture_failed(self, exc, "in the trainer step")
         entry.fwd, entry.bwd, entry.grads = fwd, bwd, grads
-        entry.foreach_grads = _foreach_grads_allowed()
+        entry.grads_mode = graph_grads_mode()
         entry.detach_outputs()
         self._entries[key] = entry
         self.captures += 1
@@ -177,7 +194,7 @@ class _Entry:
         self.diff = [o.requires_grad for o in self.outputs]
         self.grad_inputs = [torch.empty_like(o) for o, d in zip(self.outputs, self.diff) if d]
         self.fwd = self.bwd = self.grads = None
-        self.foreach_grads = False
+        self.grads_mode = "autograd"
 
     def diff_outputs(self):
         return [o for o, d in zip(self.outputs, self.diff) if d]
@@ -191,9 +208,11 @@ class _Entry:
 
 class _Replay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, entry, *params):
+    def forward(ctx, entry, events, *inputs):
         entry.fwd.replay()
-        ctx.entry = entry
+        if events is not None:
+            PassTimeline.mark(events)
+        ctx.entry, ctx.events, ctx.inputs = entry, events, len(inputs)
         outs = tuple(o.clone() for o in entry.outputs)
         ctx.mark_non_differentiable(*[o for o, d in zip(outs, entry.diff) if not d])
         return outs
@@ -209,11 +228,17 @@ class _Replay(torch.autograd.Function):
                     buf.zero_()
                 else:
                     buf.copy_(g)
+        if ctx.events is not None:
+            PassTimeline.mark(ctx.events)
         entry.bwd.replay()
-        if entry.foreach_grads:
-            _accumulate_foreach(entry.params, entry.grads)
-            return (None,) * (1 + len(entry.grads))
-        return (None, *[g.clone() if g is not None else None for g in entry.grads])
+        if entry.grads_mode == "autograd":
+            out = (None, None, *[g.clone() if g is not None else None for g in entry.grads])
+        else:
+            _accumulate_foreach(entry.params, entry.grads, one_allocation=entry.grads_mode == "flat")
+            out = (None,) * (2 + ctx.inputs)
+        if ctx.events is not None:
+            PassTimeline.mark(ctx.events)
+        return out
 
 
 def shared_grads() -> bool:
@@ -258,18 +283,26 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _foreach_grads_allowed() -> bool:
-    """Whether replayed gradients may go straight into `.grad` with one multi-tensor add instead of one clone and
-    one AccumulateGrad per parameter (~400 launches for a 7-projection LoRA). Not under torch.distributed, whose
-    gradient hooks must see autograd's accumulation; TURBOTUNE_GRAPH_GRADS=autograd turns it off (A/B runs)."""
+def graph_grads_mode() -> str:
+    """How replayed gradients reach `.grad` (TURBOTUNE_GRAPH_GRADS): "foreach" (default), added in one
+    multi-tensor call instead of one clone and one AccumulateGrad per parameter (~400 launches for a 7-projection
+    LoRA); "flat", the same with one scalar as the replay's only autograd input (no per-parameter autograd nodes)
+    and a step's new gradients in one allocation, less host time per pass (not yet measured on a GPU);
+    "autograd", autograd's own accumulation. Under torch.distributed always "autograd": gradient hooks must see
+    autograd's accumulation."""
     import os
-    if os.environ.get("TURBOTUNE_GRAPH_GRADS", "foreach") == "autograd":
-        return False
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    mode = os.environ.get("TURBOTUNE_GRAPH_GRADS", "foreach")
+    if mode not in ("foreach", "flat", "autograd"):
+        raise ValueError(f"TURBOTUNE_GRAPH_GRADS must be foreach, flat or autograd, not {mode!r}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "autograd"
+    return mode
 
 
-def _accumulate_foreach(params, grads) -> None:
-    """`p.grad += g` for every parameter, as AccumulateGrad would, in two multi-tensor launches."""
+def _accumulate_foreach(params, grads, one_allocation: bool = False) -> None:
+    """`p.grad += g` for every parameter, as AccumulateGrad would, in two multi-tensor launches. Parameters without
+    a `.grad` get copies of their gradients: each its own tensor, or (`one_allocation`) views of one buffer per
+    dtype and device, allocated at once."""
     add_to, add_from, fresh, fresh_from = [], [], [], []
     for p, g in zip(params, grads):
         if g is None:
@@ -283,5 +316,24 @@ def _accumulate_foreach(params, grads) -> None:
     if add_to:
         torch._foreach_add_(add_to, add_from)
     if fresh:
-        for p, g in zip(fresh, torch._foreach_mul(fresh_from, 1.0)):
+        if one_allocation:
+            copies = views_of_one_buffer(fresh_from)
+            torch._foreach_copy_(copies, fresh_from)
+        else:
+            copies = torch._foreach_mul(fresh_from, 1.0)
+        for p, g in zip(fresh, copies):
             p.grad = g
+
+
+def views_of_one_buffer(like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialised tensors shaped as `like`, views into one allocation per (dtype, device)."""
+    out: list = [None] * len(like)
+    groups: dict = {}
+    for i, t in enumerate(like):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for (dtype, device), index in groups.items():
+        sizes = [like[i].numel() for i in index]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        for i, piece in zip(index, flat.split(sizes)):
+            out[i] = piece.view(like[i].shape)
+    return out
