@@ -215,11 +215,29 @@ def _record(result: dict, spec: dict, losses, step_times, tokens, notes) -> None
     timed = range(spec["warmup"], len(step_times))
     seconds = sum(step_times[i] for i in timed)
     result["real_tokens_per_s"] = sum(tokens[i] for i in timed) / seconds if seconds > 0 else None
+    steady = steady_rate([step_times[i] for i in timed], [tokens[i] for i in timed])
+    if steady is not None and steady[1] < len(timed):  # some timed steps paid a capture or another one-off
+        result["steady_real_tokens_per_s"] = steady[0]
+        result["notes"] = list(notes) + [f"steady steps ({steady[1]} of {len(timed)} timed, under 1.8x the "
+                                         f"median step time): {steady[0]:,.0f} real tokens/s"]
     result["memory_kind"] = "cuda" if spec["device"] == "cuda" else "rss"
     result["peak_rss_bytes"] = _peak_rss_bytes()
     if spec["device"] == "cuda":
         result["peak_alloc_bytes"] = int(torch.cuda.max_memory_allocated())
         result["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+
+
+def steady_rate(times: list[float], tokens: list[int], limit: float = 1.8) -> tuple[float, int] | None:
+    """(real tokens/s, steps) over the steps that took under `limit` x the median step time: the steps that
+    paid no one-off cost (a graph capture of a new length costs a few eager passes of host time). Mixed-length
+    runs of 40 timed steps moved ±25% with their captures' timing alone (bench/NOTES.md, thirteenth session);
+    this figure is the one to compare between invocations. None without steps."""
+    if not times:
+        return None
+    median = sorted(times)[len(times) // 2]
+    kept = [(t, n) for t, n in zip(times, tokens) if t < limit * median]
+    seconds = sum(t for t, _ in kept)
+    return (sum(n for _, n in kept) / seconds, len(kept)) if seconds > 0 else None
 
 
 def _step_profile(spec: dict):
