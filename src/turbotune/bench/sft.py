@@ -275,6 +275,14 @@ def _graphs_setting(model, spec) -> None:
         step.graphs.timeline = PassTimeline()
 
 
+def _capture_split(parts: list[tuple[float, float]]) -> str:
+    """", per graph (median): forward capture X ms, backward Y ms" (each with its graph's instantiation)."""
+    if not parts:
+        return ""
+    fwd, bwd = (sorted(x)[len(x) // 2] * 1000 for x in zip(*parts))
+    return f"; per graph, medians: forward capture {fwd:.0f} ms, backward {bwd:.0f} ms"
+
+
 def _step_notes(model, spec) -> list[str]:
     from turbotune.training.trainer_step import trainer_step_of
     step = trainer_step_of(model)
@@ -283,7 +291,7 @@ def _step_notes(model, spec) -> list[str]:
     g, ng = step.graphs, step.no_grad_graphs
     state = (f"off: {g.disabled_reason}" if g.disabled_reason
              else f"on ({g.replays} of {g.replays + g.eager_calls} calls replayed, {g.captures} graphs, "
-                  f"{g.capture_s:.1f} s capturing)")
+                  f"{g.capture_s:.1f} s capturing{_capture_split(g.capture_parts)})")
     w = step.window
     passes = (f"{w.micro_batches} micro-batches of {w.steps} optimizer steps ran as {w.passes} passes"
               if w.steps else w.line() or "micro-batches run one by one")

@@ -32,6 +32,7 @@ class GraphedCall:
         self.disabled_reason = None if enabled else "turned off"
         self.replays = self.captures = self.eager_calls = 0
         self.capture_s = 0.0  # wall time spent capturing (graph instantiation included): the cost of a new shape
+        self.capture_parts: list[tuple[float, float]] = []  # per capture: seconds of its forward and its backward
         self.eager_after_capture = 0  # eager calls of a capturable shape once some shape was captured
         self.calls = 0
         self.timeline = None  # a PassTimeline (pass_timeline.py) to time the replays on the device; off: None
@@ -120,11 +121,13 @@ class GraphedCall:
             self._grad_bufs = [torch.zeros_like(p) for p in params]
         try:
             torch.cuda.synchronize()
+            t0 = time.perf_counter()
             # thread_local: a trainer's data-loading threads may touch CUDA (pinned memory) meanwhile.
             with torch.cuda.graph(fwd, pool=self._pool, capture_error_mode="thread_local"), \
                     one_sequence_per_row(inputs):
                 out = self.fn(**inputs, **others)
                 _end_offload_forward(self.model)
+            t1 = time.perf_counter()
             entry = _Entry(out, inputs, params)
             # The trainer runs its backward outside the forward's autocast (accelerate's bf16 wrapper): so here.
             with torch.cuda.graph(bwd, pool=self._pool, capture_error_mode="thread_local"), \
@@ -135,6 +138,7 @@ class GraphedCall:
                     grads = _into_shared(grads, self._grad_bufs)
         except Exception as exc:  # noqa: BLE001 - eager from now on, said once
             return capture_failed(self, exc, "in the trainer step")
+        self.capture_parts.append((t1 - t0, time.perf_counter() - t1))
         entry.fwd, entry.bwd, entry.grads = fwd, bwd, grads
         entry.grads_mode = graph_grads_mode()
         entry.detach_outputs()
