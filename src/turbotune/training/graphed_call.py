@@ -37,6 +37,7 @@ class GraphedCall:
         self.calls = 0
         self.timeline = None  # a PassTimeline (pass_timeline.py) to time the replays on the device; off: None
         self._carrier = None  # TURBOTUNE_GRAPH_GRADS=flat: the one autograd input of a replay
+        graph_grads_mode()  # a misspelt switch fails here, when the model is set up, not at the first capture
         self.reset()
 
     def reset(self) -> None:
