@@ -91,10 +91,11 @@ def test_a_trainer_with_its_own_compute_loss_is_left_alone(tiny_llama_dir, tmp_p
     assert window.steps == 0 and "Custom's loss is not known" in window.off_reason
 
 
-@pytest.mark.parametrize("setting, expected", [(None, 2 * 96), ("settings", 2 * 96), ("seen", 2 * 40)])
+@pytest.mark.parametrize("setting, expected", [(None, 2 * 96), ("settings", 2 * 96), ("seen", 2 * 40),
+                                              ("real", 55)])
 def test_pass_budget_from_the_settings_or_from_the_batches_seen(monkeypatch, setting, expected):
     """The pass budget: per_device_train_batch_size x max_length by default; TURBOTUNE_PASS_BUDGET=seen: the largest
-    padded micro-batch seen so far (it only grows)."""
+    padded micro-batch seen so far; =real: the most real tokens one micro-batch has had (both only grow)."""
     from types import SimpleNamespace
     if setting is None:
         monkeypatch.delenv("TURBOTUNE_PASS_BUDGET", raising=False)
@@ -103,5 +104,14 @@ def test_pass_budget_from_the_settings_or_from_the_batches_seen(monkeypatch, set
     hook = SimpleNamespace(window=sc.Window(), max_seq_length=lambda: 512)
     trainer = SimpleNamespace(args=SimpleNamespace(per_device_train_batch_size=2, max_length=96))
     batches = [{"input_ids": torch.zeros(2, n, dtype=torch.long)} for n in (12, 40, 7)]
-    assert sc._budget(trainer, batches, hook) == expected
-    assert sc._budget(trainer, batches[:1], hook) == expected  # a later, shorter step keeps the largest seen
+    assert sc._budget(trainer, batches, hook, [20, 55, 7]) == expected
+    assert sc._budget(trainer, batches[:1], hook, [12]) == expected  # a later, shorter step keeps the largest seen
+
+
+def test_pass_budget_switch_is_checked(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setenv("TURBOTUNE_PASS_BUDGET", "padded")
+    hook = SimpleNamespace(window=sc.Window(), max_seq_length=lambda: 512)
+    trainer = SimpleNamespace(args=SimpleNamespace(per_device_train_batch_size=2, max_length=96))
+    with pytest.raises(ValueError, match="settings, seen or real"):
+        sc._budget(trainer, [{"input_ids": torch.zeros(2, 8, dtype=torch.long)}], hook, [10])

@@ -66,6 +66,7 @@ class Window:
         self.steps = self.micro_batches = self.passes = 0
         self.rows = None  # the trainer's rows per micro-batch (per_device_train_batch_size)
         self.largest_batch = 0  # the largest padded micro-batch seen (rows x length)
+        self.largest_real = 0  # the most real tokens one micro-batch has had
         self.pass_tokens = None  # real tokens per coalesced pass at most, once a step was coalesced
 
     def line(self) -> str | None:
@@ -160,7 +161,7 @@ def _run_kept(trainer, model, window: Window, num_items_in_batch, hook):
     if lengths is None:  # left padding or different keys somewhere: each as it came
         groups = [[i] for i in range(len(kept))]
     else:
-        budget = _budget(trainer, kept, hook)
+        budget = _budget(trainer, kept, hook, [sum(x) for x in lengths])
         if len(kept) > 1:
             window.pass_tokens = budget
         groups = plan_passes([sum(x) for x in lengths], budget)
@@ -231,20 +232,28 @@ def _real_lengths(batches: list[dict]) -> list[list[int]] | None:
     return out
 
 
-def _budget(trainer, batches: list[dict], hook) -> int:
+def _budget(trainer, batches: list[dict], hook, real: list[int] | None = None) -> int:
     """Real tokens per pass at most: the largest batch the settings allow in one micro-step
     (per_device_train_batch_size x the trainer's max_length, else the model's max_seq_length), at least the
-    largest padded micro-batch seen. TURBOTUNE_PASS_BUDGET=seen: only the largest padded micro-batch seen so far,
-    so a pass holds no more tokens than the trainer's own micro-batches have needed (less memory on data whose
-    longest samples have not come yet; more passes, so slower: an A/B for the mixed-length memory line)."""
+    largest padded micro-batch seen. TURBOTUNE_PASS_BUDGET (A/B runs for the mixed-length memory line, default
+    `settings`): `seen`, only the largest padded micro-batch seen so far, so a pass holds no more tokens than the
+    trainer's own micro-batches have needed; `real`, only the largest count of *real* tokens one micro-batch has
+    had (`real`: each kept micro-batch's), the most a padding-free engine computes in one micro-step. Both mean
+    less memory before the longest samples come, and more passes, so slower."""
     window = hook.window
     rows = int(getattr(trainer.args, "per_device_train_batch_size", 0) or 0)
     window.rows = rows or None
     length = int(getattr(trainer.args, "max_length", 0) or getattr(trainer.args, "max_seq_length", 0)
                  or hook.max_seq_length() or 0)  # transformers' Trainer has no max_length: the model's
     window.largest_batch = max(window.largest_batch, max(b["input_ids"].numel() for b in batches))
-    if os.environ.get("TURBOTUNE_PASS_BUDGET", "settings") == "seen":
+    window.largest_real = max([window.largest_real, *(real or [])])
+    mode = os.environ.get("TURBOTUNE_PASS_BUDGET", "settings")
+    if mode not in ("settings", "seen", "real"):
+        raise ValueError(f"TURBOTUNE_PASS_BUDGET must be settings, seen or real, not {mode!r}")
+    if mode == "seen":
         return window.largest_batch
+    if mode == "real" and window.largest_real:
+        return window.largest_real
     return max(rows * length, window.largest_batch)
 
 
