@@ -22,3 +22,24 @@ def test_capture_split_note():
     assert _capture_split([]) == ""
     assert _capture_split([(0.1, 0.3), (0.2, 0.5), (0.15, 0.4)]) == \
         "; per graph, medians: forward capture 150 ms, backward 400 ms"
+
+
+def test_step_notes_put_the_timeline_and_capture_split_in_the_json(monkeypatch):
+    from types import SimpleNamespace
+
+    from turbotune.bench import sft
+    from turbotune.training import trainer_step
+    from turbotune.training.step_coalescing import Window
+
+    summary = {"forward": 15.0, "forward_to_backward": 2.0, "backward": 30.0, "to_next_pass": 40.0, "passes": 9}
+    graphs = SimpleNamespace(disabled_reason=None, replays=9, eager_calls=2, captures=2, capture_s=0.8,
+                             capture_parts=[(0.2, 0.5), (0.1, 0.4)],
+                             timeline=SimpleNamespace(summary=lambda: summary))
+    step = SimpleNamespace(graphs=graphs, window=Window(), no_grad_graphs=SimpleNamespace(
+        replays=0, captures=0, disabled_reason=None))
+    monkeypatch.setattr(trainer_step, "trainer_step_of", lambda model: step)
+    result = {}
+    notes = sft._step_notes(object(), {}, result)
+    assert result["pass_timeline_ms"] == summary and result["capture_parts_s"] == [[0.2, 0.5], [0.1, 0.4]]
+    assert any("40.0 ms until the next pass" in n for n in notes)
+    assert any("forward capture 200 ms, backward 500 ms" in n for n in notes), notes

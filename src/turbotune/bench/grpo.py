@@ -116,7 +116,7 @@ def run_grpo(model, spec: dict, result: dict, log) -> None:
     tokens = [per_step * (prompt + (n if n is not None else completion)) for n in lengths]
     gen = _per_step(generate_s, [clock.t0] + clock.times)
     _record(result, spec, [h["loss"] for h in logged], times, tokens,
-            list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec) + optimizer_note(trainer))
+            list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec, result) + optimizer_note(trainer))
     result.update(rewards=[h.get("reward") for h in logged], completion_mean_lengths=lengths,
                   generate_s_per_step=gen)
     timed = range(spec["warmup"], len(times))

@@ -130,7 +130,7 @@ def train_timed(trainer, model, spec: dict, result: dict, clock, fed: list[int])
     times, ga = run_timed(trainer, spec, result, clock), spec["grad_accum"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = [sum(fed[i * ga:(i + 1) * ga]) for i in range(len(times))]
-    notes = list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec) + optimizer_note(trainer)
+    notes = list(model.__dict__.get("_bench_notes", [])) + _step_notes(model, spec, result) + optimizer_note(trainer)
     _record(result, spec, losses, times, tokens, notes)
 
 
@@ -283,7 +283,9 @@ def _capture_split(parts: list[tuple[float, float]]) -> str:
     return f"; per graph, medians: forward capture {fwd:.0f} ms, backward {bwd:.0f} ms"
 
 
-def _step_notes(model, spec) -> list[str]:
+def _step_notes(model, spec, result: dict | None = None) -> list[str]:
+    """The trainer hook's counters as note lines; `result` also gets the pass timeline's medians
+    ("pass_timeline_ms") and each capture's forward and backward seconds ("capture_parts_s") for the JSON."""
     from turbotune.training.trainer_step import trainer_step_of
     step = trainer_step_of(model)
     if step is None:
@@ -296,9 +298,14 @@ def _step_notes(model, spec) -> list[str]:
     passes = (f"{w.micro_batches} micro-batches of {w.steps} optimizer steps ran as {w.passes} passes"
               if w.steps else w.line() or "micro-batches run one by one")
     notes = [f"CUDA graphs {state}", passes]
+    if result is not None and g.capture_parts:
+        result["capture_parts_s"] = [list(p) for p in g.capture_parts]
     if g.timeline is not None:
         from turbotune.training.pass_timeline import timeline_line
-        line = timeline_line(g.timeline.summary())
+        summary = g.timeline.summary()
+        if result is not None and summary:
+            result["pass_timeline_ms"] = summary
+        line = timeline_line(summary)
         if line:
             notes.append(line)
     if ng.replays or ng.captures or ng.disabled_reason:
