@@ -138,9 +138,9 @@ def test_trainer_packed_rows_replay_graphs_like_eager(tiny_dir, tmp_path, dtype)
 
 
 def test_trainer_packed_rows_with_sequence_offsets_equal_the_document_mask(tiny_dir, tmp_path, monkeypatch):
-    """TURBOTUNE_FLASH_VARLEN (the default): turbotune train's packed rows carry fixed-size sample offsets and every layer runs
-    FlashAttention's varlen kernel over the rows end to end, replayed from graphs; per-step losses equal the run
-    with transformers' document mask (bf16: flash and masked SDPA round differently)."""
+    """TURBOTUNE_FLASH_VARLEN (the default): turbotune train's packed rows carry fixed-size sample offsets and every
+    layer runs FlashAttention's varlen kernel over the rows end to end, replayed from graphs; per-step losses equal
+    the run with transformers' document mask (bf16: flash and masked SDPA round differently)."""
     from transformers import AutoTokenizer
 
     from turbotune.bench.packing import make_length_mix

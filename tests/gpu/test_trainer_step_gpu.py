@@ -243,7 +243,8 @@ def test_grpo_log_prob_passes_replay_and_equal_eager(tiny_dir, tmp_path):
     graphs off (the same rollouts: generation does not go through these graphs)."""
     step, logs = _grpo(tiny_dir, tmp_path)
     ref = step.no_grad_graphs
-    assert ref.disabled_reason is None and ref.captures >= 1 and ref.replays >= 1, (ref.captures, ref.replays, ref.eager_calls)
+    assert ref.disabled_reason is None and ref.captures >= 1 and ref.replays >= 1, \
+        (ref.captures, ref.replays, ref.eager_calls)
     eager, eager_logs = _grpo(tiny_dir, tmp_path, graphs=False)
     assert eager.no_grad_graphs.replays == 0
     assert any(h.get("reward_std", 0) > 0 for h in logs), logs  # advantages that are not all zero
