@@ -103,7 +103,10 @@ def test_flat_graph_grads_equal_the_default_and_time_the_passes(tiny_dir, tmp_pa
         assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4), (a, b)
 
 
-def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path):
+@pytest.mark.parametrize("lean", ["0", "1"])
+def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path, monkeypatch, lean):
+    """Also with TURBOTUNE_LEAN_CAPTURE=1 (captures without emptying the allocator's caches first)."""
+    monkeypatch.setenv("TURBOTUNE_LEAN_CAPTURE", lean)
     lengths = [17 + (i * 37) % 180 for i in range(80)]  # every micro-batch pads to another length
     step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=20, batch=4)
     assert step.graphs.disabled_reason is None

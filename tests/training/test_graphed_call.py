@@ -110,3 +110,39 @@ def test_replay_autograd_plumbing(mode):
         out.sum().backward()  # upstream gradient: ones, sum 3
     torch.testing.assert_close(params[0].grad, torch.full((2,), 6.0))
     torch.testing.assert_close(params[1].grad, torch.full((3,), 12.0))
+
+
+def test_capture_into_is_torchs_graph_context_unless_lean(monkeypatch):
+    from turbotune.training import graphed_call
+    made = []
+    monkeypatch.setattr(graphed_call.torch.cuda, "graph",
+                        lambda g, pool, capture_error_mode: made.append((g, pool, capture_error_mode)) or "ctx")
+    monkeypatch.delenv("TURBOTUNE_LEAN_CAPTURE", raising=False)
+    assert graphed_call.capture_into("g", "pool") == "ctx" and made == [("g", "pool", "thread_local")]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_lean_capture_begins_and_ends_on_the_capture_stream(monkeypatch, fails):
+    """TURBOTUNE_LEAN_CAPTURE=1: capture_begin (pool, thread_local) on torch.cuda.graph's capture stream, and
+    capture_end also when the captured code raises; no cache is emptied."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from turbotune.training import graphed_call
+    events = []
+    fake_cuda = SimpleNamespace(
+        graph=SimpleNamespace(default_capture_stream="capture-stream"),
+        synchronize=lambda: events.append("sync"),
+        stream=lambda s: contextlib.nullcontext(events.append(("stream", s))),
+        empty_cache=lambda: events.append("empty_cache"))
+    monkeypatch.setattr(graphed_call.torch, "cuda", fake_cuda)
+    monkeypatch.setenv("TURBOTUNE_LEAN_CAPTURE", "1")
+    graph = SimpleNamespace(capture_begin=lambda pool, capture_error_mode: events.append(("begin", pool,
+                                                                                          capture_error_mode)),
+                            capture_end=lambda: events.append("end"))
+    with contextlib.suppress(RuntimeError):
+        with graphed_call.capture_into(graph, "pool"):
+            events.append("body")
+            if fails:
+                raise RuntimeError("captured code failed")
+    assert events == ["sync", ("stream", "capture-stream"), ("begin", "pool", "thread_local"), "body", "end"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from turbotune.training.graphed_call import capture_failed, capturing, graph_key
+from turbotune.training.graphed_call import capture_failed, capture_into, capturing, graph_key
 
 MAX_GRAPHS = 8  # shapes captured at most (DPO: one per padded length the collator produces)
 
@@ -70,8 +70,7 @@ class ForwardGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             torch.cuda.synchronize()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), \
-                    one_sequence_per_row(inputs):
+            with capture_into(graph, self._pool), one_sequence_per_row(inputs):
                 out = self.fn(**inputs, **others)
         except Exception as exc:  # noqa: BLE001 - eager from now on, said once
             return capture_failed(self, exc, "for no-grad calls")

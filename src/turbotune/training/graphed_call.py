@@ -4,6 +4,7 @@ replayed, the LoRA parameters as its inputs, so the trainer's loss scaling, accu
 see ordinary `.grad`s."""
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
@@ -123,16 +124,13 @@ class GraphedCall:
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            # thread_local: a trainer's data-loading threads may touch CUDA (pinned memory) meanwhile.
-            with torch.cuda.graph(fwd, pool=self._pool, capture_error_mode="thread_local"), \
-                    one_sequence_per_row(inputs):
+            with capture_into(fwd, self._pool), one_sequence_per_row(inputs):
                 out = self.fn(**inputs, **others)
                 _end_offload_forward(self.model)
             t1 = time.perf_counter()
             entry = _Entry(out, inputs, params)
             # The trainer runs its backward outside the forward's autocast (accelerate's bf16 wrapper): so here.
-            with torch.cuda.graph(bwd, pool=self._pool, capture_error_mode="thread_local"), \
-                    torch.autocast("cuda", enabled=False):
+            with capture_into(bwd, self._pool), torch.autocast("cuda", enabled=False):
                 grads = torch.autograd.grad(entry.diff_outputs(), params, grad_outputs=entry.grad_inputs,
                                             allow_unused=True)
                 if self._grad_bufs is not None:
@@ -146,6 +144,32 @@ class GraphedCall:
         self._entries[key] = entry
         self.captures += 1
         return entry
+
+
+def capture_into(graph, pool):
+    """The context that captures into `graph` (from `pool`): torch.cuda.graph, error mode "thread_local" (a
+    trainer's data-loading threads may touch CUDA, pinning memory, meanwhile). With TURBOTUNE_LEAN_CAPTURE=1 the
+    same capture on the same stream without what torch.cuda.graph does on entering: empty the caching allocator
+    (so the eager work of the next steps allocates from the driver again) and the pinned-host cache (so the data
+    loader pins from scratch), on every capture; a mixed-length run captures ~7 graphs in its first 50 steps,
+    each costing 300–540 ms on an H100 (bench/NOTES.md, thirteenth session). Off until measured."""
+    import os
+    if os.environ.get("TURBOTUNE_LEAN_CAPTURE", "0") != "1":
+        return torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local")
+    return _lean_capture(graph, pool)
+
+
+@contextlib.contextmanager
+def _lean_capture(graph, pool):
+    if torch.cuda.graph.default_capture_stream is None:  # the stream torch.cuda.graph captures on: shared, so
+        torch.cuda.graph.default_capture_stream = torch.cuda.Stream()  # pools are reused across both kinds
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.graph.default_capture_stream):
+        graph.capture_begin(pool, capture_error_mode="thread_local")
+        try:
+            yield
+        finally:
+            graph.capture_end()
 
 
 def graph_offload_enabled() -> bool:
