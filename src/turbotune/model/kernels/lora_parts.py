@@ -212,12 +212,37 @@ def lora_part(peft_linear: nn.Module, fp32_backend: str = "auto") -> LoRAPart | 
 
 def lora_state_key(m: nn.Module) -> tuple:
     """What can change a module's fused-LoRA eligibility between forwards, cheaply read: PEFT's
-    disable_adapter() context, merge/unmerge, set_adapter / load_adapter, and freezing or replacing the base."""
+    disable_adapter() context, merge/unmerge, set_adapter / load_adapter, and freezing or replacing the base.
+
+    Read from the module's own attributes where PEFT keeps them (`_lora_state_fast`): through PEFT's properties
+    and nn.Module's attribute lookup a call took 7.6 µs, read directly 0.9 µs (timeit, CPU machine); 392 calls
+    per pass of a 28-layer model with recompute, paid by every eager pass and every CUDA-graph capture."""
+    fast = _lora_state_fast(m)
+    if fast is not None:
+        return fast
     if not hasattr(m, "lora_A"):
         return (id(m.weight), m.weight.requires_grad)
     base = m.get_base_layer()
     return (m.disable_adapters, m.merged, tuple(m.active_adapters), len(m.lora_A), id(base.weight),
             base.weight.requires_grad, id(getattr(base.weight, "quant_state", None)))
+
+
+def _lora_state_fast(m: nn.Module) -> tuple | None:
+    """lora_state_key from the instance dictionaries (the same values PEFT's properties return), or None where
+    a module keeps them elsewhere (another PEFT version, another layer type): the slow path then."""
+    d = m.__dict__
+    lora_a = d["_modules"].get("lora_A")
+    if lora_a is None or "_disable_adapters" not in d or "merged_adapters" not in d or "_active_adapter" not in d:
+        return None
+    base = m
+    while "base_layer" in base.__dict__["_modules"]:  # get_base_layer(): wrappers may nest
+        base = base.__dict__["_modules"]["base_layer"]
+    weight = base.__dict__["_parameters"].get("weight")
+    if weight is None:
+        return None
+    active = d["_active_adapter"]
+    return (d["_disable_adapters"], bool(d["merged_adapters"]), (active,) if isinstance(active, str) else tuple(active),
+            len(lora_a), id(weight), weight.requires_grad, id(getattr(weight, "quant_state", None)))
 
 
 def cached_lora_part(module: nn.Module, fp32_backend: str = "auto") -> LoRAPart | None:
