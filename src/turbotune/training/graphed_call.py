@@ -176,8 +176,8 @@ def graph_offload_enabled() -> bool:
     """Offloaded checkpointing (use_gradient_checkpointing="offload", the bench's turbotune-min-memory row) captured
     in the trainer step's graphs too, its copies to the host joined inside the forward graph (end_forward_capture).
     On unless TURBOTUNE_GRAPH_OFFLOAD=0. Its GPU tests (one length, mixed lengths) passed on an H100 in the
-    thirteenth session; the mixed-length SFTTrainer run went from 5,303 real tokens/s eager to 15,196 captured,
-    for 0.13 GiB more peak memory (bench/NOTES.md)."""
+    thirteenth session; with 8-bit AdamW in both, the mixed-length SFTTrainer run went from 5,303 real tokens/s
+    eager to 11,452 captured, for 0.10 GiB more peak memory (1.68 -> 1.78 GiB; bench/NOTES.md)."""
     import os
     return os.environ.get("TURBOTUNE_GRAPH_OFFLOAD", "1") == "1"
 
