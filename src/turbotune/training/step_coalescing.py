@@ -161,10 +161,11 @@ def _run_kept(trainer, model, window: Window, num_items_in_batch, hook):
     if lengths is None:  # left padding or different keys somewhere: each as it came
         groups = [[i] for i in range(len(kept))]
     else:
-        budget = _budget(trainer, kept, hook, [sum(x) for x in lengths])
+        real = [sum(x) for x in lengths]  # each micro-batch's real tokens
+        budget = _budget(trainer, kept, hook, real)
         if len(kept) > 1:
             window.pass_tokens = budget
-        groups = plan_passes([sum(x) for x in lengths], budget)
+        groups = plan_passes(real, budget)
     total = None
     for n, group in enumerate(groups):
         batch = merge_padded([kept[i] for i in group], pad_id=hook.pad_id())
