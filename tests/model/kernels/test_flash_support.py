@@ -61,3 +61,37 @@ def test_a_failing_probe_falls_back_for_good_with_one_warning(fresh):
         warnings.simplefilter("error")
         assert run(first=broken) == "R"
     assert calls == {"first": 0, "flash": 0, "reference": 2}
+
+
+def test_a_probe_inside_a_checkpointed_forward_keeps_the_recomputation_in_step(fresh):
+    """The probe's autograd graph (forward and backward of a small case) runs on the first call only. Inside a
+    non-reentrant checkpoint its saved tensors must not reach the checkpoint's hooks, or the recomputation, which
+    does not probe, saves fewer tensors and the backward fails (Gemma 2's soft-capped attention on an H100)."""
+    def probe():
+        with torch.enable_grad():
+            x = torch.randn(3, 3, requires_grad=True)
+            (x.exp() * x.sin()).sum().backward()
+
+    def layer(h):
+        return flash_support.run_flash_or_reference("k", h, lambda: (h * h).tanh(), lambda: (h * h).tanh(),
+                                                    "thing", first=probe)
+
+    h = torch.randn(4, 8, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False).sum().backward()
+    expected = torch.autograd.grad((h * h).tanh().sum(), h)[0]
+    torch.testing.assert_close(h.grad, expected)
+
+
+def test_the_checkpoints_early_stop_passes_through_and_is_not_remembered_as_a_failure(fresh):
+    stop = getattr(torch.utils.checkpoint, "_StopRecomputationError", None)
+    if stop is None:
+        pytest.skip("this PyTorch has no early-stopping recomputation")
+
+    def stopped():
+        raise stop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(stop):
+            flash_support.run_flash_or_reference("k", torch.zeros(1, 4, 2, 8), stopped, lambda: "R", "thing",
+                                                 errors=(Exception,))
+    assert flash_support._support == {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.utils.checkpoint
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _support: dict[tuple, bool] = {}
@@ -32,6 +33,20 @@ def flash_forward(q, k, v, scale: float | None, window: int | None = None, offse
         q, k, v, offsets, offsets, length, length, 0.0, True, False, scale=scale, **extra)[0]
 
 
+# torch.utils.checkpoint stops a recomputation early by raising this through the forward: it must pass.
+_CHECKPOINT_SIGNALS = tuple(getattr(torch.utils.checkpoint, n) for n in ("_StopRecomputationError",)
+                            if hasattr(torch.utils.checkpoint, n))
+
+
+def _outside_checkpoint(probe) -> None:
+    """Run a probe with its own saved tensors kept as they are. Inside a checkpointed layer's forward the
+    checkpoint's hooks would count them, and the recomputation (which does not probe) would save fewer: torch
+    raises "A different number of tensors was saved" (Gemma 2 on an H100, fourteenth session). Innermost hooks
+    win, so plain pass-through hooks keep the probe's autograd graph its own."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        probe()
+
+
 def run_flash_or_reference(kind: str, q, flash, reference, what: str, errors=(RuntimeError, TypeError),
                            first=None):
     """flash() where the kernel is known to run for (kind, q's device, dtype, head size), else reference();
@@ -42,10 +57,12 @@ def run_flash_or_reference(kind: str, q, flash, reference, what: str, errors=(Ru
     if ok is None and not torch.cuda.is_current_stream_capturing():  # q is on a GPU here
         try:
             if first is not None:
-                first()
+                _outside_checkpoint(first)
             out = flash()
             _support[key] = True
             return out
+        except _CHECKPOINT_SIGNALS:  # the checkpoint's own control flow, not a kernel failing
+            raise
         except errors as exc:  # an older PyTorch, a GPU its kernel does not cover, a tile that does not fit
             _support[key] = False
             reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
