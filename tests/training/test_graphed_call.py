@@ -56,8 +56,8 @@ def test_views_of_one_buffer_per_dtype():
 
 def test_graph_grads_mode_switch(monkeypatch):
     monkeypatch.delenv("TURBOTUNE_GRAPH_GRADS", raising=False)
-    assert graph_grads_mode() == "foreach"
-    for mode in ("flat", "autograd"):
+    assert graph_grads_mode() == "flat"
+    for mode in ("foreach", "autograd"):
         monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode)
         assert graph_grads_mode() == mode
     monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", "fast")

@@ -313,14 +313,14 @@ def capturing() -> bool:
 
 
 def graph_grads_mode() -> str:
-    """How replayed gradients reach `.grad` (TURBOTUNE_GRAPH_GRADS): "foreach" (default), added in one
-    multi-tensor call instead of one clone and one AccumulateGrad per parameter (~400 launches for a 7-projection
-    LoRA); "flat", the same with one scalar as the replay's only autograd input (no per-parameter autograd nodes)
-    and a step's new gradients in one allocation, less host time per pass (not yet measured on a GPU);
+    """How replayed gradients reach `.grad` (TURBOTUNE_GRAPH_GRADS): "flat" (default), one scalar as the replay's
+    only autograd input (no per-parameter autograd nodes) and a step's new gradients in one allocation: the host's
+    gap between passes 41.4 -> 35.9 ms and +6.5% steady real tokens/s on mixed lengths (H100, fourteenth session,
+    bench/NOTES.md); "foreach", each LoRA tensor an autograd input and the gradients added in one multi-tensor call;
     "autograd", autograd's own accumulation. Under torch.distributed always "autograd": gradient hooks must see
     autograd's accumulation."""
     import os
-    mode = os.environ.get("TURBOTUNE_GRAPH_GRADS", "foreach")
+    mode = os.environ.get("TURBOTUNE_GRAPH_GRADS", "flat")
     if mode not in ("foreach", "flat", "autograd"):
         raise ValueError(f"TURBOTUNE_GRAPH_GRADS must be foreach, flat or autograd, not {mode!r}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
