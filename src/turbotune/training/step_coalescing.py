@@ -36,6 +36,7 @@ import sys
 
 import torch
 
+from turbotune.training import deferred_backward
 from turbotune.training.padding import IGNORE_INDEX
 
 _MERGEABLE = {"input_ids", "attention_mask", "labels", "position_ids"}
@@ -54,6 +55,7 @@ def patch_trainer() -> None:
         return
     _original = Trainer.training_step
     Trainer.training_step = functools.wraps(_original)(_training_step)
+    deferred_backward.patch_trainer()
 
 
 class Window:
@@ -81,6 +83,7 @@ def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs
     hook = trainer_step_of(self.model) if getattr(self, "model", None) is not None else None
     if hook is None:
         return _original(self, model, inputs, num_items_in_batch, *args, **kwargs)
+    deferred_backward.flush(self)  # nothing runs a forward with a backward still pending (a no-op in the loop)
     token_sum = _loss_is_a_token_sum(self)
     hook.keep_rows = not token_sum
     window = hook.window
@@ -95,7 +98,7 @@ def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs
     window.kept.append(inputs)
     if not _step_closes(self, len(window.kept)):
         return torch.zeros((), device=self.args.device)
-    return _run_kept(self, model, window, num_items_in_batch, hook)
+    return _run_kept(self, model, window, num_items_in_batch, hook, may_defer=True)
 
 
 def _why_not(trainer, window: Window, inputs: dict, num_items_in_batch, token_sum: bool) -> str | None:
@@ -151,11 +154,13 @@ def _step_closes(trainer, count: int) -> bool:
     return bool(sync) or expected is None or count >= expected
 
 
-def _run_kept(trainer, model, window: Window, num_items_in_batch, hook):
-    """Run the kept micro-batches as passes of at most the budget's real tokens; their losses' sum (or None)."""
+def _run_kept(trainer, model, window: Window, num_items_in_batch, hook, may_defer: bool = False):
+    """Run the kept micro-batches as passes of at most the budget's real tokens; their losses' sum (or None).
+    `may_defer`: the step closes here, so its last pass may leave its backward to deferred_backward.py."""
     kept, window.kept = window.kept, []
     if not kept:
         return None
+    defer = may_defer and deferred_backward.can_defer(trainer)
     same_keys = all(set(b) == set(kept[0]) for b in kept)
     lengths = _real_lengths(kept) if same_keys else None
     if lengths is None:  # left padding or different keys somewhere: each as it came
@@ -173,7 +178,8 @@ def _run_kept(trainer, model, window: Window, num_items_in_batch, hook):
         quiet = (contextlib.nullcontext() if last or getattr(trainer.accelerator, "num_processes", 1) == 1
                  else trainer.accelerator.no_sync(model))
         hook.last_token_metrics = None
-        with quiet:
+        # deferred_backward.py: the step's last backward waits for the trainer's first look at the gradients
+        with quiet, (deferred_backward.deferring(trainer) if defer and last else contextlib.nullcontext()):
             loss = _original(trainer, model, batch, num_items_in_batch)
         if len(group) > 1 and lengths is not None:
             _metrics_per_micro_batch(trainer, hook, [lengths[i] for i in group])
