@@ -57,6 +57,17 @@ def test_defers_only_inside_the_training_loop_and_when_switched_on(monkeypatch):
     db._marking_the_loop(lambda self: seen.append(db.can_defer(self)))(t)
     assert seen == [True, False] and not db.can_defer(t)
 
+    class Own(_Trainer):  # a trainer whose gradient norm is its own (or a transformers without one): no flush
+        def _get_grad_norm(self, model, grad_norm=None):
+            return grad_norm
+    monkeypatch.setenv("TURBOTUNE_DEFER_BACKWARD", "1")
+    seen.clear()
+    db._marking_the_loop(lambda self: seen.append(db.can_defer(self)))(Own())
+    del Own._get_grad_norm, _Trainer._get_grad_norm
+    db._marking_the_loop(lambda self: seen.append(db.can_defer(self)))(Own())
+    _Trainer._get_grad_norm = db._flushing(lambda self, model, grad_norm=None: grad_norm)
+    assert seen == [False, False]
+
 
 def test_deferring_records_the_call_and_a_flush_runs_it_once():
     t = _Trainer()

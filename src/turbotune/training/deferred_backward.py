@@ -74,7 +74,8 @@ def can_defer(trainer) -> bool:
     """Whether this trainer's step-closing pass may leave its backward for later."""
     if not deferred_backward_enabled() or not trainer.__dict__.get(_IN_LOOP, False):
         return False
-    if not getattr(type(trainer)._get_grad_norm, _FLUSHES, False):  # a subclass replaced it: nothing would flush
+    if not getattr(getattr(type(trainer), "_get_grad_norm", None), _FLUSHES, False):  # replaced by a subclass,
+        # or a transformers without it: nothing would flush
         return False
     accelerator = trainer.accelerator
     optim = str(getattr(trainer.args, "optim", "")).lower()
