@@ -5,7 +5,7 @@
 # Leading VAR=value words of a stage's arguments are set in the bench's environment ("ab:TURBOTUNE_X=1 --qlora");
 # SRC=DIR runs that stage on another source tree (an A/B against an older commit exported to a carried folder),
 # TRAINER=loop runs turbotune's own-loop bench instead of TRL's SFTTrainer. ONE_PRESET=1 keeps only the stage's
-# preset in the model cache (8-9B presets are 16-19 GB each on a 64 GB disk).
+# preset in the model cache (8-9B presets are 16-19 GB each on a 64 GB disk). HOST_SPLIT: see the end.
 BUDGET=${BUDGET:-575}; . "$(dirname "$0")/gpu_env.sh"
 if [ -n "${TESTS-}" ]; then
   timeout ${TEST_LIMIT:-150} python3 -m pytest $TESTS -q -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
@@ -33,4 +33,18 @@ for stage in "$@"; do
     --json "$OUT/sft-$label.json" "${args[@]}" > "$OUT/sft-$label.txt" 2>&1
   grep -E "^\| |^- (turbotune|unsloth|hf|liger)|Error|error:" "$OUT/sft-$label.txt" | grep -v -- "---|" | cut -c1-300 | tail -14
 done
+# HOST_SPLIT="preset:args" (e.g. "qwen2-1.5b:--qlora --steps 30 --warmup 10"): bench/sft_host_split.py on the model
+# a stage cached, with perf_counter timers, then under cProfile (host_split*.txt)
+if [ -n "${HOST_SPLIT-}" ]; then
+  model=$(ls -d /tmp/bench-cache/"${HOST_SPLIT%%:*}"-seed* 2>/dev/null | head -1)
+  for mode in timers cprofile; do
+    [ -z "$model" ] && { echo "== host split: no cached ${HOST_SPLIT%%:*}"; break; }
+    [ $(left) -lt 60 ] && { echo "== host split ($mode): skipped, $(left) s left"; continue; }
+    flags=$([ $mode = cprofile ] && echo "--cprofile --top 40")
+    echo "== host split, $mode ($(left) s left)"
+    timeout $(( $(left) - 10 )) python3 bench/sft_host_split.py --model "$model" ${HOST_SPLIT#*:} $flags \
+      > "$OUT/host_split_$mode.txt" 2>&1
+    grep -A16 "ms per step" "$OUT/host_split_$mode.txt" | grep -v "^{" | cut -c1-160 | head -18
+  done
+fi
 ( cd "$OUT" && tar czf logs.tgz sft-*.txt 2>/dev/null && rm -f sft-*.txt )
