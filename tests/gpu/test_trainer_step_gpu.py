@@ -103,7 +103,7 @@ def test_flat_graph_grads_equal_the_default_and_time_the_passes(tiny_dir, tmp_pa
         assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4), (a, b)
 
 
-@pytest.mark.parametrize("lean, defer", [("0", "0"), ("1", "0"), ("0", "1")])
+@pytest.mark.parametrize("lean, defer", [("0", "0"), ("1", "0"), ("host", "0"), ("0", "1")])
 def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path, monkeypatch, lean, defer):
     """Also with TURBOTUNE_LEAN_CAPTURE=1 (captures without emptying the allocator's caches first) and with
     TURBOTUNE_DEFER_BACKWARD=1 (each step's last backward replayed once the trainer asks for the gradients)."""

@@ -121,10 +121,10 @@ def test_capture_into_is_torchs_graph_context_unless_lean(monkeypatch):
     assert graphed_call.capture_into("g", "pool") == "ctx" and made == [("g", "pool", "thread_local")]
 
 
-@pytest.mark.parametrize("fails", [False, True])
-def test_lean_capture_begins_and_ends_on_the_capture_stream(monkeypatch, fails):
+@pytest.mark.parametrize("fails, mode", [(False, "1"), (True, "1"), (False, "host"), (True, "host")])
+def test_lean_capture_begins_and_ends_on_the_capture_stream(monkeypatch, fails, mode):
     """TURBOTUNE_LEAN_CAPTURE=1: capture_begin (pool, thread_local) on torch.cuda.graph's capture stream, and
-    capture_end also when the captured code raises; no cache is emptied."""
+    capture_end also when the captured code raises; no cache is emptied (=host: the device cache is, first)."""
     import contextlib
     from types import SimpleNamespace
 
@@ -136,7 +136,7 @@ def test_lean_capture_begins_and_ends_on_the_capture_stream(monkeypatch, fails):
         stream=lambda s: contextlib.nullcontext(events.append(("stream", s))),
         empty_cache=lambda: events.append("empty_cache"))
     monkeypatch.setattr(graphed_call.torch, "cuda", fake_cuda)
-    monkeypatch.setenv("TURBOTUNE_LEAN_CAPTURE", "1")
+    monkeypatch.setenv("TURBOTUNE_LEAN_CAPTURE", mode)
     graph = SimpleNamespace(capture_begin=lambda pool, capture_error_mode: events.append(("begin", pool,
                                                                                           capture_error_mode)),
                             capture_end=lambda: events.append("end"))
@@ -145,4 +145,13 @@ def test_lean_capture_begins_and_ends_on_the_capture_stream(monkeypatch, fails):
             events.append("body")
             if fails:
                 raise RuntimeError("captured code failed")
-    assert events == ["sync", ("stream", "capture-stream"), ("begin", "pool", "thread_local"), "body", "end"]
+    emptied = ["empty_cache"] if mode == "host" else []
+    assert events == ["sync", *emptied, ("stream", "capture-stream"), ("begin", "pool", "thread_local"), "body",
+                      "end"]
+
+
+def test_lean_capture_switch_is_checked(monkeypatch):
+    from turbotune.training import graphed_call
+    monkeypatch.setenv("TURBOTUNE_LEAN_CAPTURE", "yes")
+    with pytest.raises(ValueError, match="0, 1 or host"):
+        graphed_call.capture_into("g", "pool")

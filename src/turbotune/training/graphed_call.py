@@ -38,7 +38,8 @@ class GraphedCall:
         self.calls = 0
         self.timeline = None  # a PassTimeline (pass_timeline.py) to time the replays on the device; off: None
         self._carrier = None  # TURBOTUNE_GRAPH_GRADS=flat: the one autograd input of a replay
-        graph_grads_mode()  # a misspelt switch fails here, when the model is set up, not at the first capture
+        graph_grads_mode(), lean_capture_mode()  # a misspelt switch fails here, when the model is set up, not at
+        # the first capture
         self.reset()
 
     def reset(self) -> None:
@@ -152,18 +153,33 @@ def capture_into(graph, pool):
     same capture on the same stream without what torch.cuda.graph does on entering: empty the caching allocator
     (so the eager work of the next steps allocates from the driver again) and the pinned-host cache (so the data
     loader pins from scratch), on every capture; a mixed-length run captures ~7 graphs in its first 50 steps,
-    each costing 300–540 ms on an H100 (bench/NOTES.md, thirteenth session). Off until measured."""
-    import os
-    if os.environ.get("TURBOTUNE_LEAN_CAPTURE", "0") != "1":
+    each costing 300–540 ms on an H100 (bench/NOTES.md, thirteenth session). Measured on an H100 (fourteenth
+    session): a backward capture 248 -> 182 ms, but 0.5 GiB more reserved (the eager blocks stay cached beside the
+    graphs' pool), so off. TURBOTUNE_LEAN_CAPTURE=host empties the device cache as torch does and keeps only the
+    pinned-host cache (the data loader's pinned batches), for the share of the saving that costs no device memory
+    (not yet measured on a GPU)."""
+    mode = lean_capture_mode()
+    if mode == "0":
         return torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local")
-    return _lean_capture(graph, pool)
+    return _lean_capture(graph, pool, empty_device_cache=mode == "host")
+
+
+def lean_capture_mode() -> str:
+    """TURBOTUNE_LEAN_CAPTURE: "0" (default), "1" or "host" (capture_into)."""
+    import os
+    mode = os.environ.get("TURBOTUNE_LEAN_CAPTURE", "0")
+    if mode not in ("0", "1", "host"):
+        raise ValueError(f"TURBOTUNE_LEAN_CAPTURE must be 0, 1 or host, not {mode!r}")
+    return mode
 
 
 @contextlib.contextmanager
-def _lean_capture(graph, pool):
+def _lean_capture(graph, pool, empty_device_cache: bool = False):
     if torch.cuda.graph.default_capture_stream is None:  # the stream torch.cuda.graph captures on: shared, so
         torch.cuda.graph.default_capture_stream = torch.cuda.Stream()  # pools are reused across both kinds
     torch.cuda.synchronize()
+    if empty_device_cache:
+        torch.cuda.empty_cache()
     with torch.cuda.stream(torch.cuda.graph.default_capture_stream):
         graph.capture_begin(pool, capture_error_mode="thread_local")
         try:
