@@ -76,13 +76,14 @@ def test_sfttrainer_replays_and_equals_eager(tiny_dir, tmp_path):
 
 
 def test_flat_graph_grads_equal_the_default_and_time_the_passes(tiny_dir, tmp_path, monkeypatch):
-    """TURBOTUNE_GRAPH_GRADS=flat (one autograd input per replay, a step's new gradients in one allocation) gives
-    the default's losses and gradient norms on mixed lengths (passes of several micro-batches, so .grad is both
-    created and added to); the pass timeline records every replayed pass."""
+    """TURBOTUNE_GRAPH_GRADS=flat (one autograd input per replay, a step's new gradients in one allocation) and
+    =adopt (the shared gradient buffers are the .grads) give foreach's losses and gradient norms on mixed lengths
+    (passes of several micro-batches, so .grad is both created and added to); the pass timeline records every
+    replayed pass."""
     from turbotune.training.pass_timeline import PassTimeline
     lengths = [17 + (i * 37) % 180 for i in range(48)]
     runs = {}
-    for mode in ("foreach", "flat"):
+    for mode in ("foreach", "flat", "adopt"):
         monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode)
         model, tok, step = _model(tiny_dir)
         step.graphs.timeline = PassTimeline()
@@ -97,10 +98,13 @@ def test_flat_graph_grads_equal_the_default_and_time_the_passes(tiny_dir, tmp_pa
         assert step.graphs.replays >= 6 and len(step.graphs.timeline.passes) == step.graphs.replays
         assert summary is not None and summary["forward"] > 0 and summary["backward"] > 0, summary
         runs[mode] = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
-    a, b = runs["foreach"], runs["flat"]
-    assert len(a) == len(b) == 12
-    for (la, ga), (lb, gb) in zip(a, b):
-        assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4), (a, b)
+        if mode == "adopt":  # the shared buffers are the .grads (the last step's, before zero_grad: None now)
+            assert step.graphs.grads_mode == "adopt" and step.graphs._grad_bufs is not None
+    a = runs["foreach"]
+    for b in (runs["flat"], runs["adopt"]):
+        assert len(a) == len(b) == 12
+        for (la, ga), (lb, gb) in zip(a, b):
+            assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4), (a, b)
 
 
 @pytest.mark.parametrize("lean, defer", [("0", "0"), ("1", "0"), ("host", "0"), ("0", "1")])

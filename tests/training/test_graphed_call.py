@@ -57,11 +57,11 @@ def test_views_of_one_buffer_per_dtype():
 def test_graph_grads_mode_switch(monkeypatch):
     monkeypatch.delenv("TURBOTUNE_GRAPH_GRADS", raising=False)
     assert graph_grads_mode() == "flat"
-    for mode in ("foreach", "autograd"):
+    for mode in ("foreach", "adopt", "autograd"):
         monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode)
         assert graph_grads_mode() == mode
     monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", "fast")
-    with pytest.raises(ValueError, match="foreach, flat or autograd"):
+    with pytest.raises(ValueError, match="foreach, flat, adopt or autograd"):
         graph_grads_mode()
 
 
@@ -82,16 +82,17 @@ def _fake_entry(params, grads_mode):
     def forward():
         entry.outputs[0].copy_(2 * x)
 
-    def backward():
+    def backward():  # "adopt" graphs add into the shared buffers, the others overwrite them
         for k, g in enumerate(entry.grads):
-            g.fill_(float(entry.grad_inputs[0].sum()) * (k + 1))
+            value = float(entry.grad_inputs[0].sum()) * (k + 1)
+            g.add_(value) if grads_mode == "adopt" else g.fill_(value)
 
     entry.fwd, entry.bwd, entry.grads_mode = _FakeGraph(forward), _FakeGraph(backward), grads_mode
     entry.detach_outputs()
     return entry
 
 
-@pytest.mark.parametrize("mode", ["autograd", "foreach", "flat"])
+@pytest.mark.parametrize("mode", ["autograd", "foreach", "flat", "adopt"])
 def test_replay_autograd_plumbing(mode):
     """The replay's autograd Function in each gradients mode: outputs require grad, the backward hands autograd
     one gradient per input, and .grad ends up the same (two backwards: added)."""
@@ -102,13 +103,52 @@ def test_replay_autograd_plumbing(mode):
     call = GraphedCall(lambda **kw: None, model)
     entry = _fake_entry(params, mode)
     inputs = call._autograd_inputs(entry)
-    assert len(inputs) == (1 if mode == "flat" else 2)
+    assert len(inputs) == (1 if mode in ("flat", "adopt") else 2)
     for _ in range(2):
         (out,) = _Replay.apply(entry, None, *inputs)
         assert out.requires_grad
         torch.testing.assert_close(out, 2 * torch.arange(3.0))
         out.sum().backward()  # upstream gradient: ones, sum 3
     torch.testing.assert_close(params[0].grad, torch.full((2,), 6.0))
+    torch.testing.assert_close(params[1].grad, torch.full((3,), 12.0))
+    if mode == "adopt":  # the buffers are the .grads: no second set
+        assert all(p.grad is b for p, b in zip(params, entry.grads))
+
+
+def _replay_step(entry, inputs):
+    from turbotune.training.graphed_call import _Replay
+    (out,) = _Replay.apply(entry, None, *inputs)
+    out.sum().backward()
+
+
+def test_adopted_grads_start_from_zero_each_step_and_add_to_foreign_grads():
+    """"adopt": after zero_grad (set to None) the next step starts from zeroed buffers, not the last step's sums;
+    zero_grad(set_to_none=False) keeps accumulating into them; a .grad that is not the buffer (an eager pass made
+    it, or the user set it) gets the replay's gradients added, and the buffers are not handed over."""
+    from turbotune.training.graphed_call import GraphedCall
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    model = torch.nn.Module()
+    model.a, model.b = params
+    entry = _fake_entry(params, "adopt")
+    inputs = GraphedCall(lambda **kw: None, model)._autograd_inputs(entry)
+    for _ in range(2):
+        _replay_step(entry, inputs)
+    model.zero_grad()  # set_to_none: a new step
+    _replay_step(entry, inputs)
+    torch.testing.assert_close(params[1].grad, torch.full((3,), 6.0))
+    model.zero_grad(set_to_none=False)  # zeros in place: still the buffers, accumulating
+    _replay_step(entry, inputs)
+    assert params[1].grad is entry.grads[1]
+    torch.testing.assert_close(params[1].grad, torch.full((3,), 6.0))
+    model.zero_grad()
+    own = [torch.ones(2), None]  # a foreign .grad on one parameter, none on the other
+    params[0].grad = own[0]
+    _replay_step(entry, inputs)
+    assert params[0].grad is own[0] and params[1].grad is not entry.grads[1]
+    torch.testing.assert_close(params[0].grad, torch.full((2,), 4.0))
+    torch.testing.assert_close(params[1].grad, torch.full((3,), 6.0))
+    _replay_step(entry, inputs)  # the buffers are zeroed again before they are added to the .grads
+    torch.testing.assert_close(params[0].grad, torch.full((2,), 7.0))
     torch.testing.assert_close(params[1].grad, torch.full((3,), 12.0))
 
 
