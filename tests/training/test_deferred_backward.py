@@ -101,3 +101,17 @@ def test_a_step_abandoned_by_an_exception_drops_its_backward():
         db._marking_the_loop(loop)(t)
     db.flush(t)
     assert ran == [] and not t.__dict__.get(db._IN_LOOP)
+
+
+def test_without_clipping_the_grad_norm_call_runs_the_backward(tiny_llama_dir, tmp_path, monkeypatch):
+    """max_grad_norm 0: transformers skips _clip_grad_norm and asks _get_grad_norm for the norm only; the deferred
+    backward runs there, before the optimizer step."""
+    monkeypatch.setenv("TURBOTUNE_DEFER_BACKWARD", "1")
+    before = db.launched
+    model, deferred = _train(tiny_llama_dir, tmp_path, True, "noclip-defer", max_grad_norm=0.0)
+    assert db.launched - before == 3
+    monkeypatch.setenv("TURBOTUNE_DEFER_BACKWARD", "0")
+    plain_model, plain = _train(tiny_llama_dir, tmp_path, True, "noclip-now", max_grad_norm=0.0)
+    assert [h["loss"] for h in deferred] == [h["loss"] for h in plain]
+    a, b = _lora(model), _lora(plain_model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
