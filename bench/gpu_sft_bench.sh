@@ -35,10 +35,10 @@ for stage in "$@"; do
 done
 # HOST_SPLIT="preset:args" (e.g. "qwen2-1.5b:--qlora --steps 30 --warmup 10"): bench/sft_host_split.py on the model
 # a stage cached, with perf_counter timers, then under cProfile (host_split*.txt)
-if [ -n "${HOST_SPLIT-}" ]; then
-  model=$(ls -d /tmp/bench-cache/"${HOST_SPLIT%%:*}"-seed* 2>/dev/null | head -1)
+model=$([ -n "${HOST_SPLIT-}" ] && ls -d /tmp/bench-cache/"${HOST_SPLIT%%:*}"-seed* 2>/dev/null | head -1)
+[ -n "${HOST_SPLIT-}" ] && [ -z "$model" ] && echo "== host split: no cached ${HOST_SPLIT%%:*}"
+if [ -n "$model" ]; then
   for mode in timers cprofile; do
-    [ -z "$model" ] && { echo "== host split: no cached ${HOST_SPLIT%%:*}"; break; }
     [ $(left) -lt 60 ] && { echo "== host split ($mode): skipped, $(left) s left"; continue; }
     flags=$([ $mode = cprofile ] && echo "--cprofile --top 40")
     echo "== host split, $mode ($(left) s left)"

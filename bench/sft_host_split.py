@@ -30,8 +30,8 @@ class Phases:
     """Wall time per labelled phase, from wrappers that count only while `on` (after the warm-up steps). Nested
     phases (the pass inside training_step) are counted in both."""
 
-    def __init__(self, cuda: bool):
-        self.on, self.cuda = False, cuda
+    def __init__(self):
+        self.on = False
         self.ms: dict[str, float] = {}
         self.calls: dict[str, int] = {}
 
@@ -111,7 +111,7 @@ def main():
     if not cuda:
         torch.set_num_threads(1)
     trainer = build_trainer(args, cuda)
-    phases, profiler = Phases(cuda), cProfile.Profile()
+    phases, profiler = Phases(), cProfile.Profile()
     if not args.cprofile:
         install_timers(trainer, phases)
 

@@ -86,8 +86,7 @@ def can_defer(trainer) -> bool:
 def deferring(trainer):
     """Within: the trainer's `accelerator.backward(loss, ...)` is recorded, to run at the next flush."""
     accelerator = trainer.accelerator
-    had_own = "backward" in accelerator.__dict__
-    own = accelerator.__dict__.get("backward")
+    own = accelerator.__dict__.get("backward")  # an instance attribute to put back, else the class's method
     real = accelerator.backward
 
     def record(loss, **kwargs):
@@ -97,7 +96,7 @@ def deferring(trainer):
     try:
         yield
     finally:
-        if had_own:
+        if own is not None:
             accelerator.backward = own
         else:
             del accelerator.backward

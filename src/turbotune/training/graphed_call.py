@@ -38,8 +38,7 @@ class GraphedCall:
         self.calls = 0
         self.timeline = None  # a PassTimeline (pass_timeline.py) to time the replays on the device; off: None
         self._carrier = None  # TURBOTUNE_GRAPH_GRADS=flat: the one autograd input of a replay
-        graph_grads_mode(), lean_capture_mode()  # a misspelt switch fails here, when the model is set up, not at
-        # the first capture
+        lean_capture_mode()  # a misspelt switch fails here (reset() reads the grads mode), not at the first capture
         self.reset()
 
     def reset(self) -> None:
@@ -283,12 +282,10 @@ class _Replay(torch.autograd.Function):
             _replay_adopting(entry)
         else:
             entry.bwd.replay()
-        if entry.grads_mode == "autograd":
-            out = (None, None, *[g.clone() if g is not None else None for g in entry.grads])
-        else:
-            if entry.grads_mode in ("foreach", "flat"):
+            if entry.grads_mode != "autograd":
                 _accumulate_foreach(entry.params, entry.grads, one_allocation=entry.grads_mode == "flat")
-            out = (None,) * (2 + ctx.inputs)
+        out = ((None, None, *[g.clone() if g is not None else None for g in entry.grads])
+               if entry.grads_mode == "autograd" else (None,) * (2 + ctx.inputs))
         if ctx.events is not None:
             PassTimeline.mark(ctx.events)
         return out
