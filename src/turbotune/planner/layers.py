@@ -13,13 +13,14 @@ if TYPE_CHECKING:  # pragma: no cover
 ADAPTER_BYTES = 4                      # PEFT keeps LoRA A / B in fp32 (autocast_adapter_dtype)
 
 
-def mlp_tile_chunk(n_tokens: int | None, intermediate: int, b: int) -> int | None:
-    """Tokens per chunk of turbotune's token-tiled MLP at this size, or None when it is not tiled."""
+def mlp_tile_chunk(n_tokens: int | None, intermediate: int, b: int, checkpointing: str | None = None) -> int | None:
+    """Tokens per chunk of turbotune's token-tiled MLP at this size and checkpointing mode, or None when it is not
+    tiled."""
     if n_tokens is None:
         return None
     # the rule the patched MLP forward itself uses (imported here: it needs torch)
-    from turbotune.model.kernels.mlp_tiling import mlp_token_chunk
-    return mlp_token_chunk(n_tokens, intermediate, b)
+    from turbotune.model.kernels.mlp_tiling import mlp_tile_budget, mlp_token_chunk
+    return mlp_token_chunk(n_tokens, intermediate, b, mlp_tile_budget(checkpointing))
 
 
 def bf16x3_min_features() -> int:
@@ -29,18 +30,19 @@ def bf16x3_min_features() -> int:
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, method: str = "turbotune", r: int = 16, b: int = 2,
-                                a: int = ADAPTER_BYTES, n_tokens: int | None = None) -> dict[str, int]:
+                                a: int = ADAPTER_BYTES, n_tokens: int | None = None,
+                                checkpointing: str | None = None) -> dict[str, int]:
     """What one decoder layer saves for backward, bytes per token, by term (planner docstring, section 3).
 
     The key "layer_input" is the layer's input x when the layer itself saves it (turbotune's input RMSNorm;
     hf only in fp32); under checkpointing it is the checkpoint input and is counted there instead.
     n_tokens (turbotune): when the MLP is tiled over that many tokens it saves only its input, so "mlp_e_g" and
-    "mlp_xa" are 0; None: not tiled.
+    "mlp_xa" are 0; None: not tiled. checkpointing: the mode, which sets the tiling budget (mlp_tile_budget).
     """
     H, I, Dq, Dkv, nh = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.heads
     sdpa = {"sdpa_qkv": (Dq + 2 * Dkv) * b, "sdpa_lse": 4 * nh}
     if method == "turbotune":
-        untiled = mlp_tile_chunk(n_tokens, I, b) is None
+        untiled = mlp_tile_chunk(n_tokens, I, b, checkpointing) is None
         return {"layer_input": H * b, "norm_rstd": 2 * 4, "qkv_x": H * b, "qkv_xa": 3 * r * a, **sdpa,
                 "attn_out": Dq * b, "o_xa": r * a, "mid_residual": H * b, "mlp_x": H * b,
                 "mlp_e_g": 2 * I * b if untiled else 0, "mlp_xa": 3 * r * a if untiled else 0}
@@ -59,7 +61,8 @@ def layer_saved_bytes_per_token(shape: ModelShape, method: str = "turbotune", r:
     raise PlanError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def layer_working_bytes(shape: ModelShape, n_tokens: int, method: str, b: int, a: int, qlora: bool) -> dict:
+def layer_working_bytes(shape: ModelShape, n_tokens: int, method: str, b: int, a: int, qlora: bool,
+                        checkpointing: str | None = None) -> dict:
     """The largest temporaries of one layer's (recomputed) forward + backward, bytes (planner docstring, section 3).
 
     "mlp_chunk" is the token chunk of turbotune's tiled MLP (None: untiled); the MLP term then covers one chunk.
@@ -71,7 +74,7 @@ def layer_working_bytes(shape: ModelShape, n_tokens: int, method: str, b: int, a
         # the fp32 copy of an [N, I] tensor exists only where the adapters' fp32 products don't go the bf16x3
         # way (kernels/lora_parts.py: 16-bit activations at least BF16X3_MIN_FEATURES wide, on a GPU)
         cast_i = cast and I < bf16x3_min_features()
-        chunk = mlp_tile_chunk(N, I, b)
+        chunk = mlp_tile_chunk(N, I, b, checkpointing)
         if chunk is None:
             mlp = N * I * (b + (a if cast_i else 0))
         else:  # one chunk's recomputed e, g (saved by nothing else now), its backward's peak, and its dx rows

@@ -410,7 +410,7 @@ def _layer_items(shape: ModelShape, N: int, b: int, a: int, method: str, qlora: 
     if checkpointing != "none":
         items.append(_item("layer_recompute", f"one layer recomputed in backward ({s_recompute:,} B/token)",
                            N * s_recompute, "layer", "its saved set, rebuilt from the checkpoint input"))
-    work = layer_working_bytes(shape, N, method, b, a, qlora)
+    work = layer_working_bytes(shape, N, method, b, a, qlora, checkpointing)
     if qlora and method == "turbotune" and checkpointing != "none" and work["mlp_chunk"] is None:
         items.append(_item("layer_held_weight", "4-bit: up weight kept from recompute to backward",
                            shape.intermediate * H * b, "layer", "dequantised once for both (kernels/fused_lora.py)"))
@@ -480,7 +480,8 @@ def predict_peak(config, seq_len: int, batch: int, qlora: bool = False, lora_r: 
     b = 4 if hf_upcast else DTYPE_BYTES[dtype]
     N, L = batch * seq_len, shape.layers
     items, p = _static_items(shape, qlora, double_quant, dtype, hf_upcast, lora_r)
-    per_layer = layer_saved_bytes_per_token(shape, method, lora_r, b, ADAPTER_BYTES, n_tokens=N)
+    per_layer = layer_saved_bytes_per_token(shape, method, lora_r, b, ADAPTER_BYTES, n_tokens=N,
+                                            checkpointing=checkpointing)
     s_layer = sum(per_layer.values())                 # bytes/token, the layer input included when the layer saves it
     s_recompute = s_layer - per_layer["layer_input"]  # what a recomputed layer adds on top of its checkpoint input
     kept, k = _kept_items(shape, N, b, method, checkpointing, s_layer, checkpointed_layers)

@@ -32,9 +32,10 @@ def _tiling_threshold(shape, batch: int, kw: dict) -> int | None:
     """The first sequence length at which the fused MLP is tiled over tokens (turbotune method only)."""
     if kw.get("method", "turbotune") != "turbotune" or not getattr(shape, "intermediate", None):
         return None
-    from turbotune.model.kernels.mlp_tiling import tiling_starts_at
-    from turbotune.planner.predict import DTYPE_BYTES, _dtype_name
-    tokens = tiling_starts_at(shape.intermediate, DTYPE_BYTES[_dtype_name(kw.get("dtype", "bf16"))])
+    from turbotune.model.kernels.mlp_tiling import mlp_tile_budget, tiling_starts_at
+    from turbotune.planner.predict import DTYPE_BYTES, _dtype_name, checkpointing_mode
+    budget = mlp_tile_budget(checkpointing_mode(kw.get("checkpointing", "recompute")))
+    tokens = tiling_starts_at(shape.intermediate, DTYPE_BYTES[_dtype_name(kw.get("dtype", "bf16"))], budget)
     return -(-tokens // batch)
 
 

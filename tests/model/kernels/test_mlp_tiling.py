@@ -15,9 +15,13 @@ from test_fused_lora import _config, _wrap
 from transformers import LlamaForCausalLM
 
 from turbotune.model.kernels.fused_lora import lora_mlp, lora_part
+from turbotune.model.kernels import mlp_tiling
 from turbotune.model.kernels.mlp_tiling import (
+    MLP_TILE_BUDGET_BYTES,
+    OFFLOAD_MLP_TILE_BUDGET_BYTES,
     TILE_MULTIPLE,
     TokenTiledMLPFunction,
+    mlp_tile_budget,
     mlp_token_chunk,
     tiled_lora_mlp,
 )
@@ -98,6 +102,24 @@ def test_tiled_saves_only_x_and_adapters(mlp_fp32):
         t.grad = None
 
 
+def test_tiled_output_unused_same_gradients(mlp_fp32):
+    """A recompute whose output nobody reads: zeros for y, no MLP computed in forward, the same gradients."""
+    parts = _parts(mlp_fp32)
+    x = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    _, g_ref = _run(lora_mlp, x, parts)
+    calls = []
+    apply = mlp_tiling.LoRAMLPFunction.apply
+    mlp_tiling.LoRAMLPFunction.apply = lambda *a: calls.append(a[-1]) or apply(*a)
+    try:
+        y, g = _run(tiled_lora_mlp, x, parts, chunk_tokens=16, output_unused=True)
+    finally:
+        mlp_tiling.LoRAMLPFunction.apply = apply
+    assert torch.count_nonzero(y) == 0
+    assert calls == [True, True, True]   # no forward chunk; each of the backward's three chunks skips its down GEMM
+    for a, b in zip(g, g_ref):
+        _assert_rel(a, b)
+
+
 # --------------------------------------------------------------------------------------------- chunk rule
 def test_mlp_token_chunk():
     mib = 1024 ** 2
@@ -109,6 +131,17 @@ def test_mlp_token_chunk():
         assert c * i * b <= 512 * mib < (c + TILE_MULTIPLE) * i * b   # the largest that fits
     assert mlp_token_chunk(100_000, 1 << 20, 2, budget_bytes=mib) == TILE_MULTIPLE   # floor of one multiple
     assert mlp_token_chunk(200, 1 << 20, 2, budget_bytes=mib) is None  # one chunk would cover every token
+
+
+def test_mlp_tile_budget(monkeypatch):
+    monkeypatch.delenv("TURBOTUNE_OFFLOAD_MLP_TILE", raising=False)
+    assert {mlp_tile_budget(m) for m in (None, "none", "recompute", "offload")} == {MLP_TILE_BUDGET_BYTES}
+    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "1")
+    assert mlp_tile_budget("offload") == OFFLOAD_MLP_TILE_BUDGET_BYTES < MLP_TILE_BUDGET_BYTES
+    assert mlp_tile_budget("recompute") == MLP_TILE_BUDGET_BYTES
+    # Qwen2-1.5B at 4,096 tokens: untiled by default, tiled under offload with the switch
+    assert mlp_token_chunk(4096, 8960, 2, mlp_tile_budget("offload")) == 768
+    assert mlp_token_chunk(4096, 8960, 2, mlp_tile_budget("recompute")) is None
 
 
 # --------------------------------------------------------------------------------------------- patched model
@@ -143,7 +176,7 @@ def test_patched_model_tiled_equals_untiled(tiny_llama_dir, monkeypatch, checkpo
 
     loss_ref, grads_ref = _loss_and_grads(model, ids, labels)     # 48 tokens: below the budget, untiled
     assert not calls
-    monkeypatch.setattr(llama_like, "mlp_token_chunk", lambda n, i, b: 16 if n > 16 else None)
+    monkeypatch.setattr(llama_like, "mlp_token_chunk", lambda n, i, b, budget: 16 if n > 16 else None)
     loss, grads = _loss_and_grads(model, ids, labels)
     assert calls and set(calls) == {16}
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
@@ -186,3 +219,52 @@ def test_planner_tiled_working_set_smaller(monkeypatch):
     plan_tiled = planner.predict_peak(shape, n_long, 1, checkpointing="none")
     assert plan_tiled.total_bytes < plan_untiled.total_bytes
     assert "MLP tiled over" in next(i.note for i in plan_tiled.items if i.key == "layer_working")
+
+
+def test_offload_tiles_with_the_switch(tiny_llama_dir, monkeypatch):
+    """Offloaded checkpointing with TURBOTUNE_OFFLOAD_MLP_TILE=1 tiles the MLP at its own (smaller) budget, and
+    the loss and every LoRA gradient equal the untiled model's; other modes keep the ordinary budget."""
+    from turbotune.model.families import llama_like
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 24), generator=g)
+    ref_model = _model(tiny_llama_dir, True)
+    ref_model.train()
+    loss_ref, grads_ref = _loss_and_grads(ref_model, ids, ids)
+    del ref_model
+
+    calls = []
+    tiled = llama_like.tiled_lora_mlp
+    monkeypatch.setattr(llama_like, "tiled_lora_mlp",
+                        lambda *a, **k: calls.append((k["chunk_tokens"], k["output_unused"])) or tiled(*a, **k))
+    # one [16, I] row block per budget: 48 tokens tile into three chunks
+    model = _model(tiny_llama_dir, "offload")
+    model.train()
+    intermediate = model.config.intermediate_size
+    monkeypatch.setattr(mlp_tiling, "OFFLOAD_MLP_TILE_BUDGET_BYTES", 16 * intermediate * 4)
+    monkeypatch.setattr(mlp_tiling, "TILE_MULTIPLE", 16)
+    _loss_and_grads(model, ids, ids)
+    assert not calls   # the switch is off
+    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "1")
+    loss, grads = _loss_and_grads(model, ids, ids)
+    n_layers = model.config.num_hidden_layers
+    assert calls.count((16, False)) == n_layers and calls.count((16, True)) == n_layers   # forward, recompute
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        _assert_rel(grads[n], grads_ref[n])
+
+
+def test_planner_offload_tiles_with_the_switch(monkeypatch):
+    from turbotune.bench.presets import preset_config
+    from turbotune.planner import predict as planner
+
+    shape = planner.model_shape(preset_config("qwen2-1.5b"))
+    before = planner.predict_peak(shape, 2048, 2, checkpointing="offload")
+    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "1")
+    after = planner.predict_peak(shape, 2048, 2, checkpointing="offload")
+    recompute = planner.predict_peak(shape, 2048, 2, checkpointing="recompute")
+    assert after.per_layer_saved["mlp_e_g"] == 0 and before.per_layer_saved["mlp_e_g"] > 0
+    assert recompute.per_layer_saved["mlp_e_g"] > 0
+    assert after.allocated_bytes < before.allocated_bytes
+    assert "MLP tiled over 768 tokens" in next(i.note for i in after.items if i.key == "layer_working")

@@ -17,7 +17,7 @@ from turbotune._compat import attention_function, cache_from_kwargs, has_cache, 
 from turbotune.model.head import output_projection
 from turbotune.model.kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
 from turbotune.model.kernels.lora_parts import cached_lora_part
-from turbotune.model.kernels.mlp_tiling import mlp_token_chunk, tiled_lora_mlp
+from turbotune.model.kernels.mlp_tiling import mlp_tile_budget, mlp_token_chunk, tiled_lora_mlp
 from turbotune.model.kernels.rmsnorm import rms_norm
 from turbotune.model.kernels.rope import apply_rope_, rope_reference
 from turbotune.model.kernels.softcap_attention import softcap_attention, softcap_attention_enabled
@@ -199,15 +199,17 @@ def make_mlp_forward(spec, state):
             return _fused_gate_up_mlp(self, state, x, act)
         parts = _parts(state, self.gate_proj, self.up_proj, self.down_proj) if toggles.fused_lora else None
         if parts is not None:
-            # Very long sequences: tile over tokens so no [tokens, intermediate] tensor outlives one chunk.
-            chunk = mlp_token_chunk(x.numel() // x.shape[-1], parts[0].out_features, x.element_size()) \
+            # Very long sequences (or any length under offloaded checkpointing, mlp_tile_budget): tile over
+            # tokens so no [tokens, intermediate] tensor outlives one chunk.
+            chunk = mlp_token_chunk(x.numel() // x.shape[-1], parts[0].out_features, x.element_size(),
+                                    mlp_tile_budget("offload" if state.offload is not None else None)) \
                 if toggles.mlp_tiling else None
+            unused = spec.mlp_output_only_to_residual and recomputing()
             if chunk is not None:
                 return tiled_lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision,
-                                      chunk_tokens=chunk)
+                                      chunk_tokens=chunk, output_unused=unused)
             return lora_mlp(x, *parts, act=act, adapter_precision=toggles.adapter_precision,
-                            output_unused=spec.mlp_output_only_to_residual and recomputing(),
-                            checkpoint_phase=checkpoint_phase())
+                            output_unused=unused, checkpoint_phase=checkpoint_phase())
         if not toggles.act_mul:
             return state.original_forward(self)(x)
         gate, up = self.gate_proj(x), self.up_proj(x)

@@ -34,17 +34,34 @@ difference of bf16 round-off; in fp32 the two agree to fp32 round-off.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
 from turbotune.model.kernels.fused_lora import LoRAMLPFunction, _ab, _flat, _prep, lora_mlp
 from turbotune.model.kernels.lora_parts import LoRAPart, no_autocast
 
-__all__ = ["MLP_TILE_BUDGET_BYTES", "TILE_MULTIPLE", "TokenTiledMLPFunction", "mlp_token_chunk", "tiled_lora_mlp",
-           "tiling_starts_at"]
+__all__ = ["MLP_TILE_BUDGET_BYTES", "OFFLOAD_MLP_TILE_BUDGET_BYTES", "TILE_MULTIPLE", "TokenTiledMLPFunction",
+           "mlp_tile_budget", "mlp_token_chunk", "tiled_lora_mlp", "tiling_starts_at"]
 
 MLP_TILE_BUDGET_BYTES = 512 * 1024 ** 2   # one [chunk, I] activation tensor at most
+OFFLOAD_MLP_TILE_BUDGET_BYTES = 16 * 1024 ** 2   # the same under offloaded checkpointing (mlp_tile_budget)
 TILE_MULTIPLE = 256                       # chunk sizes are multiples of this (GEMM-friendly row counts)
+
+
+def mlp_tile_budget(checkpointing: str | None) -> int:
+    """The budget of one [chunk, I] tensor for a model checkpointed this way ("none" | "recompute" | "offload").
+
+    Offloaded checkpointing is the mode that trades time for memory, and with TURBOTUNE_OFFLOAD_MLP_TILE=1 it
+    tiles at ordinary lengths too: at 4,096 tokens of Qwen2-1.5B the recomputed layer's e and g (2 N I b, 140
+    MiB) are most of what one layer adds at the backward's peak. 16 MiB puts a chunk's working set (C (3 I b +
+    H b)) under the attention backward's (bench/NOTES.md, fifteenth session). Its cost is small because a
+    recompute whose output is unused skips the tiled forward (TokenTiledMLPFunction) and every chunk's
+    recompute inside the backward skips the down projection: the MLP's matmuls are those of the untiled path.
+    """
+    if checkpointing == "offload" and os.environ.get("TURBOTUNE_OFFLOAD_MLP_TILE", "0") == "1":
+        return OFFLOAD_MLP_TILE_BUDGET_BYTES
+    return MLP_TILE_BUDGET_BYTES
 
 
 def _chunk_rows(row_bytes: int, budget_bytes: int) -> int:
@@ -83,13 +100,16 @@ class TokenTiledMLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, parts, lds, act, backend, chunk_tokens):
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, parts, lds, act, backend, chunk_tokens, output_unused=False):
         x2 = _flat(x)
         n = x2.shape[0]
-        y = x2.new_empty(n, parts[2].out_features)
-        with torch.no_grad():
-            for s, e in _chunks(n, chunk_tokens):
-                y[s:e] = LoRAMLPFunction.apply(x2[s:e], Ag, Bg, Au, Bu, Ad, Bd, parts, lds, act, backend)
+        if output_unused:  # a recompute whose y nobody reads: the backward recomputes each chunk anyway
+            y = x2.new_zeros(n, parts[2].out_features)
+        else:
+            y = x2.new_empty(n, parts[2].out_features)
+            with torch.no_grad():
+                for s, e in _chunks(n, chunk_tokens):
+                    y[s:e] = LoRAMLPFunction.apply(x2[s:e], Ag, Bg, Au, Bu, Ad, Bd, parts, lds, act, backend)
         ctx.save_for_backward(x, Ag, Bg, Au, Bu, Ad, Bd)
         ctx.parts, ctx.lds, ctx.act, ctx.backend, ctx.chunk = parts, lds, act, backend, chunk_tokens
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -108,7 +128,8 @@ class TokenTiledMLPFunction(torch.autograd.Function):
         with torch.enable_grad(), no_autocast(dy.device.type):
             for s, e in _chunks(x2.shape[0], ctx.chunk):
                 xc = x2[s:e].detach().requires_grad_(nig[0])
-                yc = LoRAMLPFunction.apply(xc, *ab, parts, ctx.lds, ctx.act, ctx.backend)
+                # output_unused: only the chunk's backward is wanted, so its down projection is not computed
+                yc = LoRAMLPFunction.apply(xc, *ab, parts, ctx.lds, ctx.act, ctx.backend, True)
                 inputs = ([xc] if nig[0] else []) + [ab[i] for i in wrt]
                 grads = torch.autograd.grad(yc, inputs, dy2[s:e])
                 if nig[0]:
@@ -120,24 +141,26 @@ class TokenTiledMLPFunction(torch.autograd.Function):
         out = [acc[i].to(ab[i].dtype) if i in acc else None for i in range(6)]
         if dx is not None:
             dx = dx.view(x.shape)
-        return (dx, *out, None, None, None, None, None)
+        return (dx, *out, None, None, None, None, None, None)
 
 
 def tiled_lora_mlp(x: torch.Tensor, gate_part: LoRAPart, up_part: LoRAPart, down_part: LoRAPart,
                    act: str = "silu", adapter_precision: str = "peft", chunk_tokens: int = 8192,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", output_unused: bool = False) -> torch.Tensor:
     """What `lora_mlp` computes, chunk_tokens tokens at a time (TokenTiledMLPFunction); [.., H] -> [.., H].
 
     The autocast cast of x and the adapters' compute dtypes are fixed here once, so the backward's recompute
     runs in exactly the forward's dtypes whatever autocast state backward() is called under.
+    output_unused: a checkpointed layer's recompute whose output only feeds the residual sum (recompute.py);
+    zeros stand in for y, as in lora_mlp.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
     if x.numel() // x.shape[-1] <= chunk_tokens:  # one chunk: nothing to tile
         return lora_mlp(x, gate_part, up_part, down_part, act=act, backend=backend,
-                        adapter_precision=adapter_precision)
+                        adapter_precision=adapter_precision, output_unused=output_unused)
     parts = (gate_part, up_part, down_part)
     x, lds = _prep(x, parts, adapter_precision)
     with no_autocast(x.device.type):
         return TokenTiledMLPFunction.apply(x, *_ab(gate_part), *_ab(up_part), *_ab(down_part), parts, tuple(lds),
-                                           act, backend, int(chunk_tokens))
+                                           act, backend, int(chunk_tokens), bool(output_unused))
