@@ -202,17 +202,30 @@ def test_dpo_reference_passes_replay_and_equal_eager(tiny_dir, tmp_path, monkeyp
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
 
 
-def test_offloaded_checkpointing_replays_and_equals_eager(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tiled", [False, True])
+def test_offloaded_checkpointing_replays_and_equals_eager(tiny_dir, tmp_path, monkeypatch, tiled):
     """use_gradient_checkpointing="offload" (each layer's input parked in host memory) under SFTTrainer with
     TURBOTUNE_GRAPH_OFFLOAD=1: the copies to the host are joined inside the forward graph, the backward graph
-    prefetches them back; replayed steps equal the eager run's."""
+    prefetches them back; replayed steps equal the eager run's. tiled: TURBOTUNE_OFFLOAD_MLP_TILE=1 with a
+    budget small enough to tile the tiny MLP (64-token chunks), against the untiled eager run."""
     monkeypatch.setenv("TURBOTUNE_GRAPH_OFFLOAD", "1")
+    calls = []
+    if tiled:
+        from turbotune.model.families import llama_like
+        from turbotune.model.kernels import mlp_tiling
+        monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "1")
+        monkeypatch.setattr(mlp_tiling, "OFFLOAD_MLP_TILE_BUDGET_BYTES", 64 * TINY["intermediate_size"] * 2)
+        monkeypatch.setattr(mlp_tiling, "TILE_MULTIPLE", 64)
+        tiled_mlp = llama_like.tiled_lora_mlp
+        monkeypatch.setattr(llama_like, "tiled_lora_mlp", lambda *a, **k: calls.append(k) or tiled_mlp(*a, **k))
     rows = _texts([150] * 40)
     step, logs = _sft(tiny_dir, tmp_path, rows, checkpointing="offload")
     from turbotune.model.checkpointing import get_offloaded_checkpointing
     offload = get_offloaded_checkpointing(step.peft_model)
     assert offload is not None and offload.stats["offloaded_inputs"] > 0, offload and offload.stats
     assert step.graphs.disabled_reason is None and step.graphs.replays >= 8, vars(step.graphs)
+    assert bool(calls) == tiled and all(k["chunk_tokens"] == 64 for k in calls)
+    monkeypatch.delenv("TURBOTUNE_OFFLOAD_MLP_TILE", raising=False)
     eager, eager_logs = _sft(tiny_dir, tmp_path, rows, graphs=False, checkpointing="offload")
     for a, b in zip(logs, eager_logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
