@@ -330,19 +330,26 @@ def is_checkpointing(model) -> bool:
 
 
 def checkpointing_enable(model, use_reentrant: bool = False, preserve_rng_state: bool = True) -> None:
-    """transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
+    """transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable (5.2x).
+
+    Called on the transformers model under a PEFT wrapper: the wrapper's own switches are the trainer hook's
+    (training/trainer_step.py), which keep turbotune's choice against a trainer's; turbotune's own switching
+    must reach transformers' whichever name this version has."""
+    base = unwrap_peft(model)
     kwargs = {"use_reentrant": use_reentrant}
     if not preserve_rng_state:
         kwargs["preserve_rng_state"] = False
-    fn = getattr(model, "activation_checkpointing_enable", None)
+    fn = getattr(base, "activation_checkpointing_enable", None)
     if fn is not None:
         fn(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def checkpointing_disable(model) -> None:
-    fn = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    """As checkpointing_enable: on the transformers model, past the trainer hook's switches."""
+    base = unwrap_peft(model)
+    fn = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
     fn()
 
 

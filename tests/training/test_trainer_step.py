@@ -305,3 +305,47 @@ def test_offloaded_checkpointing_and_the_graphs_switch(tiny_llama_dir, monkeypat
         assert offload.config.static_host_buffers and "CUDA" in reason
     else:
         assert not offload.config.static_host_buffers and "offloaded checkpointing" in reason
+
+
+@pytest.mark.parametrize("old_transformers", [False, True])
+@pytest.mark.parametrize("planned_at", ["load", "first_step"])
+def test_auto_plan_without_checkpointing_stays_off_under_sfttrainer(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                    old_transformers, planned_at):
+    """A plan of "none" (a card with room) is not undone by TRL's switch, also on transformers without the
+    activation_checkpointing_* names (before 5.2x, e.g. the GPU machine's 5.17), where the switches the plan
+    calls and the ones the trainer calls have one name: the bench's llama3-8b "auto" rows trained with
+    recompute on that machine (fifteenth session)."""
+    import peft
+
+    import turbotune.training.auto_checkpointing as ac
+    from turbotune._compat import is_checkpointing, unwrap_peft
+    if old_transformers:  # the PEFT wrapper no longer finds the new names on the model (the trainer then neither)
+        getattr_ = peft.PeftModel.__getattr__
+
+        def old_names_only(self, name):
+            if name.startswith("activation_checkpointing_"):
+                raise AttributeError(name)
+            return getattr_(self, name)
+        monkeypatch.setattr(peft.PeftModel, "__getattr__", old_names_only)
+    real = ac.choose_checkpointing
+    monkeypatch.setattr(ac, "choose_checkpointing",
+                        lambda m, seq, rows, *a, **k: ac.CheckpointingChoice("none", 1, 2, "room to spare")
+                        if real(m, seq, rows, *a, **k) else None)
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), max_seq_length=256, verbose=False)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing="auto", verbose=False)
+    if planned_at == "load":  # as the bench's turbotune-auto loader does
+        assert ac.plan_checkpointing(model, 256, 4).mode == "none"
+    base = unwrap_peft(model)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "auto"), per_device_train_batch_size=4, max_steps=2,
+                         report_to=[], save_strategy="no", bf16=False, fp16=False, max_length=128,
+                         gradient_checkpointing=True)
+    seen = []
+    layer = type(base.model.layers[0])
+    forward = layer.__call__
+    monkeypatch.setattr(layer, "__call__", lambda self, *a, **k: seen.append(is_checkpointing(base)
+                                                                               or self.gradient_checkpointing)
+                        or forward(self, *a, **k))
+    trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows(8)),
+                   processing_class=tok).train()
+    assert seen and not any(seen) and not is_checkpointing(base)
+    assert trainer_step.trainer_step_of(model).trainer_checkpointing   # TRL did ask
