@@ -56,6 +56,8 @@ def test_defers_only_inside_the_training_loop_and_when_switched_on(monkeypatch):
     monkeypatch.setenv("TURBOTUNE_DEFER_BACKWARD", "0")
     db._marking_the_loop(lambda self: seen.append(db.can_defer(self)))(t)
     assert seen == [True, False] and not db.can_defer(t)
+    monkeypatch.delenv("TURBOTUNE_DEFER_BACKWARD")
+    assert db.deferred_backward_enabled()  # on by default (measured, fifteenth session)
 
     class Own(_Trainer):  # a trainer whose gradient norm is its own (or a transformers without one): no flush
         def _get_grad_norm(self, model, grad_norm=None):

@@ -349,3 +349,22 @@ def test_auto_plan_without_checkpointing_stays_off_under_sfttrainer(tiny_llama_d
                    processing_class=tok).train()
     assert seen and not any(seen) and not is_checkpointing(base)
     assert trainer_step.trainer_step_of(model).trainer_checkpointing   # TRL did ask
+
+
+@pytest.mark.parametrize("defer", ["1", "0"])
+def test_start_line_names_the_fast_features(tiny_llama_dir, tmp_path, monkeypatch, capsys, defer):
+    """One line at the first training call says which fast features are on, and why one is off."""
+    monkeypatch.setenv("TURBOTUNE_DEFER_BACKWARD", defer)
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), max_seq_length=256, verbose=False)
+    model = FastModel.get_peft_model(model, r=4, verbose=True)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "line"), per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, max_steps=1, report_to=[], save_strategy="no", bf16=False,
+                         fp16=False, max_length=128)
+    trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows(8)),
+                   processing_class=tok).train()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "[turbotune] trainer step:" in ln]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "gradient checkpointing: recompute" in line and "run together" in line and "CUDA graphs off" in line
+    assert ("last backward launched at the trainer's first gradient read" in line) == (defer == "1")
+    assert ("TURBOTUNE_DEFER_BACKWARD=0" in line) == (defer == "0")

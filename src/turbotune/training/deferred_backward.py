@@ -12,8 +12,9 @@ reads a gradient: the same gradients.
 
 Only inside transformers' own training loop (a script that calls `training_step` itself gets its backward at
 once), one process, and for the step's last pass (the CUDA graphs' memory pool holds one pass at a time, so a
-pass's backward runs before the next pass's forward). Off unless TURBOTUNE_DEFER_BACKWARD=1 (built without GPU
-time; the A/B is the next session's, bench/NOTES.md).
+pass's backward runs before the next pass's forward). On unless TURBOTUNE_DEFER_BACKWARD=0: measured on an H100
+(fifteenth session, qwen2-1.5b QLoRA, mixed lengths under SFTTrainer), the device's idle gap after each replayed
+pass fell from 20.5 to 8.2 ms and the steady steps gained 18% (21,807 -> 25,716 real tokens/s).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ launched = 0  # deferred backwards run so far (tests, the bench's notes)
 
 
 def deferred_backward_enabled() -> bool:
-    return os.environ.get("TURBOTUNE_DEFER_BACKWARD", "0") == "1"
+    return os.environ.get("TURBOTUNE_DEFER_BACKWARD", "1") == "1"
 
 
 def patch_trainer() -> None:

@@ -285,6 +285,10 @@ class TrainerStep:
         on.append(self.window.line() or (f"the micro-batches of each optimizer step run together (passes of at most "
                                          f"{self.window.pass_tokens} real tokens)" if self.window.pass_tokens else
                                          "micro-batches run one by one"))
+        from turbotune.training.deferred_backward import deferred_backward_enabled
+        if self.window.pass_tokens and self.window.line() is None:
+            on.append("each step's last backward launched at the trainer's first gradient read" if
+                      deferred_backward_enabled() else "backwards at once (TURBOTUNE_DEFER_BACKWARD=0)")
         if others.get("fused_lm_head"):
             why = self._head_refusal()
             on.append("TRL's fused_lm_head served by turbotune's fused head" if why is None
