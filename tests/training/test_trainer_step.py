@@ -368,3 +368,22 @@ def test_start_line_names_the_fast_features(tiny_llama_dir, tmp_path, monkeypatc
     assert "gradient checkpointing: recompute" in line and "run together" in line and "CUDA graphs off" in line
     assert ("last backward launched at the trainer's first gradient read" in line) == (defer == "1")
     assert ("TURBOTUNE_DEFER_BACKWARD=0" in line) == (defer == "0")
+
+
+def test_start_line_says_when_the_chosen_checkpointing_was_switched(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """The start line reports what the layers will do, and warns where that is not what turbotune chose."""
+    import turbotune.training.auto_checkpointing as ac
+    from turbotune._compat import checkpointing_enable
+    monkeypatch.setattr(ac, "choose_checkpointing",
+                        lambda m, seq, rows, *a, **k: ac.CheckpointingChoice("none", 1, 2, "room to spare"))
+    model, tok = FastModel.from_pretrained(str(tiny_llama_dir), max_seq_length=256, verbose=False)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing="auto", verbose=True)
+    assert ac.plan_checkpointing(model, 256, 4).mode == "none"
+    checkpointing_enable(model)  # behind turbotune's back, after the plan
+    args = trl.SFTConfig(output_dir=str(tmp_path / "switched"), per_device_train_batch_size=2, max_steps=1,
+                         report_to=[], save_strategy="no", bf16=False, fp16=False, max_length=128)
+    with pytest.warns(RuntimeWarning, match="chose gradient checkpointing 'none'.*set to 'recompute'"):
+        trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows(4)),
+                       processing_class=tok).train()
+    line = [ln for ln in capsys.readouterr().err.splitlines() if "[turbotune] trainer step:" in ln][0]
+    assert "gradient checkpointing: recompute (turbotune chose none; something switched it since)" in line

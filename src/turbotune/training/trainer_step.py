@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import warnings
 
 import torch
 
@@ -83,6 +84,15 @@ def trainer_step_of(model) -> "TrainerStep | None":
     """The hook on `model` (also after accelerate wrapped its forward for autocast), or None."""
     step = getattr(model.__dict__.get("num_parameters"), "__self__", None)
     return step if isinstance(step, TrainerStep) else None
+
+
+def checkpointing_in_effect(model) -> str:
+    """What the model's layers will do in backward: "offload", "recompute" (on some or all layers) or "none"."""
+    from turbotune._compat import is_checkpointing
+    from turbotune.model.checkpointing import get_offloaded_checkpointing
+    if get_offloaded_checkpointing(model) is not None:
+        return "offload"
+    return "recompute" if is_checkpointing(model) else "none"
 
 
 class TrainerStep:
@@ -164,18 +174,22 @@ class TrainerStep:
             seq = max(int(self.max_seq_length() or length), int(length))
             if self.window.pass_tokens:  # coalesced micro-batches: a packed row of at most this many tokens
                 rows, seq = 1, max(int(self.window.pass_tokens), seq * int(self.window.rows or 1))
-            line = plan_checkpointing(model, seq, int(rows)).line()
+            choice = plan_checkpointing(model, seq, int(rows))
+            mode, line = choice.mode, choice.line()
             self.graphs.reset()
             self.no_grad_graphs.reset()
         elif mode is None:
-            from turbotune._compat import is_checkpointing
-            from turbotune.model.checkpointing import get_offloaded_checkpointing
-            mode = ("offload" if get_offloaded_checkpointing(model) is not None
-                    else "recompute" if is_checkpointing(model) else "none")
+            mode = checkpointing_in_effect(model)
             line = f"gradient checkpointing: {mode}"
         else:
             line = f"gradient checkpointing: {mode}"
-        if self.trainer_checkpointing:
+        actual = checkpointing_in_effect(model)
+        if actual != mode:  # something switched it after turbotune chose (what the fifteenth session's bench hit)
+            warnings.warn(f"turbotune chose gradient checkpointing {mode!r}, but the model's layers are set to "
+                          f"{actual!r}: something switched it after get_peft_model. Training goes on with "
+                          f"{actual!r}.", RuntimeWarning, stacklevel=2)
+            line = f"gradient checkpointing: {actual} (turbotune chose {mode}; something switched it since)"
+        elif self.trainer_checkpointing:
             line += " (the trainer's gradient_checkpointing switch leaves get_peft_model's choice in place)"
         return line
 
