@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from turbotune._compat import unwrap_peft
-from turbotune.model.checkpointing import find_decoder_layers
+from turbotune._compat import is_checkpointing, unwrap_peft
+from turbotune.model.checkpointing import find_decoder_layers, get_offloaded_checkpointing
 from turbotune.model.state import turbo_state
 
 MODES = ("none", "recompute", "offload")
@@ -103,6 +103,14 @@ def apply_checkpointing_choice(model, choice: CheckpointingChoice) -> None:
     if choice.mode == "recompute" and choice.layers is not None:
         set_checkpointed_layers(model, choice.layers)
     turbo_state(model).checkpointing = choice.mode
+
+
+def checkpointing_in_effect(model) -> str:
+    """What the model's layers will do in backward, one of MODES (recompute: on some or all layers); what a
+    choice applied by apply_checkpointing_choice reads back as, unless something switched it since."""
+    if get_offloaded_checkpointing(model) is not None:
+        return "offload"
+    return "recompute" if is_checkpointing(model) else "none"
 
 
 def set_checkpointed_layers(model, count: int) -> None:

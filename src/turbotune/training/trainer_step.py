@@ -86,15 +86,6 @@ def trainer_step_of(model) -> "TrainerStep | None":
     return step if isinstance(step, TrainerStep) else None
 
 
-def checkpointing_in_effect(model) -> str:
-    """What the model's layers will do in backward: "offload", "recompute" (on some or all layers) or "none"."""
-    from turbotune._compat import is_checkpointing
-    from turbotune.model.checkpointing import get_offloaded_checkpointing
-    if get_offloaded_checkpointing(model) is not None:
-        return "offload"
-    return "recompute" if is_checkpointing(model) else "none"
-
-
 class TrainerStep:
     """The hook. Counters for tests and the start-of-training line: `.graphs.replays`, `.graphs.captures`."""
 
@@ -165,11 +156,11 @@ class TrainerStep:
         """Plans "auto" from the first batch the trainer feeds, as it comes (before padding removal): its rows
         at the model's max_seq_length, the longest a later batch can be (a packed row: its own length if
         longer)."""
+        from turbotune.training.auto_checkpointing import checkpointing_in_effect, plan_checkpointing
         model = self.peft_model
         mode = turbo_state(model).checkpointing
         line = None
         if mode == "auto":
-            from turbotune.training.auto_checkpointing import plan_checkpointing
             rows, length = tensors["input_ids"].shape
             seq = max(int(self.max_seq_length() or length), int(length))
             if self.window.pass_tokens:  # coalesced micro-batches: a packed row of at most this many tokens
@@ -296,11 +287,12 @@ class TrainerStep:
         on = [checkpointing]
         if "position_ids" in tensors and "attention_mask" not in tensors:
             on.append("padding removed (packed rows, bucketed lengths)")
-        on.append(self.window.line() or (f"the micro-batches of each optimizer step run together (passes of at most "
-                                         f"{self.window.pass_tokens} real tokens)" if self.window.pass_tokens else
-                                         "micro-batches run one by one"))
         from turbotune.training.deferred_backward import deferred_backward_enabled
-        if self.window.pass_tokens and self.window.line() is None:
+        coalesced = self.window.line() is None and self.window.pass_tokens
+        on.append(self.window.line() or (f"the micro-batches of each optimizer step run together (passes of at most "
+                                         f"{self.window.pass_tokens} real tokens)" if coalesced else
+                                         "micro-batches run one by one"))
+        if coalesced:  # the deferral lives in the coalesced step (step_coalescing._run_kept)
             on.append("each step's last backward launched at the trainer's first gradient read" if
                       deferred_backward_enabled() else "backwards at once (TURBOTUNE_DEFER_BACKWARD=0)")
         if others.get("fused_lm_head"):
