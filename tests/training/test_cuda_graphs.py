@@ -82,6 +82,25 @@ def test_shape_key(tiny_llama_dir):
     assert step._key({"input_ids": a}, 1.0) is None
 
 
+def test_calls_pinned_in_place_stay_eager(tiny_llama_dir, monkeypatch):
+    """Offloaded layer inputs at or over host_buffers.EXACT_PIN_BYTES go to memory pinned in place, which a capture
+    can't copy into: such calls are not keyed (eager), smaller ones are; without offloading, nothing changes."""
+    from turbotune.model import host_buffers
+    from turbotune.training.cuda_graphs import pinned_in_place
+    m = _model(tiny_llama_dir, use_gradient_checkpointing="offload")
+    width = m.get_input_embeddings().weight.shape[-1] * 4  # fp32 bytes per token of a layer input
+    monkeypatch.setattr(host_buffers, "EXACT_PIN_BYTES", 2 * 16 * width)
+    small, large = torch.zeros(2, 15, dtype=torch.long), torch.zeros(2, 16, dtype=torch.long)
+    assert not pinned_in_place(m, {"input_ids": small})
+    assert pinned_in_place(m, {"input_ids": large})
+    assert pinned_in_place(m, {"inputs_embeds": torch.zeros(1, 32, 8)})
+    assert not pinned_in_place(m, {"labels": large})
+    step = GraphedMicroStep(m, list(m.parameters()))
+    step.disabled_reason = None  # pretend, to test the keying alone
+    assert step._key({"input_ids": large.to("meta")}, 1.0) is None
+    assert not pinned_in_place(_model(tiny_llama_dir, use_gradient_checkpointing=True), {"input_ids": large})
+
+
 def test_claim_grads_moves_values_into_the_graph_buffers(tiny_llama_dir):
     m = _model(tiny_llama_dir)
     params = [p for p in m.parameters() if p.requires_grad]

@@ -126,7 +126,7 @@ class GraphedMicroStep:
 
     # ------------------------------------------------------------------ internals
     def _key(self, batch: dict, loss_scale: float):
-        if not self.active:
+        if not self.active or pinned_in_place(self.model, batch):
             return None
         key = [("__scale__", float(loss_scale))]
         for k in sorted(batch):
@@ -213,6 +213,26 @@ def one_sequence_per_row(batch: dict):
         return
     with masks_see_no_packing_or_tracing():
         yield
+
+
+def pinned_in_place(model, batch: dict) -> bool:
+    """Whether offloaded checkpointing would keep this call's layer inputs in host memory pinned in place
+    (host_buffers.EXACT_PIN_BYTES or more each: 32k tokens of llama3-8b), which torch refuses to copy into during
+    a capture (seen on an H100: "Cannot copy between CPU and CUDA tensors during CUDA graph capture unless the
+    CPU tensor is pinned"). Such calls stay eager, shape by shape; at that size the device's time dwarfs the
+    host's launches, so the graph would gain nothing."""
+    from turbotune.model import host_buffers
+    from turbotune.model.checkpointing import get_offloaded_checkpointing
+    ids = batch.get("input_ids")
+    if ids is None:
+        ids = batch.get("inputs_embeds")
+    oc = get_offloaded_checkpointing(model) if torch.is_tensor(ids) else None
+    if oc is None or not oc.config.pin_memory:
+        return False
+    embed = model.get_input_embeddings()
+    hidden, itemsize = embed.weight.shape[-1], embed.weight.element_size()
+    tokens = ids.shape[0] * ids.shape[1] if ids.dim() >= 2 else ids.numel()
+    return tokens * hidden * itemsize >= host_buffers.EXACT_PIN_BYTES
 
 
 def why_not_graphable(model, params) -> str | None:

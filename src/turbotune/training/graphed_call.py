@@ -114,7 +114,10 @@ class GraphedCall:
         return [self._carrier]
 
     def _key(self, tensors, others):
-        return None if self.disabled_reason is not None else graph_key(tensors, others)
+        from turbotune.training.cuda_graphs import pinned_in_place
+        if self.disabled_reason is not None or (self._offload and pinned_in_place(self.model, tensors)):
+            return None
+        return graph_key(tensors, others)
 
     def _capture(self, key, tensors, others, params):
         from turbotune.training.cuda_graphs import one_sequence_per_row
