@@ -33,7 +33,7 @@ def test_step_notes_put_the_timeline_and_capture_split_in_the_json(monkeypatch):
 
     summary = {"forward": 15.0, "forward_to_backward": 2.0, "backward": 30.0, "to_next_pass": 40.0, "passes": 9}
     graphs = SimpleNamespace(disabled_reason=None, replays=9, eager_calls=2, captures=2, capture_s=0.8,
-                             capture_parts=[(0.2, 0.5), (0.1, 0.4)],
+                             capture_parts=[(0.2, 0.5), (0.1, 0.4)], standins=3,
                              timeline=SimpleNamespace(summary=lambda: summary))
     step = SimpleNamespace(graphs=graphs, window=Window(), no_grad_graphs=SimpleNamespace(
         replays=0, captures=0, disabled_reason=None))
@@ -42,4 +42,4 @@ def test_step_notes_put_the_timeline_and_capture_split_in_the_json(monkeypatch):
     notes = sft._step_notes(object(), {}, result)
     assert result["pass_timeline_ms"] == summary and result["capture_parts_s"] == [[0.2, 0.5], [0.1, 0.4]]
     assert any("40.0 ms until the next pass" in n for n in notes)
-    assert any("forward capture 200 ms, backward 500 ms" in n for n in notes), notes
+    assert any("forward capture 200 ms, backward 500 ms; 3 replays in a longer graph" in n for n in notes), notes

@@ -130,6 +130,23 @@ def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path, monkey
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
 
 
+def test_stand_in_graphs_equal_eager(tiny_dir, tmp_path, monkeypatch):
+    """TURBOTUNE_GRAPH_STANDIN=3: a new length replays a longer captured graph for its first two sightings
+    (padding.grow_packed), captures at its third; no more graphs than without, the same losses as eager."""
+    lengths = [17 + (i * 37) % 180 for i in range(80)]
+    monkeypatch.setenv("TURBOTUNE_GRAPH_STANDIN", "3")
+    step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=20, batch=4)
+    assert step.graphs.disabled_reason is None and step.graphs.standins >= 1, vars(step.graphs)
+    monkeypatch.setenv("TURBOTUNE_GRAPH_STANDIN", "0")
+    plain, _ = _sft(tiny_dir, tmp_path, _texts(lengths), steps=20, batch=4)
+    assert plain.graphs.standins == 0 and step.graphs.captures <= plain.graphs.captures, (vars(step.graphs),
+                                                                                         vars(plain.graphs))
+    eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=20, batch=4)
+    for a, b in zip(logs, eager_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
+
+
 def test_transformers_trainer_replays(tiny_dir, tmp_path):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     model, tok, step = _model(tiny_dir)

@@ -195,3 +195,39 @@ def test_lean_capture_switch_is_checked(monkeypatch):
     monkeypatch.setenv("TURBOTUNE_LEAN_CAPTURE", "yes")
     with pytest.raises(ValueError, match="0, 1 or host"):
         graphed_call.capture_into("g", "pool")
+
+
+def test_stand_in_replays_a_longer_graph_until_the_kth_sighting(monkeypatch):
+    """TURBOTUNE_GRAPH_STANDIN=k: a length without a graph of its own takes the shortest longer graph its call can
+    grow into, for its first k - 1 sightings; then (and with the switch off, or nothing longer) it is left to the
+    capture schedule. The keying is tested on the CPU with the device check taken out of graph_key."""
+    from turbotune.training import graphed_call
+    from turbotune.training.padding import grow_packed
+
+    monkeypatch.setattr(graphed_call, "graph_key", lambda tensors, others: tuple(
+        [(k, tuple(v.shape)) for k, v in sorted(tensors.items())] + sorted(others.items())))
+
+    def call(length):
+        return ({"input_ids": torch.ones(1, length, dtype=torch.long), "labels": torch.ones(1, length, dtype=torch.long),
+                 "position_ids": torch.arange(length)[None]}, {"use_cache": False})
+
+    class Entry:
+        def __init__(self, length):
+            self.length = length
+
+    g = graphed_call.GraphedCall(lambda **kw: None, torch.nn.Linear(2, 2))
+    g.disabled_reason = None
+    g._entries = {g._key(*call(n)): Entry(n) for n in (512, 1024)}
+    key = g._key(*call(300))
+    monkeypatch.setenv("TURBOTUNE_GRAPH_STANDIN", "0")
+    assert g._stand_in(key, *call(300), grow_packed) is None
+    monkeypatch.setenv("TURBOTUNE_GRAPH_STANDIN", "3")
+    for sighting in (1, 2):
+        tensors, others, entry = g._stand_in(key, *call(300), grow_packed)
+        assert entry.length == 512 and tensors["input_ids"].shape == (1, 512) and g._seen[key] == sighting
+    assert g._stand_in(key, *call(300), grow_packed) is None  # the third sighting: its own capture
+    assert g.standins == 2
+    assert g._stand_in(g._key(*call(2000)), *call(2000), grow_packed) is None  # nothing longer
+    monkeypatch.setenv("TURBOTUNE_GRAPH_STANDIN", "two")
+    with pytest.raises(ValueError, match="TURBOTUNE_GRAPH_STANDIN"):
+        graphed_call.standin_sightings()

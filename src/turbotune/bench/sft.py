@@ -293,7 +293,8 @@ def _step_notes(model, spec, result: dict | None = None) -> list[str]:
     g, ng = step.graphs, step.no_grad_graphs
     state = (f"off: {g.disabled_reason}" if g.disabled_reason
              else f"on ({g.replays} of {g.replays + g.eager_calls} calls replayed, {g.captures} graphs, "
-                  f"{g.capture_s:.1f} s capturing{_capture_split(g.capture_parts)})")
+                  f"{g.capture_s:.1f} s capturing{_capture_split(g.capture_parts)}"
+                  f"{f'; {g.standins} replays in a longer graph' if g.standins else ''})")
     w = step.window
     passes = (f"{w.micro_batches} micro-batches of {w.steps} optimizer steps ran as {w.passes} passes"
               if w.steps else w.line() or "micro-batches run one by one")

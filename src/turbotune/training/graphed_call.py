@@ -31,7 +31,7 @@ class GraphedCall:
         self.fn, self.model = fn, model
         self.warmup, self.max_graphs = warmup, max_graphs
         self.disabled_reason = None if enabled else "turned off"
-        self.replays = self.captures = self.eager_calls = 0
+        self.replays = self.captures = self.eager_calls = self.standins = 0
         self.capture_s = 0.0  # wall time spent capturing (graph instantiation included): the cost of a new shape
         self.capture_parts: list[tuple[float, float]] = []  # per capture: seconds of its forward and its backward
         self.eager_after_capture = 0  # eager calls of a capturable shape once some shape was captured
@@ -39,6 +39,7 @@ class GraphedCall:
         self.timeline = None  # a PassTimeline (pass_timeline.py) to time the replays on the device; off: None
         self._carrier = None  # TURBOTUNE_GRAPH_GRADS=flat: the one autograd input of a replay
         lean_capture_mode()  # a misspelt switch fails here (reset() reads the grads mode), not at the first capture
+        standin_sightings()
         self.reset()
 
     def reset(self) -> None:
@@ -73,13 +74,19 @@ class GraphedCall:
         self.params()
         return self.disabled_reason
 
-    def __call__(self, tensors: dict, others: dict):
+    def __call__(self, tensors: dict, others: dict, grow=None):
+        """`grow(tensors, others, length)`: the same call made `length` tokens long with the same results
+        (padding.grow_packed) or None; given, a new length may replay a longer graph (standin_sightings)."""
         if capturing():  # inside a graph someone else captures: a sync or a nested capture would break theirs
             return self.fn(**tensors, **others)
         params = self.params()
         self.calls += 1
         key = self._key(tensors, others)
         entry = self._entries.get(key) if key is not None else None
+        if entry is None and key is not None and grow is not None:
+            found = self._stand_in(key, tensors, others, grow)
+            if found is not None:
+                tensors, others, entry = found
         if entry is None and key is not None:
             seen = self._seen.get(key, 0)
             # After the first capture the code paths are warm: a new shape is captured when first seen (a Triton
@@ -102,6 +109,29 @@ class GraphedCall:
         outs = _Replay.apply(entry, events, *self._autograd_inputs(entry))
         self.replays += 1
         return entry.rebuild(outs)
+
+    def _stand_in(self, key, tensors, others, grow):
+        """(TURBOTUNE_GRAPH_STANDIN=k) A length without a graph of its own, seen fewer than k times, replays the
+        shortest captured graph it can grow into: its k-th sighting captures it. A capture costs ~300 ms of host
+        time on an H100 (qwen2-1.5b; bench/NOTES.md), a longer replay tens of ms more device time, so a length
+        seen once or twice in a run costs less this way. Returns (grown tensors, grown others, entry) or None."""
+        sightings = standin_sightings()
+        seen = self._seen.get(key, 0)
+        if not sightings or seen + 1 >= sightings or not self._entries:
+            return None
+        length = tensors["input_ids"].shape[-1] if torch.is_tensor(tensors.get("input_ids")) else None
+        longer = sorted({e.length for e in self._entries.values()
+                         if length is not None and e.length is not None and e.length > length})
+        for target in longer:
+            grown = grow(tensors, others, target)
+            if grown is None:
+                return None
+            entry = self._entries.get(self._key(*grown))
+            if entry is not None:
+                self._seen[key] = seen + 1
+                self.standins += 1
+                return (*grown, entry)
+        return None
 
     def _autograd_inputs(self, entry) -> list[torch.Tensor]:
         """What a replay hands autograd as its inputs: the trainable parameters, or (grads mode "flat") one
@@ -246,6 +276,8 @@ class _Entry:
         self.grad_inputs = [torch.empty_like(o) for o, d in zip(self.outputs, self.diff) if d]
         self.fwd = self.bwd = self.grads = None
         self.grads_mode = "autograd"
+        ids = inputs.get("input_ids")
+        self.length = ids.shape[-1] if torch.is_tensor(ids) else None  # the tokens a stand-in grows to
 
     def diff_outputs(self):
         return [o for o, d in zip(self.outputs, self.diff) if d]
@@ -342,6 +374,16 @@ def eager_calls_before_capture(warmup: int, captured_before: bool, first_sight: 
     mixed lengths brought a new shape after the first capture)."""
     needed = warmup if not captured_before else (0 if first_sight else min(warmup, 1))
     return max(needed, 1) if offload else needed
+
+
+def standin_sightings() -> int:
+    """TURBOTUNE_GRAPH_STANDIN=k (default 0: off): a padded-then-packed length is replayed in the shortest longer
+    graph until its k-th sighting, which captures it (GraphedCall._stand_in). Not yet measured on a GPU."""
+    import os
+    value = os.environ.get("TURBOTUNE_GRAPH_STANDIN", "0")
+    if not value.isdigit():
+        raise ValueError(f"TURBOTUNE_GRAPH_STANDIN must be a whole number of sightings (0: off), not {value!r}")
+    return int(value)
 
 
 def _first_sight() -> bool:

@@ -115,14 +115,52 @@ def _sequence_offsets(lengths: torch.Tensor, length: int) -> dict:
     return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": length, "max_length_k": length}
 
 
+_GROWN_KEYS = {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "num_items_in_batch"}
+
+
+def grow_packed(tensors: dict, others: dict, length: int, pad_id: int = 0) -> tuple[dict, dict] | None:
+    """A packed row's call (remove_padding's output split into tensors and other arguments) grown to `length`
+    tokens, so it can replay a longer graph (graphed_call's stand-in graphs); None where the call is not one
+    packed row of the plain keys. The added tokens carry no targets (labels -100) and come after every real
+    token, and attention is causal, so no real token's output, the loss or its gradients change: they extend the
+    row's last sequence (its offsets' end moves from the old length to `length`; positions go on 0.. as in a
+    bucket's tail)."""
+    ids, labels, positions = (tensors.get(k) for k in ("input_ids", "labels", "position_ids"))
+    if ids is None or labels is None or positions is None or ids.dim() != 2 or ids.shape[0] != 1 \
+            or labels.shape != ids.shape or positions.shape != ids.shape or set(tensors) - _GROWN_KEYS:
+        return None
+    old = ids.shape[1]
+    extra = length - old
+    if extra <= 0:
+        return None
+    grown = dict(tensors)
+    grown.update(input_ids=torch.cat([ids, _tail(ids, extra, pad_id)], 1),
+                 labels=torch.cat([labels, _tail(labels, extra, IGNORE_INDEX)], 1),
+                 position_ids=torch.cat([positions, _tail(positions, extra, None)], 1))
+    for k in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if k in tensors:
+            offsets = tensors[k]
+            grown[k] = torch.where(offsets == old, torch.full_like(offsets, length), offsets)
+    rest = dict(others)
+    for k in ("max_length_q", "max_length_k"):
+        if k in others:
+            if others[k] != old:
+                return None  # not the row-length bound _sequence_offsets sets
+            rest[k] = length
+    return grown, rest
+
+
 def _gather(x: torch.Tensor, where: torch.Tensor, tail: int, fill) -> torch.Tensor:
     """x's real tokens, then `tail` more: `fill`, or positions 0.. (fill None) so the tail is a sample of its own."""
     out = x.reshape(-1).index_select(0, where)
-    if not tail:
-        return out
-    extra = (torch.arange(tail, dtype=x.dtype, device=x.device) if fill is None
-             else torch.full((tail,), fill, dtype=x.dtype, device=x.device))
-    return torch.cat([out, extra])
+    return torch.cat([out, _tail(x, tail, fill)[0]]) if tail else out
+
+
+def _tail(like: torch.Tensor, n: int, fill) -> torch.Tensor:
+    """[1, n] of like's dtype and device: `fill`, or positions 0.. (fill None)."""
+    values = (torch.arange(n, dtype=like.dtype, device=like.device) if fill is None
+              else torch.full((n,), fill, dtype=like.dtype, device=like.device))
+    return values.unsqueeze(0)
 
 
 def targets_in_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,7 @@ class TrainerStep:
         checkpointing = None if self._announced else self._checkpointing_line(tensors)  # plans on the fed batch
         self.paused_checkpointing = None  # a trainer's pause ends before its next training call (grpo.py)
         rows_mask = lead = None  # the padded batch's mask, where the caller needs its per-token outputs in rows
+        grow = None  # a packed row's call may replay a longer graph (graphed_call's stand-ins): padding.grow_packed
         if self.remove_padding and (not self.keep_rows or (others.get("fused_lm_head")
                                                             and self._head_refusal() is None)):
             from turbotune.training.padding import remove_padding
@@ -203,6 +204,9 @@ class TrainerStep:
             packed = remove_padding(rows, pad_id=self.pad_id())
             if packed is rows:  # not packed (extra keys, gaps inside a row): the rows as they came
                 packed, lead = tensors, None
+            elif not self.keep_rows:
+                from turbotune.training.padding import grow_packed
+                grow = functools.partial(grow_packed, pad_id=self.pad_id())
             if self.keep_rows and packed.get("input_ids") is not None \
                     and (packed["input_ids"].shape != rows["input_ids"].shape or lead is not None):
                 rows_mask = rows["attention_mask"]
@@ -211,7 +215,7 @@ class TrainerStep:
             others = {**others, **extra}
         if not self._announced:
             self._announce(tensors, others, checkpointing)
-        out = self.graphs(tensors, others)
+        out = self.graphs(tensors, others, grow=grow)
         if rows_mask is not None:
             out = _in_rows(out, rows_mask, lead)
         # TRL's per-token metric tensors of this call (detached), for step_coalescing's per-micro-batch metrics
