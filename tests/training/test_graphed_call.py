@@ -208,8 +208,8 @@ def test_stand_in_replays_a_longer_graph_until_the_kth_sighting(monkeypatch):
         [(k, tuple(v.shape)) for k, v in sorted(tensors.items())] + sorted(others.items())))
 
     def call(length):
-        return ({"input_ids": torch.ones(1, length, dtype=torch.long), "labels": torch.ones(1, length, dtype=torch.long),
-                 "position_ids": torch.arange(length)[None]}, {"use_cache": False})
+        ones = torch.ones(1, length, dtype=torch.long)
+        return {"input_ids": ones, "labels": ones, "position_ids": torch.arange(length)[None]}, {"use_cache": False}
 
     class Entry:
         def __init__(self, length):

@@ -91,7 +91,8 @@ def test_sfttrainer_with_sequence_offsets_equals_stock(tiny_llama_dir, tmp_path,
                         lambda *a, **k: calls.append(a[5] if len(a) > 5 else k.get("window")) or real(*a, **k))
     from turbotune.training.graphed_call import GraphedCall
     fed, real_call = [], GraphedCall.__call__  # the graphs' key reads every `tensors` value as a tensor (GPU bug)
-    monkeypatch.setattr(GraphedCall, "__call__", lambda self, t, o: fed.append((t, o)) or real_call(self, t, o))
+    monkeypatch.setattr(GraphedCall, "__call__",
+                        lambda self, t, o, **kw: fed.append((t, o)) or real_call(self, t, o, **kw))
     _, ours = _sft(tiny_llama_dir, tmp_path, True, packing=False)
     assert calls and set(calls) == {window}, "the attention did not take the sequence offsets (and window)"
     assert fed and all(torch.is_tensor(v) for t, _ in fed for v in t.values())
