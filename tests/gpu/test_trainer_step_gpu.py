@@ -107,13 +107,16 @@ def test_flat_graph_grads_equal_the_default_and_time_the_passes(tiny_dir, tmp_pa
             assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4), (a, b)
 
 
-@pytest.mark.parametrize("lean, defer", [("0", "0"), ("1", "0"), ("host", "0"), ("0", "1")])
-def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path, monkeypatch, lean, defer):
-    """Also with TURBOTUNE_LEAN_CAPTURE=1 (captures without emptying the allocator's caches first) and with
-    TURBOTUNE_DEFER_BACKWARD=1 (each step's last backward replayed once the trainer asks for the gradients)."""
+@pytest.mark.parametrize("lean, defer, any_shape", [("0", "0", "0"), ("1", "0", "0"), ("host", "0", "0"),
+                                                     ("0", "1", "0"), ("0", "1", "1")])
+def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path, monkeypatch, lean, defer, any_shape):
+    """Also with TURBOTUNE_LEAN_CAPTURE=1 (captures without emptying the allocator's caches first), with
+    TURBOTUNE_DEFER_BACKWARD=1 (each step's last backward replayed once the trainer asks for the gradients) and
+    with TURBOTUNE_WARMUP_ANY_SHAPE=1 (the first capture after two eager calls of any shapes)."""
     from turbotune.training import deferred_backward
     monkeypatch.setenv("TURBOTUNE_LEAN_CAPTURE", lean)
     monkeypatch.setenv("TURBOTUNE_DEFER_BACKWARD", defer)
+    monkeypatch.setenv("TURBOTUNE_WARMUP_ANY_SHAPE", any_shape)
     launched = deferred_backward.launched
     lengths = [17 + (i * 37) % 180 for i in range(80)]  # every micro-batch pads to another length
     step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=20, batch=4)
@@ -124,6 +127,7 @@ def test_padded_changing_lengths_reuse_bounded_graphs(tiny_dir, tmp_path, monkey
     assert 1 <= step.graphs.captures <= 7 and step.graphs.replays >= 10, vars(step.graphs)
     assert deferred_backward.launched - launched == (20 if defer == "1" else 0)
     monkeypatch.setenv("TURBOTUNE_DEFER_BACKWARD", "0")
+    monkeypatch.setenv("TURBOTUNE_WARMUP_ANY_SHAPE", "0")
     eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=20, batch=4)
     for a, b in zip(logs, eager_logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)

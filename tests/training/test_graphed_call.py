@@ -231,3 +231,22 @@ def test_stand_in_replays_a_longer_graph_until_the_kth_sighting(monkeypatch):
     monkeypatch.setenv("TURBOTUNE_GRAPH_STANDIN", "two")
     with pytest.raises(ValueError, match="TURBOTUNE_GRAPH_STANDIN"):
         graphed_call.standin_sightings()
+
+
+@pytest.mark.parametrize("any_shape", ["0", "1"])
+def test_first_capture_waits_for_warm_up_calls(monkeypatch, any_shape):
+    """Three shapes in a row, none seen before: by default each runs eagerly (the first capture waits for two eager
+    calls of its own shape); with TURBOTUNE_WARMUP_ANY_SHAPE=1 the third is captured at first sight, the two eager
+    calls before it having warmed the code paths. (Captures are recorded, not made: CPU.)"""
+    from turbotune.training import graphed_call
+    monkeypatch.setenv("TURBOTUNE_WARMUP_ANY_SHAPE", any_shape)
+    monkeypatch.setattr(graphed_call, "graph_key", lambda tensors, others: tuple(
+        (k, tuple(v.shape)) for k, v in sorted(tensors.items())))
+    g = graphed_call.GraphedCall(lambda **kw: None, torch.nn.Linear(2, 2))
+    g._params, g.disabled_reason = [torch.zeros(1)], None
+    captured = []
+    monkeypatch.setattr(g, "_capture", lambda key, tensors, others, params: captured.append(key) and None)
+    for length in (8, 16, 24):
+        g({"input_ids": torch.zeros(1, length)}, {})
+    assert captured == ([(("input_ids", (1, 24)),)] if any_shape == "1" else [])
+    assert g.eager_calls == 3  # the recorded capture made no graph: its call ran eagerly
