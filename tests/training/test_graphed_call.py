@@ -228,6 +228,8 @@ def test_stand_in_replays_a_longer_graph_until_the_kth_sighting(monkeypatch):
     assert g._stand_in(key, *call(300), grow_packed) is None  # the third sighting: its own capture
     assert g.standins == 2
     assert g._stand_in(g._key(*call(2000)), *call(2000), grow_packed) is None  # nothing longer
+    g._offload = True  # offloaded checkpointing: a length's capture needs an eager call of its own first
+    assert g._stand_in(g._key(*call(400)), *call(400), grow_packed) is None
     monkeypatch.setenv("TURBOTUNE_GRAPH_STANDIN", "two")
     with pytest.raises(ValueError, match="TURBOTUNE_GRAPH_STANDIN"):
         graphed_call.standin_sightings()

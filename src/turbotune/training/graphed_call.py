@@ -115,10 +115,12 @@ class GraphedCall:
         """(TURBOTUNE_GRAPH_STANDIN=k) A length without a graph of its own, seen fewer than k times, replays the
         shortest captured graph it can grow into: its k-th sighting captures it. A capture costs ~300 ms of host
         time on an H100 (qwen2-1.5b; bench/NOTES.md), a longer replay tens of ms more device time, so a length
-        seen once or twice in a run costs less this way. Returns (grown tensors, grown others, entry) or None."""
+        seen once or twice in a run costs less this way. Returns (grown tensors, grown others, entry) or None. Not
+        under offloaded checkpointing: there a length's capture needs an eager call of its own first (its pinned
+        host buffers), which stand-in sightings are not."""
         sightings = standin_sightings()
         seen = self._seen.get(key, 0)
-        if not sightings or seen + 1 >= sightings or not self._entries:
+        if not sightings or seen + 1 >= sightings or not self._entries or self._offload:
             return None
         length = tensors["input_ids"].shape[-1] if torch.is_tensor(tensors.get("input_ids")) else None
         longer = sorted({e.length for e in self._entries.values()
