@@ -229,8 +229,11 @@ def pinned_in_place(model, batch: dict) -> bool:
     oc = get_offloaded_checkpointing(model) if torch.is_tensor(ids) else None
     if oc is None or not oc.config.pin_memory:
         return False
-    embed = model.get_input_embeddings()
-    hidden, itemsize = embed.weight.shape[-1], embed.weight.element_size()
+    try:
+        weight = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):  # no embedding table to size the layer inputs by
+        return False
+    hidden, itemsize = weight.shape[-1], weight.element_size()
     tokens = ids.shape[0] * ids.shape[1] if ids.dim() >= 2 else ids.numel()
     return tokens * hidden * itemsize >= host_buffers.EXACT_PIN_BYTES
 
