@@ -90,13 +90,20 @@ def test_sfttrainer_with_sequence_offsets_equals_stock(tiny_llama_dir, tmp_path,
     monkeypatch.setattr(va, "varlen_attention_reference",
                         lambda *a, **k: calls.append(a[5] if len(a) > 5 else k.get("window")) or real(*a, **k))
     from turbotune.training.graphed_call import GraphedCall
-    fed, real_call = [], GraphedCall.__call__  # the graphs' key reads every `tensors` value as a tensor (GPU bug)
-    monkeypatch.setattr(GraphedCall, "__call__",
-                        lambda self, t, o, **kw: fed.append((t, o)) or real_call(self, t, o, **kw))
+    fed, grows, real_call = [], [], GraphedCall.__call__  # the graphs' key reads every `tensors` value as a tensor
+    monkeypatch.setattr(GraphedCall, "__call__", lambda self, t, o, **kw: fed.append((t, o))  # (a GPU bug once)
+                        or grows.append(kw.get("grow")) or real_call(self, t, o, **kw))
     _, ours = _sft(tiny_llama_dir, tmp_path, True, packing=False)
     assert calls and set(calls) == {window}, "the attention did not take the sequence offsets (and window)"
     assert fed and all(torch.is_tensor(v) for t, _ in fed for v in t.values())
     assert all(o.get("max_length_q") == t["input_ids"].shape[1] for t, o in fed if "cu_seq_lens_q" in t)
+    # every packed call comes with the growth that lets it replay a longer graph (TURBOTUNE_GRAPH_STANDIN), and
+    # grown to the next bucket it keeps the form its graph key needs
+    packed = [(t, o, g) for (t, o), g in zip(fed, grows) if "cu_seq_lens_q" in t]
+    assert packed and all(callable(g) for _, _, g in packed)
+    t, o, g = packed[0]
+    grown_t, grown_o = g(t, o, t["input_ids"].shape[1] + 128)
+    assert grown_o["max_length_q"] == grown_t["input_ids"].shape[1] == t["input_ids"].shape[1] + 128
     monkeypatch.setenv("TURBOTUNE_FLASH_VARLEN", "0")
     _, stock = _sft(tiny_llama_dir, tmp_path, False, packing=False)
     assert_same_logs(ours, stock, steps=4)
