@@ -94,7 +94,30 @@ def collect_header(args, settings: dict, model_dir: Path | None, model_cfg: dict
         # turbotune's switches (TURBOTUNE_FLASH_WINDOW=0, TURBOTUNE_BUCKETS=4, ...) and the baseline's
         # (UNSLOTH_BLOCK_COMPILE=0, where its compile fails) change what a row measures
         "switches_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(SWITCH_PREFIXES)},
+        "source": source_commit(),
     }
+
+
+def source_commit() -> str | None:
+    """The turbotune commit the bench runs: BENCH_SOURCE_COMMIT where set (a copy without git history, such as
+    the GPU machine's `git archive` snapshot: bench/gpu_env.sh reads its SOURCE_COMMIT file), else the checkout's
+    `git rev-parse --short HEAD`, with "+changes" when files differ from it; None when neither is known."""
+    import subprocess
+    if os.environ.get("BENCH_SOURCE_COMMIT"):
+        return os.environ["BENCH_SOURCE_COMMIT"]
+    here = Path(__file__).resolve().parent
+    try:
+        found = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True,
+                               text=True, timeout=10)
+        lines = found.stdout.split()
+        # only turbotune's own checkout (an installed copy may sit inside someone else's repository)
+        if found.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src/turbotune/bench" != here:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return lines[1][:7] + ("+changes" if dirty.stdout.strip() else "")
 
 
 def add_mode_header(header: dict, args, settings: dict) -> None:

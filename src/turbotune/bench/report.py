@@ -119,7 +119,7 @@ def format_header(header: dict) -> str:
         "",
         f"- device: {dev['name']}",
         f"- versions: {vers}" + (f" · {extra}" if extra else ""),
-        f"- date: {header['date_utc']}",
+        f"- date: {header['date_utc']}" + (f"; turbotune commit {header['source']}" if header.get("source") else ""),
         f"- command: `{header['command']}`",
         f"- model: {model}, model_type {header.get('model_type')}, dtype {wl['dtype']}",
         f"- workload: seq {wl['seq_len']} × micro-batch {wl['micro_batch']} × grad-accum {wl['grad_accum']} = "
