@@ -66,19 +66,26 @@ def remove_padding(batch: dict, pad_id: int = 0) -> dict:
 def _grow_packed_row(batch: dict, pad_id: int) -> dict:
     """A row that is already packed (TRL's `packing=True` / `padding_free=True`: one row, `position_ids` restarting
     per sample, no mask) grown to its bucket length by a tail sample of its own, so its shape repeats."""
-    ids, positions, labels = batch["input_ids"], batch.get("position_ids"), batch.get("labels")
-    if (ids.dim() != 2 or ids.shape[0] != 1 or positions is None or labels is None
-            or positions.shape != ids.shape or labels.shape != ids.shape or set(batch) - _PLAIN_KEYS):
+    if not _one_packed_row(batch) or set(batch) - _PLAIN_KEYS:
         return batch  # flash-attention's cu_seq_lens and other extras describe the row as it is: leave it
-    total = ids.shape[1]
+    total = batch["input_ids"].shape[1]
     tail = bucket_length(total) - total
-    if not tail:
-        return batch
-    every = torch.arange(total, device=ids.device)
-    out = dict(batch)
-    out.update(input_ids=_gather(ids, every, tail, pad_id).unsqueeze(0),
-               labels=_gather(labels, every, tail, IGNORE_INDEX).unsqueeze(0),
-               position_ids=_gather(positions, every, tail, None).unsqueeze(0))
+    return _extended(batch, tail, pad_id) if tail else batch
+
+
+def _one_packed_row(tensors: dict) -> bool:
+    """input_ids, labels and position_ids present, all [1, T]."""
+    ids, labels, positions = (tensors.get(k) for k in ("input_ids", "labels", "position_ids"))
+    return (ids is not None and labels is not None and positions is not None and ids.dim() == 2
+            and ids.shape[0] == 1 and labels.shape == ids.shape and positions.shape == ids.shape)
+
+
+def _extended(tensors: dict, extra: int, pad_id: int) -> dict:
+    """A packed row's tensors with `extra` more tokens: pad ids, no targets, positions 0.. (a sample of its own
+    where positions mark the samples)."""
+    out = dict(tensors)
+    for key, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("position_ids", None)):
+        out[key] = torch.cat([tensors[key], _tail(tensors[key], extra, fill)], 1)
     return out
 
 
@@ -125,18 +132,13 @@ def grow_packed(tensors: dict, others: dict, length: int, pad_id: int = 0) -> tu
     token, and attention is causal, so no real token's output, the loss or its gradients change: they extend the
     row's last sequence (its offsets' end moves from the old length to `length`; positions go on 0.. as in a
     bucket's tail)."""
-    ids, labels, positions = (tensors.get(k) for k in ("input_ids", "labels", "position_ids"))
-    if ids is None or labels is None or positions is None or ids.dim() != 2 or ids.shape[0] != 1 \
-            or labels.shape != ids.shape or positions.shape != ids.shape or set(tensors) - _GROWN_KEYS:
+    if not _one_packed_row(tensors) or set(tensors) - _GROWN_KEYS:
         return None
-    old = ids.shape[1]
+    old = tensors["input_ids"].shape[1]
     extra = length - old
     if extra <= 0:
         return None
-    grown = dict(tensors)
-    grown.update(input_ids=torch.cat([ids, _tail(ids, extra, pad_id)], 1),
-                 labels=torch.cat([labels, _tail(labels, extra, IGNORE_INDEX)], 1),
-                 position_ids=torch.cat([positions, _tail(positions, extra, None)], 1))
+    grown = _extended(tensors, extra, pad_id)
     for k in ("cu_seq_lens_q", "cu_seq_lens_k"):
         if k in tensors:
             offsets = tensors[k]

@@ -201,12 +201,13 @@ class TrainerStep:
             from turbotune.training.padding import remove_padding
             # GRPO's rows start with the prompt's left padding: rotated left, they are right-padded (grpo.py)
             rows, lead = rotate_left_padding(tensors) if self.keep_rows else (tensors, None)
-            packed = remove_padding(rows, pad_id=self.pad_id())
+            pad_id = self.pad_id()
+            packed = remove_padding(rows, pad_id=pad_id)
             if packed is rows:  # not packed (extra keys, gaps inside a row): the rows as they came
                 packed, lead = tensors, None
             elif not self.keep_rows:
                 from turbotune.training.padding import grow_packed
-                grow = functools.partial(grow_packed, pad_id=self.pad_id())
+                grow = functools.partial(grow_packed, pad_id=pad_id)
             if self.keep_rows and packed.get("input_ids") is not None \
                     and (packed["input_ids"].shape != rows["input_ids"].shape or lead is not None):
                 rows_mask = rows["attention_mask"]
