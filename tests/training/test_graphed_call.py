@@ -56,8 +56,8 @@ def test_views_of_one_buffer_per_dtype():
 
 def test_graph_grads_mode_switch(monkeypatch):
     monkeypatch.delenv("TURBOTUNE_GRAPH_GRADS", raising=False)
-    assert graph_grads_mode() == "flat"
-    for mode in ("foreach", "adopt", "autograd"):
+    assert graph_grads_mode() == "adopt"
+    for mode in ("foreach", "flat", "autograd"):
         monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode)
         assert graph_grads_mode() == mode
     monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", "fast")
@@ -150,6 +150,30 @@ def test_adopted_grads_start_from_zero_each_step_and_add_to_foreign_grads():
     _replay_step(entry, inputs)  # the buffers are zeroed again before they are added to the .grads
     torch.testing.assert_close(params[0].grad, torch.full((2,), 7.0))
     torch.testing.assert_close(params[1].grad, torch.full((3,), 12.0))
+
+
+def test_eager_grads_move_into_the_shared_buffers_before_a_capture():
+    """"adopt", at a capture: the .grads of this step's eager calls become the shared buffers (values kept, the old
+    tensors dropped), so the capture does not hold two sets; the replay then adds into them. Not when some
+    parameter has no .grad (a zero buffer is not "no gradient" to an optimizer), nor twice."""
+    from turbotune.training.graphed_call import adopt_eager_grads, views_of_one_buffer
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    bufs = [b.zero_() for b in views_of_one_buffer(params)]
+    params[0].grad = torch.tensor([1.0, 2.0])
+    assert not adopt_eager_grads(params, bufs) and params[0].grad is not bufs[0]
+    params[1].grad = torch.tensor([3.0, 4.0, 5.0])
+    assert adopt_eager_grads(params, bufs)
+    assert all(p.grad is b for p, b in zip(params, bufs))
+    torch.testing.assert_close(params[1].grad, torch.tensor([3.0, 4.0, 5.0]))
+    assert not adopt_eager_grads(params, bufs)  # already adopted
+    entry = _fake_entry(params, "adopt")
+    entry.grads = bufs
+    from turbotune.training.graphed_call import GraphedCall
+    model = torch.nn.Module()
+    model.a, model.b = params
+    _replay_step(entry, GraphedCall(lambda **kw: None, model)._autograd_inputs(entry))
+    assert params[1].grad is bufs[1]  # added in place: the eager part and the replay's
+    torch.testing.assert_close(params[1].grad, torch.tensor([9.0, 10.0, 11.0]))
 
 
 def test_capture_into_is_torchs_graph_context_unless_lean(monkeypatch):

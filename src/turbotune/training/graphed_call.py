@@ -161,6 +161,8 @@ class GraphedCall:
         if self._grad_bufs is None and shared_grads():  # outside the pool, before any capture
             self._grad_bufs = [torch.zeros_like(p) for p in params] if self.grads_mode != "adopt" \
                 else [b.zero_() for b in views_of_one_buffer(params)]
+        if self.grads_mode == "adopt":
+            adopt_eager_grads(params, self._grad_bufs)
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -370,6 +372,24 @@ def _replay_adopting(entry) -> None:
         _accumulate_foreach([p for p, _ in live], [b for _, b in live])
 
 
+def adopt_eager_grads(params, bufs) -> bool:
+    """Grads mode "adopt", before a capture: `.grad`s that eager calls of this step made move into the shared
+    buffers, which become the `.grad`s (then the replay adds into them, _replay_adopting). Without it the capture
+    holds both sets (the eager `.grad`s and the buffers) while its forward and backward allocate: that is where a
+    short run's peak is (qwen2-1.5b LoRA under SFTTrainer, `turbotune bench --memory-report`, H100, seventeenth
+    session). Only when every parameter has a `.grad`: a buffer may not become the `.grad` of a parameter that had
+    none (an optimizer treats a zero gradient and no gradient differently). Returns whether it moved them."""
+    grads = [p.grad for p in params]
+    if not grads or any(g is None for g in grads):
+        return False
+    if all(g.data_ptr() == b.data_ptr() and g.shape == b.shape for g, b in zip(grads, bufs)):
+        return False  # already the buffers
+    torch._foreach_copy_(bufs, grads)
+    for p, b in zip(params, bufs):
+        p.grad = b
+    return True
+
+
 def eager_calls_before_capture(warmup: int, captured_before: bool, first_sight: bool, offload: bool) -> int:
     """Eager calls of a new shape before it is captured: `warmup` for the first shape; later ones none
     (first_sight) or one. `captured_before`: some shape was captured, or (warm_up_any_shape) `warmup` eager calls
@@ -417,17 +437,17 @@ def capturing() -> bool:
 
 
 def graph_grads_mode() -> str:
-    """How replayed gradients reach `.grad` (TURBOTUNE_GRAPH_GRADS): "flat" (default), one scalar as the replay's
-    only autograd input (no per-parameter autograd nodes) and a step's new gradients in one allocation: the host's
-    gap between passes 41.4 -> 35.9 ms and +6.5% steady real tokens/s on mixed lengths (H100, fourteenth session,
-    bench/NOTES.md); "adopt", as flat, but the backward graphs add into the shared gradient buffers and those
-    buffers become the `.grad`s (_replay_adopting): one set of LoRA gradients less in memory (74 MB for qwen2-1.5b,
-    168 MB for llama3-8b) and no copy per pass, but measured on an H100 it moved no peak (fifteenth session); "foreach", each LoRA tensor an autograd
-    input and the gradients added in one multi-tensor call;
-    "autograd", autograd's own accumulation. Under torch.distributed always "autograd": gradient hooks must see
-    autograd's accumulation."""
+    """How replayed gradients reach `.grad` (TURBOTUNE_GRAPH_GRADS): "adopt" (default), one scalar as the
+    replay's only autograd input (no per-parameter autograd nodes), the backward graphs add into the one shared
+    set of gradient buffers, and those buffers are the `.grad`s (_replay_adopting; at a capture the eager calls'
+    `.grad`s move into them, adopt_eager_grads): one set of LoRA gradients less in memory (74 MB for qwen2-1.5b,
+    168 MB for llama3-8b) and no copy per pass; "flat", as adopt but the buffers' gradients copied into separate
+    `.grad`s in one allocation (the host's gap between passes 41.4 -> 35.9 ms and +6.5% steady real tokens/s on
+    mixed lengths against "foreach", H100, fourteenth session, bench/NOTES.md); "foreach", each LoRA tensor an
+    autograd input and the gradients added in one multi-tensor call; "autograd", autograd's own accumulation.
+    Under torch.distributed always "autograd": gradient hooks must see autograd's accumulation."""
     import os
-    mode = os.environ.get("TURBOTUNE_GRAPH_GRADS", "flat")
+    mode = os.environ.get("TURBOTUNE_GRAPH_GRADS", "adopt")
     if mode not in ("foreach", "flat", "adopt", "autograd"):
         raise ValueError(f"TURBOTUNE_GRAPH_GRADS must be foreach, flat, adopt or autograd, not {mode!r}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
