@@ -76,15 +76,17 @@ def test_sfttrainer_replays_and_equals_eager(tiny_dir, tmp_path):
 
 
 def test_flat_graph_grads_equal_the_default_and_time_the_passes(tiny_dir, tmp_path, monkeypatch):
-    """TURBOTUNE_GRAPH_GRADS=flat (one autograd input per replay, a step's new gradients in one allocation) and
-    =adopt (the shared gradient buffers are the .grads) give foreach's losses and gradient norms on mixed lengths
-    (passes of several micro-batches, so .grad is both created and added to); the pass timeline records every
-    replayed pass."""
+    """TURBOTUNE_GRAPH_GRADS=flat (one autograd input per replay, a step's new gradients in one allocation), =adopt
+    (the shared gradient buffers are the .grads) and adopt with TURBOTUNE_CAPTURE_GRADS_IN_PLACE=1 (a capture after
+    an earlier pass of the same step adds each gradient into .grad as autograd makes it) give foreach's losses and
+    gradient norms on mixed lengths (passes of several micro-batches, so .grad is both created and added to); the
+    pass timeline records every replayed pass."""
     from turbotune.training.pass_timeline import PassTimeline
     lengths = [17 + (i * 37) % 180 for i in range(48)]
     runs = {}
-    for mode in ("foreach", "flat", "adopt"):
-        monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode)
+    for mode in ("foreach", "flat", "adopt", "adopt-in-place"):
+        monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode.removesuffix("-in-place"))
+        monkeypatch.setenv("TURBOTUNE_CAPTURE_GRADS_IN_PLACE", "1" if mode.endswith("-in-place") else "0")
         model, tok, step = _model(tiny_dir)
         step.graphs.timeline = PassTimeline()
         args = trl.SFTConfig(output_dir=str(tmp_path / mode), per_device_train_batch_size=4,
@@ -98,10 +100,12 @@ def test_flat_graph_grads_equal_the_default_and_time_the_passes(tiny_dir, tmp_pa
         assert step.graphs.replays >= 6 and len(step.graphs.timeline.passes) == step.graphs.replays
         assert summary is not None and summary["forward"] > 0 and summary["backward"] > 0, summary
         runs[mode] = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
-        if mode == "adopt":  # the shared buffers are the .grads (the last step's, before zero_grad: None now)
+        if mode.startswith("adopt"):  # the shared buffers are the .grads
             assert step.graphs.grads_mode == "adopt" and step.graphs._grad_bufs is not None
+        # some capture comes after an earlier pass of its step (every .grad made): captured in place
+        assert (step.graphs.captures_in_place >= 1) == (mode == "adopt-in-place"), vars(step.graphs)
     a = runs["foreach"]
-    for b in (runs["flat"], runs["adopt"]):
+    for b in (runs["flat"], runs["adopt"], runs["adopt-in-place"]):
         assert len(a) == len(b) == 12
         for (la, ga), (lb, gb) in zip(a, b):
             assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4), (a, b)
@@ -166,7 +170,7 @@ def test_transformers_trainer_replays(tiny_dir, tmp_path):
 
 
 def test_shared_gradient_buffers_equal_eager(tiny_dir, tmp_path, monkeypatch):
-    """Shared gradient buffers (graphed_call.shared_grads, the default; set here to be explicit): every backward graph copies into one set of gradient
+    """Shared gradient buffers (graph_grads.shared_grads, the default; set here to be explicit): every backward graph copies into one set of gradient
     buffers; several captured lengths, and the losses still equal the eager run's."""
     monkeypatch.setenv("TURBOTUNE_SHARED_GRADS", "1")
     lengths = [17 + (i * 37) % 180 for i in range(80)]

@@ -1,10 +1,9 @@
-"""graphed_call's schedule of eager calls before a shape is captured, and how replayed gradients reach .grad
-(the captures themselves: tests/gpu)."""
+"""graphed_call's schedule of eager calls before a shape is captured, and its replay's autograd plumbing with each
+grads mode (the captures themselves: tests/gpu)."""
 import pytest
 import torch
 
-from turbotune.training.graphed_call import (_accumulate_foreach, eager_calls_before_capture, graph_grads_mode,
-                                             views_of_one_buffer)
+from turbotune.training.graphed_call import eager_calls_before_capture
 
 
 @pytest.mark.parametrize("captured_before, first_sight, offload, expected", [
@@ -22,47 +21,6 @@ def test_eager_calls_before_capture(captured_before, first_sight, offload, expec
 def test_offload_needs_an_eager_call_even_without_warmup():
     assert eager_calls_before_capture(0, False, True, True) == 1
     assert eager_calls_before_capture(0, False, True, False) == 0
-
-
-@pytest.mark.parametrize("one_allocation", [False, True])
-def test_replayed_gradients_reach_grad_as_autograd_would(one_allocation):
-    """Two passes of one optimizer step: the first pass's gradients become .grad (copies: the replay's buffers are
-    overwritten by the next backward), the second's are added; a parameter without a gradient keeps none."""
-    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(4, 3), (5,), (2, 2)]]
-    first = [torch.randn(4, 3), torch.randn(5), None]
-    second = [torch.randn(4, 3), torch.randn(5), None]
-    _accumulate_foreach(params, first, one_allocation=one_allocation)
-    kept = [g.clone() for g in first[:2]]
-    for g in first[:2]:
-        g.fill_(7.0)  # the shared buffers, overwritten by the next backward replay
-    _accumulate_foreach(params, second, one_allocation=one_allocation)
-    for p, a, b in zip(params, kept, second):
-        torch.testing.assert_close(p.grad, a + b)
-    assert params[2].grad is None
-    if one_allocation:  # the fresh gradients are views of one buffer
-        assert params[0].grad.untyped_storage().data_ptr() == params[1].grad.untyped_storage().data_ptr()
-
-
-def test_views_of_one_buffer_per_dtype():
-    like = [torch.zeros(3, 2), torch.zeros(4, dtype=torch.float64), torch.zeros(5)]
-    out = views_of_one_buffer(like)
-    assert [t.shape for t in out] == [t.shape for t in like] and [t.dtype for t in out] == [t.dtype for t in like]
-    assert out[0].untyped_storage().data_ptr() == out[2].untyped_storage().data_ptr()
-    assert out[1].untyped_storage().data_ptr() != out[0].untyped_storage().data_ptr()
-    out[0].fill_(1.0)
-    out[2].fill_(2.0)
-    assert out[0].sum() == 6 and out[2].sum() == 10  # no overlap
-
-
-def test_graph_grads_mode_switch(monkeypatch):
-    monkeypatch.delenv("TURBOTUNE_GRAPH_GRADS", raising=False)
-    assert graph_grads_mode() == "adopt"
-    for mode in ("foreach", "flat", "autograd"):
-        monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", mode)
-        assert graph_grads_mode() == mode
-    monkeypatch.setenv("TURBOTUNE_GRAPH_GRADS", "fast")
-    with pytest.raises(ValueError, match="foreach, flat, adopt or autograd"):
-        graph_grads_mode()
 
 
 class _FakeGraph:
@@ -156,7 +114,7 @@ def test_eager_grads_move_into_the_shared_buffers_before_a_capture():
     """"adopt", at a capture: the .grads of this step's eager calls become the shared buffers (values kept, the old
     tensors dropped), so the capture does not hold two sets; the replay then adds into them. Not when some
     parameter has no .grad (a zero buffer is not "no gradient" to an optimizer), nor twice."""
-    from turbotune.training.graphed_call import adopt_eager_grads, views_of_one_buffer
+    from turbotune.training.graph_grads import adopt_eager_grads, views_of_one_buffer
     params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
     bufs = [b.zero_() for b in views_of_one_buffer(params)]
     params[0].grad = torch.tensor([1.0, 2.0])

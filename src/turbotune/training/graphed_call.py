@@ -10,6 +10,9 @@ import warnings
 
 import torch
 
+from turbotune.training.graph_grads import (accumulate_foreach, adopt_eager_grads, graph_grads_mode, grads_are,
+                                            grads_in_place, into_shared, replay_adopting, shared_grads,
+                                            views_of_one_buffer)
 from turbotune.training.pass_timeline import PassTimeline
 
 WARMUP = 2       # eager calls of the first shape before it is captured (lazy initialisation, Triton compilation);
@@ -32,6 +35,7 @@ class GraphedCall:
         self.warmup, self.max_graphs = warmup, max_graphs
         self.disabled_reason = None if enabled else "turned off"
         self.replays = self.captures = self.eager_calls = self.standins = 0
+        self.captures_in_place = 0  # backward captures that added each gradient into .grad as made (grads_in_place)
         self.capture_s = 0.0  # wall time spent capturing (graph instantiation included): the cost of a new shape
         self.capture_parts: list[tuple[float, float]] = []  # per capture: seconds of its forward and its backward
         self.eager_after_capture = 0  # eager calls of a capturable shape once some shape was captured
@@ -163,6 +167,7 @@ class GraphedCall:
                 else [b.zero_() for b in views_of_one_buffer(params)]
         if self.grads_mode == "adopt":
             adopt_eager_grads(params, self._grad_bufs)
+        in_place = self.grads_mode == "adopt" and grads_in_place() and grads_are(params, self._grad_bufs)
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -173,10 +178,14 @@ class GraphedCall:
             entry = _Entry(out, inputs, params)
             # The trainer runs its backward outside the forward's autocast (accelerate's bf16 wrapper): so here.
             with capture_into(bwd, self._pool), torch.autocast("cuda", enabled=False):
-                grads = torch.autograd.grad(entry.diff_outputs(), params, grad_outputs=entry.grad_inputs,
-                                            allow_unused=True)
-                if self._grad_bufs is not None:
-                    grads = _into_shared(grads, self._grad_bufs, add=self.grads_mode == "adopt")
+                if in_place:  # each gradient added into its .grad (a shared buffer) as autograd makes it
+                    torch.autograd.backward(entry.diff_outputs(), grad_tensors=entry.grad_inputs, inputs=params)
+                    grads = tuple(self._grad_bufs)
+                else:
+                    grads = torch.autograd.grad(entry.diff_outputs(), params, grad_outputs=entry.grad_inputs,
+                                                allow_unused=True)
+                    if self._grad_bufs is not None:
+                        grads = into_shared(grads, self._grad_bufs, add=self.grads_mode == "adopt")
         except Exception as exc:  # noqa: BLE001 - eager from now on, said once
             return capture_failed(self, exc, "in the trainer step")
         self.capture_parts.append((t1 - t0, time.perf_counter() - t1))
@@ -185,6 +194,7 @@ class GraphedCall:
         entry.detach_outputs()
         self._entries[key] = entry
         self.captures += 1
+        self.captures_in_place += in_place
         return entry
 
 
@@ -319,75 +329,16 @@ class _Replay(torch.autograd.Function):
         if ctx.events is not None:
             PassTimeline.mark(ctx.events)
         if entry.grads_mode == "adopt":
-            _replay_adopting(entry)
+            replay_adopting(entry)
         else:
             entry.bwd.replay()
             if entry.grads_mode != "autograd":
-                _accumulate_foreach(entry.params, entry.grads, one_allocation=entry.grads_mode == "flat")
+                accumulate_foreach(entry.params, entry.grads, one_allocation=entry.grads_mode == "flat")
         out = ((None, None, *[g.clone() if g is not None else None for g in entry.grads])
                if entry.grads_mode == "autograd" else (None,) * (2 + ctx.inputs))
         if ctx.events is not None:
             PassTimeline.mark(ctx.events)
         return out
-
-
-def shared_grads() -> bool:
-    """On by default (TURBOTUNE_SHARED_GRADS=0 turns it off): every backward graph copies its LoRA gradients into one shared set of buffers
-    (allocated once, outside the graph pool) and its own gradient outputs go back to the pool, where later
-    captures reuse them: one set of gradient memory (74 MB for qwen2-1.5b's LoRA) instead of one per captured
-    length. Sound for the same reason one pool is: a trainer replays a forward, then its backward, and the
-    gradients are consumed (added to .grad) before the next replay; a graph's own outputs, which another graph's
-    backward may now overwrite, are only read right after its forward replays. Measured (H100, ninth session):
-    +12% real tokens/s and -0.14 GiB on qwen2-1.5b QLoRA mixed lengths, losses unchanged (bench/NOTES.md)."""
-    import os
-    return os.environ.get("TURBOTUNE_SHARED_GRADS", "1") == "1"
-
-
-def _into_shared(grads, bufs, add: bool = False):
-    """Inside the backward capture: the gradients copied (or, `add`, added) into the shared buffers (one launch);
-    those buffers stand in for them from then on."""
-    pairs = [(b, g) for b, g in zip(bufs, grads) if g is not None]
-    if pairs:
-        (torch._foreach_add_ if add else torch._foreach_copy_)([b for b, _ in pairs], [g for _, g in pairs])
-    return tuple(b if g is not None else None for b, g in zip(bufs, grads))
-
-
-def _replay_adopting(entry) -> None:
-    """Grads mode "adopt": the backward graph adds into the shared buffers, and those buffers are the `.grad`s.
-    The first pass of a step (every `.grad` None, after zero_grad) zeroes them, replays, and hands them over as the
-    `.grad`s; later passes add into them where they still are the `.grad`s; anything else (a `.grad` made by an
-    eager pass, or one the user set) gets the replay's gradients added to it, as the other modes do. One set of
-    LoRA gradients instead of two (buffers + `.grad`), and no copy per pass."""
-    live = [(p, b) for p, b in zip(entry.params, entry.grads) if b is not None]
-    current = [p.grad for p, _ in live]
-    if all(g is not None and g.data_ptr() == b.data_ptr() and g.shape == b.shape for g, (_, b) in zip(current, live)):
-        entry.bwd.replay()
-        return
-    torch._foreach_zero_([b for _, b in live])
-    entry.bwd.replay()
-    if all(g is None for g in current):
-        for p, b in live:
-            p.grad = b
-    else:
-        _accumulate_foreach([p for p, _ in live], [b for _, b in live])
-
-
-def adopt_eager_grads(params, bufs) -> bool:
-    """Grads mode "adopt", before a capture: `.grad`s that eager calls of this step made move into the shared
-    buffers, which become the `.grad`s (then the replay adds into them, _replay_adopting). Without it the capture
-    holds both sets (the eager `.grad`s and the buffers) while its forward and backward allocate: that is where a
-    short run's peak is (qwen2-1.5b LoRA under SFTTrainer, `turbotune bench --memory-report`, H100, seventeenth
-    session). Only when every parameter has a `.grad`: a buffer may not become the `.grad` of a parameter that had
-    none (an optimizer treats a zero gradient and no gradient differently). Returns whether it moved them."""
-    grads = [p.grad for p in params]
-    if not grads or any(g is None for g in grads):
-        return False
-    if all(g.data_ptr() == b.data_ptr() and g.shape == b.shape for g, b in zip(grads, bufs)):
-        return False  # already the buffers
-    torch._foreach_copy_(bufs, grads)
-    for p, b in zip(params, bufs):
-        p.grad = b
-    return True
 
 
 def eager_calls_before_capture(warmup: int, captured_before: bool, first_sight: bool, offload: bool) -> int:
@@ -435,61 +386,3 @@ def capturing() -> bool:
     """Whether this thread's current stream is being captured into a CUDA graph."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
-
-def graph_grads_mode() -> str:
-    """How replayed gradients reach `.grad` (TURBOTUNE_GRAPH_GRADS): "adopt" (default), one scalar as the
-    replay's only autograd input (no per-parameter autograd nodes), the backward graphs add into the one shared
-    set of gradient buffers, and those buffers are the `.grad`s (_replay_adopting; at a capture the eager calls'
-    `.grad`s move into them, adopt_eager_grads): one set of LoRA gradients less in memory (74 MB for qwen2-1.5b,
-    168 MB for llama3-8b) and no copy per pass; "flat", as adopt but the buffers' gradients copied into separate
-    `.grad`s in one allocation (the host's gap between passes 41.4 -> 35.9 ms and +6.5% steady real tokens/s on
-    mixed lengths against "foreach", H100, fourteenth session, bench/NOTES.md); "foreach", each LoRA tensor an
-    autograd input and the gradients added in one multi-tensor call; "autograd", autograd's own accumulation.
-    Under torch.distributed always "autograd": gradient hooks must see autograd's accumulation."""
-    import os
-    mode = os.environ.get("TURBOTUNE_GRAPH_GRADS", "adopt")
-    if mode not in ("foreach", "flat", "adopt", "autograd"):
-        raise ValueError(f"TURBOTUNE_GRAPH_GRADS must be foreach, flat, adopt or autograd, not {mode!r}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return "autograd"
-    return mode
-
-
-def _accumulate_foreach(params, grads, one_allocation: bool = False) -> None:
-    """`p.grad += g` for every parameter, as AccumulateGrad would, in two multi-tensor launches. Parameters without
-    a `.grad` get copies of their gradients: each its own tensor, or (`one_allocation`) views of one buffer per
-    dtype and device, allocated at once."""
-    add_to, add_from, fresh, fresh_from = [], [], [], []
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        if p.grad is None:
-            fresh.append(p)
-            fresh_from.append(g)
-        else:
-            add_to.append(p.grad)
-            add_from.append(g)
-    if add_to:
-        torch._foreach_add_(add_to, add_from)
-    if fresh:
-        if one_allocation:
-            copies = views_of_one_buffer(fresh_from)
-            torch._foreach_copy_(copies, fresh_from)
-        else:
-            copies = torch._foreach_mul(fresh_from, 1.0)
-        for p, g in zip(fresh, copies):
-            p.grad = g
-
-
-def views_of_one_buffer(like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Uninitialised tensors shaped as `like`, views into one allocation per (dtype, device)."""
-    out: list = [None] * len(like)
-    groups: dict = {}
-    for i, t in enumerate(like):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    for (dtype, device), index in groups.items():
-        sizes = [like[i].numel() for i in index]
-        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
-        for i, piece in zip(index, flat.split(sizes)):
-            out[i] = piece.view(like[i].shape)
-    return out
