@@ -7,9 +7,9 @@ import torch
 
 def shared_grads() -> bool:
     """On by default (TURBOTUNE_SHARED_GRADS=0 turns it off): every backward graph copies its LoRA gradients into
-    one shared set of buffers (allocated once, outside the graph pool) and its own gradient outputs go back to the pool, where later
-    captures reuse them: one set of gradient memory (74 MB for qwen2-1.5b's LoRA) instead of one per captured
-    length. Sound for the same reason one pool is: a trainer replays a forward, then its backward, and the
+    one shared set of buffers (allocated once, outside the graph pool) and its own gradient outputs go back to the
+    pool, where later captures reuse them: one set of gradient memory (74 MB for qwen2-1.5b's LoRA) instead of one
+    per captured length. Sound for the same reason one pool is: a trainer replays a forward, then its backward, and the
     gradients are consumed (added to .grad) before the next replay; a graph's own outputs, which another graph's
     backward may now overwrite, are only read right after its forward replays. Measured (H100, ninth session):
     +12% real tokens/s and -0.14 GiB on qwen2-1.5b QLoRA mixed lengths, losses unchanged (bench/NOTES.md)."""
@@ -86,7 +86,8 @@ def graph_grads_mode() -> str:
     replay's only autograd input (no per-parameter autograd nodes), the backward graphs add into the one shared
     set of gradient buffers, and those buffers are the `.grad`s (replay_adopting; at a capture the eager calls'
     `.grad`s move into them, adopt_eager_grads): one set of LoRA gradients less in memory (74 MB for qwen2-1.5b,
-    168 MB for llama3-8b) and no copy per pass; "flat", as adopt but the buffers' gradients copied into separate
+    168 MB for llama3-8b) and no copy per pass (so a `.grad` tensor kept past its optimizer step is overwritten by
+    the next step's: clone it to keep it); "flat", as adopt but the buffers' gradients copied into separate
     `.grad`s in one allocation (the host's gap between passes 41.4 -> 35.9 ms and +6.5% steady real tokens/s on
     mixed lengths against "foreach", H100, fourteenth session, bench/NOTES.md); "foreach", each LoRA tensor an
     autograd input and the gradients added in one multi-tensor call; "autograd", autograd's own accumulation.
