@@ -33,17 +33,18 @@ def replay_adopting(entry) -> None:
     eager pass, or one the user set) gets the replay's gradients added to it, as the other modes do. One set of
     LoRA gradients instead of two (buffers + `.grad`), and no copy per pass."""
     live = [(p, b) for p, b in zip(entry.params, entry.grads) if b is not None]
-    current = [p.grad for p, _ in live]
-    if all(g is not None and g.data_ptr() == b.data_ptr() and g.shape == b.shape for g, (_, b) in zip(current, live)):
+    params, bufs = [p for p, _ in live], [b for _, b in live]
+    if not live or grads_are(params, bufs):
         entry.bwd.replay()
         return
-    torch._foreach_zero_([b for _, b in live])
+    fresh = all(p.grad is None for p in params)
+    torch._foreach_zero_(bufs)
     entry.bwd.replay()
-    if all(g is None for g in current):
+    if fresh:
         for p, b in live:
             p.grad = b
     else:
-        accumulate_foreach([p for p, _ in live], [b for _, b in live])
+        accumulate_foreach(params, bufs)
 
 
 def adopt_eager_grads(params, bufs) -> bool:

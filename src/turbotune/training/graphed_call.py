@@ -126,9 +126,10 @@ class GraphedCall:
         seen = self._seen.get(key, 0)
         if not sightings or seen + 1 >= sightings or not self._entries or self._offload:
             return None
-        length = tensors["input_ids"].shape[-1] if torch.is_tensor(tensors.get("input_ids")) else None
-        longer = sorted({e.length for e in self._entries.values()
-                         if length is not None and e.length is not None and e.length > length})
+        if not torch.is_tensor(tensors.get("input_ids")):
+            return None
+        length = tensors["input_ids"].shape[-1]
+        longer = sorted({e.length for e in self._entries.values() if e.length is not None and e.length > length})
         for target in longer:
             grown = grow(tensors, others, target)
             if grown is None:
