@@ -173,7 +173,8 @@ def _activation_items(plan):
 
 @pytest.mark.parametrize("method", ["turbotune", "hf"])
 @pytest.mark.parametrize("mode", ["none", "recompute", "offload"])
-def test_activation_terms_scale_linearly(method, mode):
+def test_activation_terms_scale_linearly(method, mode, monkeypatch):
+    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "0")  # untiled: a tiled MLP's working set is one chunk's
     base = _activation_items(predict_peak(QWEN, 1024, 1, checkpointing=mode, method=method))
     for seq, batch, k in ((2048, 1, 2), (1024, 3, 3), (4096, 2, 8)):
         scaled = _activation_items(predict_peak(QWEN, seq, batch, checkpointing=mode, method=method))

@@ -61,9 +61,9 @@ def test_grads_are_the_buffers_only_when_every_grad_is_its_buffer():
 
 def test_in_place_capture_switch(monkeypatch):
     monkeypatch.delenv("TURBOTUNE_CAPTURE_GRADS_IN_PLACE", raising=False)
+    assert grads_in_place()  # the default
+    monkeypatch.setenv("TURBOTUNE_CAPTURE_GRADS_IN_PLACE", "0")
     assert not grads_in_place()
-    monkeypatch.setenv("TURBOTUNE_CAPTURE_GRADS_IN_PLACE", "1")
-    assert grads_in_place()
 
 
 def test_autograd_adds_into_grads_that_are_the_buffers_in_place():

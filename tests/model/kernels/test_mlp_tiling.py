@@ -134,12 +134,12 @@ def test_mlp_token_chunk():
 
 
 def test_mlp_tile_budget(monkeypatch):
-    monkeypatch.delenv("TURBOTUNE_OFFLOAD_MLP_TILE", raising=False)
+    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "0")
     assert {mlp_tile_budget(m) for m in (None, "none", "recompute", "offload")} == {MLP_TILE_BUDGET_BYTES}
-    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "1")
+    monkeypatch.delenv("TURBOTUNE_OFFLOAD_MLP_TILE", raising=False)  # the default: offload tiles
     assert mlp_tile_budget("offload") == OFFLOAD_MLP_TILE_BUDGET_BYTES < MLP_TILE_BUDGET_BYTES
     assert mlp_tile_budget("recompute") == MLP_TILE_BUDGET_BYTES
-    # Qwen2-1.5B at 4,096 tokens: untiled by default, tiled under offload with the switch
+    # Qwen2-1.5B at 4,096 tokens: untiled when recomputed, tiled under offload
     assert mlp_token_chunk(4096, 8960, 2, mlp_tile_budget("offload")) == 768
     assert mlp_token_chunk(4096, 8960, 2, mlp_tile_budget("recompute")) is None
 
@@ -221,9 +221,9 @@ def test_planner_tiled_working_set_smaller(monkeypatch):
     assert "MLP tiled over" in next(i.note for i in plan_tiled.items if i.key == "layer_working")
 
 
-def test_offload_tiles_with_the_switch(tiny_llama_dir, monkeypatch):
-    """Offloaded checkpointing with TURBOTUNE_OFFLOAD_MLP_TILE=1 tiles the MLP at its own (smaller) budget, and
-    the loss and every LoRA gradient equal the untiled model's; other modes keep the ordinary budget."""
+def test_offload_tiles_unless_switched_off(tiny_llama_dir, monkeypatch):
+    """Offloaded checkpointing tiles the MLP at its own (smaller) budget (TURBOTUNE_OFFLOAD_MLP_TILE=0: it does
+    not), and the loss and every LoRA gradient equal the untiled model's; other modes keep the ordinary budget."""
     from turbotune.model.families import llama_like
 
     g = torch.Generator().manual_seed(0)
@@ -243,9 +243,10 @@ def test_offload_tiles_with_the_switch(tiny_llama_dir, monkeypatch):
     intermediate = model.config.intermediate_size
     monkeypatch.setattr(mlp_tiling, "OFFLOAD_MLP_TILE_BUDGET_BYTES", 16 * intermediate * 4)
     monkeypatch.setattr(mlp_tiling, "TILE_MULTIPLE", 16)
+    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "0")
     _loss_and_grads(model, ids, ids)
-    assert not calls   # the switch is off
-    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "1")
+    assert not calls   # switched off
+    monkeypatch.delenv("TURBOTUNE_OFFLOAD_MLP_TILE")
     loss, grads = _loss_and_grads(model, ids, ids)
     n_layers = model.config.num_hidden_layers
     assert calls.count((16, False)) == n_layers and calls.count((16, True)) == n_layers   # forward, recompute
@@ -255,13 +256,14 @@ def test_offload_tiles_with_the_switch(tiny_llama_dir, monkeypatch):
         _assert_rel(grads[n], grads_ref[n])
 
 
-def test_planner_offload_tiles_with_the_switch(monkeypatch):
+def test_planner_offload_tiles_unless_switched_off(monkeypatch):
     from turbotune.bench.presets import preset_config
     from turbotune.planner import predict as planner
 
     shape = planner.model_shape(preset_config("qwen2-1.5b"))
+    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "0")
     before = planner.predict_peak(shape, 2048, 2, checkpointing="offload")
-    monkeypatch.setenv("TURBOTUNE_OFFLOAD_MLP_TILE", "1")
+    monkeypatch.delenv("TURBOTUNE_OFFLOAD_MLP_TILE")
     after = planner.predict_peak(shape, 2048, 2, checkpointing="offload")
     recompute = planner.predict_peak(shape, 2048, 2, checkpointing="recompute")
     assert after.per_layer_saved["mlp_e_g"] == 0 and before.per_layer_saved["mlp_e_g"] > 0
