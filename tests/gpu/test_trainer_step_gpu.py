@@ -156,6 +156,26 @@ def test_stand_in_graphs_equal_eager(tiny_dir, tmp_path, monkeypatch):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
 
 
+def test_next_step_pulled_ahead_equals_eager(tiny_dir, tmp_path, monkeypatch):
+    """TURBOTUNE_PREFETCH_STEP=1 (step_prefetch.py): each step's batches are fetched (and copied to the device)
+    before the previous step's log waits for it, while the graphs replay; the logs equal the eager run's."""
+    from turbotune.training import step_prefetch
+    lengths = [17 + (i * 37) % 180 for i in range(80)]
+    monkeypatch.setenv("TURBOTUNE_PREFETCH_STEP", "1")
+    before = step_prefetch.prefetches
+    step, logs = _sft(tiny_dir, tmp_path, _texts(lengths), steps=20, batch=4)
+    assert step.graphs.disabled_reason is None and step.graphs.replays >= 10, vars(step.graphs)
+    # 20 micro-batches an epoch, two to a step: pulled after every step but the 10th (its epoch's loader is
+    # spent) and the 20th (training ends)
+    assert step_prefetch.prefetches - before == 18
+    monkeypatch.setenv("TURBOTUNE_PREFETCH_STEP", "0")
+    eager, eager_logs = _sft(tiny_dir, tmp_path, _texts(lengths), graphs=False, steps=20, batch=4)
+    assert len(logs) == len(eager_logs) == 20
+    for a, b in zip(logs, eager_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4), (logs, eager_logs)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
+
+
 def test_transformers_trainer_replays(tiny_dir, tmp_path):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     model, tok, step = _model(tiny_dir)

@@ -33,14 +33,15 @@ def test_merge_padded_pads_each_key_with_its_own_value():
     assert sc._real_lengths([a, left]) is None  # left padding: not merged
 
 
-def _train(folder, tmp_path, patch, name, trainer_kwargs=None, **config):
+def _train(folder, tmp_path, patch, name, trainer_kwargs=None, trainer_cls=None, rows=24, **config):
     model, tok = _model(folder, patch)
+    settings = dict(max_steps=3, max_length=128, save_strategy="no")
     args = trl.SFTConfig(output_dir=str(tmp_path / f"{name}-{patch}"), per_device_train_batch_size=2,
-                         gradient_accumulation_steps=4, max_steps=3, learning_rate=5e-3, logging_steps=1,
-                         report_to=[], save_strategy="no", bf16=False, fp16=False, seed=11,
-                         **{"max_length": 128, **config})
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows()),
-                             processing_class=tok, **(trainer_kwargs or {}))
+                         gradient_accumulation_steps=4, learning_rate=5e-3, logging_steps=1, report_to=[],
+                         bf16=False, fp16=False, seed=11, **{**settings, **config})
+    trainer = (trainer_cls or trl.SFTTrainer)(model=model, args=args, processing_class=tok,
+                                              train_dataset=datasets.Dataset.from_list(_rows(rows)),
+                                              **(trainer_kwargs or {}))
     trainer.train()
     return model, [h for h in trainer.state.log_history if "loss" in h]
 

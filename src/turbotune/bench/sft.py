@@ -299,6 +299,9 @@ def _step_notes(model, spec, result: dict | None = None) -> list[str]:
     passes = (f"{w.micro_batches} micro-batches of {w.steps} optimizer steps ran as {w.passes} passes"
               if w.steps else w.line() or "micro-batches run one by one")
     notes = [f"CUDA graphs {state}", passes]
+    from turbotune.training import step_prefetch
+    if step_prefetch.step_prefetch_enabled():  # one bench process trains one model: the count is this run's
+        notes.append(f"{step_prefetch.prefetches} steps' batches fetched before the previous step's log")
     if result is not None and g.capture_parts:
         result["capture_parts_s"] = [list(p) for p in g.capture_parts]
     if g.timeline is not None:

@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from turbotune.training import deferred_backward
+from turbotune.training import deferred_backward, step_prefetch
 from turbotune.training.padding import IGNORE_INDEX
 
 _MERGEABLE = {"input_ids", "attention_mask", "labels", "position_ids"}
@@ -56,6 +56,7 @@ def patch_trainer() -> None:
     _original = Trainer.training_step
     Trainer.training_step = functools.wraps(_original)(_training_step)
     deferred_backward.patch_trainer()
+    step_prefetch.patch_trainer()
 
 
 class Window:
