@@ -71,14 +71,15 @@ def grads_are(params, bufs) -> bool:
 
 
 def grads_in_place() -> bool:
-    """TURBOTUNE_CAPTURE_GRADS_IN_PLACE (default 1; 0 turns it off; grads mode "adopt" only): a backward captured while every
-    `.grad` is its shared buffer (after adopt_eager_grads) lets autograd add each gradient into its `.grad` as it
-    is made (AccumulateGrad's in-place add, captured), instead of `torch.autograd.grad` returning all of them at
-    the end to be added then. The capture then never holds a whole second set of LoRA gradients: 65 MiB at
-    qwen2-1.5b `turbotune-min-memory`'s peak, which is that capture (bench/NOTES.md, seventeenth session). Only
-    when every parameter already has a `.grad` (an eager call of the step made them): a parameter a graph does
-    not reach would otherwise get a zero `.grad` where it had none. Measured on an H100 (eighteenth session):
-    min-memory's peak 3.547 -> 3.484 GiB, speed unchanged (37,253 tokens/s against 35-37k without it)."""
+    """TURBOTUNE_CAPTURE_GRADS_IN_PLACE (default 1, 0 turns it off; grads mode "adopt" only): a backward captured
+    while every `.grad` is its shared buffer (after adopt_eager_grads) lets autograd add each gradient into its
+    `.grad` as it is made (AccumulateGrad's in-place add, captured), instead of `torch.autograd.grad` returning
+    all of them at the end to be added then. The capture then never holds a whole second set of LoRA gradients:
+    65 MiB at qwen2-1.5b `turbotune-min-memory`'s peak, which is that capture (bench/NOTES.md, seventeenth
+    session). Only when every parameter already has a `.grad` (an eager call of the step made them): a parameter
+    a graph does not reach would otherwise get a zero `.grad` where it had none. Measured on an H100 (eighteenth
+    session): min-memory's peak 3.547 -> 3.484 GiB at the same speed (with offload's MLP tiling: 31,608 tokens/s
+    without it, 31,526 with it, same machine)."""
     import os
     return os.environ.get("TURBOTUNE_CAPTURE_GRADS_IN_PLACE", "1") != "0"
 
