@@ -2,6 +2,8 @@
 every backward graph writes, the grads modes ("adopt", "flat", "foreach", "autograd") and their switches."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -13,7 +15,6 @@ def shared_grads() -> bool:
     gradients are consumed (added to .grad) before the next replay; a graph's own outputs, which another graph's
     backward may now overwrite, are only read right after its forward replays. Measured (H100, ninth session):
     +12% real tokens/s and -0.14 GiB on qwen2-1.5b QLoRA mixed lengths, losses unchanged (bench/NOTES.md)."""
-    import os
     return os.environ.get("TURBOTUNE_SHARED_GRADS", "1") == "1"
 
 
@@ -80,7 +81,6 @@ def grads_in_place() -> bool:
     a graph does not reach would otherwise get a zero `.grad` where it had none. Measured on an H100 (eighteenth
     session): min-memory's peak 3.547 -> 3.484 GiB at the same speed (with offload's MLP tiling: 31,608 tokens/s
     without it, 31,526 with it, same machine)."""
-    import os
     return os.environ.get("TURBOTUNE_CAPTURE_GRADS_IN_PLACE", "1") != "0"
 
 
@@ -95,7 +95,6 @@ def graph_grads_mode() -> str:
     mixed lengths against "foreach", H100, fourteenth session, bench/NOTES.md); "foreach", each LoRA tensor an
     autograd input and the gradients added in one multi-tensor call; "autograd", autograd's own accumulation.
     Under torch.distributed always "autograd": gradient hooks must see autograd's accumulation."""
-    import os
     mode = os.environ.get("TURBOTUNE_GRAPH_GRADS", "adopt")
     if mode not in ("foreach", "flat", "adopt", "autograd"):
         raise ValueError(f"TURBOTUNE_GRAPH_GRADS must be foreach, flat, adopt or autograd, not {mode!r}")
